@@ -1,0 +1,280 @@
+"""Read checkpoints one tensor at a time: single files, sharded indexes and diffusers folders."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .dtypes import ITEMSIZE, to_torch
+from .errors import CheckpointError
+from .raw_file import RawFile, empty_bytes
+from .safetensors_header import read_header
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_MODEL_SUBFOLDERS = ("transformer", "unet")
+_PREFERRED_STEMS = ("diffusion_pytorch_model", "model")
+
+
+class _PinnedStaging:
+    """One reusable page-locked host buffer for host-to-GPU copies."""
+
+    def __init__(self):
+        self._buffer = None
+        self._event = None
+
+    def take(self, nbytes):
+        """A pinned uint8 tensor of `nbytes`, safe to overwrite (the previous copy has finished)."""
+        if self._event is not None:
+            self._event.synchronize()
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            self._buffer = None
+            self._buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+        return self._buffer[:nbytes]
+
+    def mark_in_use(self):
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+
+class Checkpoint:
+    """A set of named tensors read lazily from one or more safetensors files.
+
+    `read` and `read_rows` hold only the requested bytes in memory, read them with positional reads
+    (no mmap) and release the file's pages from the OS page cache afterwards.
+    """
+
+    def __init__(self, path, files, locations, metadata):
+        self.path = os.fspath(path)
+        self._files = files          # list of SafetensorsFile-owned RawFile objects
+        self._locations = locations  # name -> (RawFile, TensorInfo)
+        self.metadata = metadata
+        self._staging = None
+
+    # -- lookup -------------------------------------------------------------------------------
+    def keys(self):
+        """Tensor names, in file order."""
+        return list(self._locations)
+
+    def __contains__(self, key):
+        return key in self._locations
+
+    def __len__(self):
+        return len(self._locations)
+
+    def info(self, key):
+        """The TensorInfo (dtype name, shape, offset, bytes) of `key`."""
+        return self._locate(key)[1]
+
+    def shape(self, key):
+        return self.info(key).shape
+
+    def dtype(self, key):
+        """torch dtype of `key` (None when this torch build has no such dtype)."""
+        return to_torch(self.info(key).dtype)
+
+    def st_dtype(self, key):
+        """safetensors dtype name of `key` ('BF16', 'F8_E4M3', ...)."""
+        return self.info(key).dtype
+
+    def nbytes(self, key):
+        return self.info(key).nbytes
+
+    @property
+    def total_bytes(self):
+        return sum(info.nbytes for _, info in self._locations.values())
+
+    @property
+    def files(self):
+        return [f.path for f in self._files]
+
+    @property
+    def bytes_read(self):
+        """Tensor and header bytes read so far, over all files."""
+        return sum(f.bytes_read for f in self._files)
+
+    def _locate(self, key):
+        try:
+            return self._locations[key]
+        except KeyError:
+            raise CheckpointError(self.path, "no such tensor", key) from None
+
+    # -- reading ------------------------------------------------------------------------------
+    def read(self, key, dtype=None, device=None):
+        """Read tensor `key`, optionally cast to `dtype` and placed on `device`."""
+        raw, info = self._locate(key)
+        return self._read_span(raw, info, info.start, info.nbytes, info.shape, dtype, device)
+
+    def read_rows(self, key, start, stop, dtype=None, device=None):
+        """Read rows `start:stop` of tensor `key` (first dimension), reading only those bytes."""
+        raw, info = self._locate(key)
+        if not info.shape:
+            raise CheckpointError(raw.path, "read_rows needs a tensor with at least one dimension", key)
+        rows = info.shape[0]
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= rows):
+            raise CheckpointError(raw.path, f"row range {start}:{stop} is outside 0:{rows}", key)
+        row_bytes = math.prod(info.shape[1:]) * ITEMSIZE[info.dtype]
+        shape = (stop - start,) + tuple(info.shape[1:])
+        return self._read_span(raw, info, info.start + start * row_bytes, (stop - start) * row_bytes,
+                               shape, dtype, device)
+
+    def _read_span(self, raw, info, offset, nbytes, shape, dtype, device):
+        torch_dtype = to_torch(info.dtype)
+        if torch_dtype is None:
+            raise CheckpointError(raw.path, f"dtype {info.dtype} is not supported by torch {torch.__version__}",
+                                  info.name)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "cuda":
+            buf = self._staging_buffer().take(nbytes)
+        else:
+            buf = empty_bytes(nbytes)
+        if nbytes:
+            raw.readinto(memoryview(buf.numpy()), offset, info.name)
+            raw.drop_cache(offset, nbytes)
+        if device.type == "cuda":
+            on_device = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            on_device.copy_(buf, non_blocking=True)
+            self._staging.mark_in_use()
+            buf = on_device
+        elif device.type != "cpu":
+            buf = buf.to(device)
+        tensor = buf.view(torch_dtype).reshape(shape)
+        if dtype is not None and dtype != torch_dtype:
+            tensor = tensor.to(dtype)
+        return tensor
+
+    def _staging_buffer(self):
+        if self._staging is None:
+            self._staging = _PinnedStaging()
+        return self._staging
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def close(self):
+        for raw in self._files:
+            raw.close()
+        self._staging = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.path!r}: {len(self)} tensors, {self.total_bytes / 2**30:.2f} GiB>"
+
+
+class SafetensorsFile(Checkpoint):
+    """One `.safetensors` file."""
+
+    def __init__(self, path):
+        raw = RawFile(path)
+        try:
+            header = read_header(raw, raw.path)
+        except BaseException:
+            raw.close()
+            raise
+        locations = {name: (raw, info) for name, info in header.tensors.items()}
+        super().__init__(path, [raw], locations, header.metadata)
+
+
+class ShardedCheckpoint(Checkpoint):
+    """Shards listed by a `*.safetensors.index.json` weight map."""
+
+    def __init__(self, index_path):
+        index_path = Path(index_path)
+        weight_map = _read_weight_map(index_path)
+        shards = {}
+        locations = {}
+        metadata = {}
+        try:
+            for shard_name in dict.fromkeys(weight_map.values()):
+                shard_path = index_path.parent / shard_name
+                if not shard_path.is_file():
+                    raise CheckpointError(index_path, f"shard {shard_name!r} named in the weight map is missing")
+                shards[shard_name] = SafetensorsFile(shard_path)
+                for key, value in shards[shard_name].metadata.items():
+                    metadata.setdefault(key, value)
+            for key, shard_name in weight_map.items():
+                shard = shards[shard_name]
+                if key not in shard:
+                    raise CheckpointError(shard.path, "listed in the index's weight map but not in this shard", key)
+                locations[key] = shard._locations[key]
+        except BaseException:
+            for shard in shards.values():
+                shard.close()
+            raise
+        files = [raw for shard in shards.values() for raw in shard._files]
+        super().__init__(index_path, files, locations, metadata)
+
+
+def _read_weight_map(index_path):
+    try:
+        with open(index_path, "rb") as f:
+            index = json.loads(f.read(100_000_000).decode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(index_path, f"cannot read index: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(index_path, f"index is not valid JSON ({str(exc)[:100]})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(index_path, "index has no 'weight_map' object of tensor name -> shard file")
+    for shard_name in weight_map.values():
+        if os.path.isabs(shard_name) or ".." in Path(shard_name).parts:
+            raise CheckpointError(index_path, f"shard name {shard_name!r} points outside the index's folder")
+    return weight_map
+
+
+def open_checkpoint(path):
+    """Open a `.safetensors` file, a `*.safetensors.index.json`, or a model/pipeline folder.
+
+    Folders: a diffusers pipeline (its `transformer/` or `unet/`), a diffusers model folder with shards
+    and an index, or a folder holding one `.safetensors` file. Returns a Checkpoint; use it as a context
+    manager to close its files.
+    """
+    path = Path(os.fspath(path)).expanduser()
+    if path.is_dir():
+        return open_checkpoint(resolve_folder(path))
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder")
+    name = path.name.lower()
+    if name.endswith(".index.json"):
+        return ShardedCheckpoint(path)
+    if name.endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(path, "pickle checkpoints are not read (they can run code); "
+                                    "convert it to .safetensors first")
+    if name.endswith(".gguf"):
+        raise CheckpointError(path, "unsupported quantization: GGUF (use a .safetensors checkpoint)")
+    return SafetensorsFile(path)
+
+
+def resolve_folder(folder):
+    """The file (single or index) that `open_checkpoint` reads for a folder."""
+    folder = Path(folder)
+    for sub in _MODEL_SUBFOLDERS:
+        if (folder / sub).is_dir() and _has_weights(folder / sub):
+            return resolve_folder(folder / sub)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        return _pick(folder, indexes, ".safetensors.index.json")
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return _pick(folder, files, ".safetensors")
+    raise CheckpointError(folder, "folder holds no .safetensors file, index, transformer/ or unet/")
+
+
+def _has_weights(folder):
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json"))
+
+
+def _pick(folder, candidates, suffix):
+    if len(candidates) == 1:
+        return candidates[0]
+    for stem in _PREFERRED_STEMS:
+        for candidate in candidates:
+            if candidate.name == stem + suffix:
+                return candidate
+    names = ", ".join(c.name for c in candidates)
+    raise CheckpointError(folder, f"several checkpoints here ({names}); name the one to use")

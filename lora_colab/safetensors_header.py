@@ -1,0 +1,126 @@
+"""Parse and validate a safetensors header before any tensor data is read."""
+
+import json
+import math
+from dataclasses import dataclass
+
+from .dtypes import ITEMSIZE
+from .errors import CheckpointError
+
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+
+    @property
+    def numel(self):
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header: tensors in file order, metadata, and where the data area starts."""
+
+    tensors: dict
+    metadata: dict
+    data_start: int
+    file_size: int
+
+
+def read_header(raw_file, path):
+    """Read and validate the header of `raw_file` (a RawFile; named `path` in errors)."""
+    file_size = raw_file.size
+    if file_size < 8:
+        raise CheckpointError(path, f"file is {file_size} bytes, too short for a safetensors header")
+    n = int.from_bytes(raw_file.pread(8, 0), "little")
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > file_size:
+        raise CheckpointError(path, f"header length {n} runs past the end of the {file_size}-byte file")
+    raw = raw_file.pread(n, 8)
+    return parse_header(raw, file_size, path)
+
+
+def parse_header(raw, file_size, path):
+    """Validate header bytes `raw` of a file of `file_size` bytes; return a Header."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(path, f"header is not valid UTF-8 JSON ({_short(exc)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"header is a JSON {type(obj).__name__}, not an object")
+    data_start = 8 + len(raw)
+    data_size = file_size - data_start
+    metadata = _metadata(obj.pop("__metadata__", None), path)
+    entries = [_tensor_info(name, spec, data_start, data_size, path) for name, spec in obj.items()]
+    _check_coverage(entries, data_start, data_size, path)
+    entries.sort(key=lambda t: t.start)
+    return Header({t.name: t for t in entries}, metadata, data_start, file_size)
+
+
+def _short(exc):
+    return str(exc).splitlines()[0][:120]
+
+
+def _metadata(meta, path):
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(path, "__metadata__ is not a JSON object")
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise CheckpointError(path, f"__metadata__ value for {key!r} is not a string")
+    return dict(meta)
+
+
+def _tensor_info(name, spec, data_start, data_size, path):
+    if not isinstance(spec, dict):
+        raise CheckpointError(path, "header entry is not a JSON object", name)
+    dtype = spec.get("dtype")
+    if dtype not in ITEMSIZE:
+        raise CheckpointError(path, f"unknown or unsupported dtype {dtype!r}", name)
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(path, f"shape {shape!r} is not a list of non-negative integers", name)
+    offsets = spec.get("data_offsets")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise CheckpointError(path, f"data_offsets {offsets!r} are not [begin, end] with begin <= end", name)
+    begin, end = offsets
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise CheckpointError(
+            path, f"holds {end - begin} bytes but shape {shape} of {dtype} needs {expected}", name)
+    if end > data_size:
+        raise CheckpointError(path, f"data_offsets [{begin}, {end}] run past the {data_size}-byte data area", name)
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin)
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_coverage(entries, data_start, data_size, path):
+    """Tensors must tile the data area exactly: no overlap, no hole, nothing after the last one."""
+    position = 0
+    previous = None
+    for info in sorted((t for t in entries if t.nbytes), key=lambda t: t.start):
+        begin = info.start - data_start
+        if begin < position:
+            raise CheckpointError(path, f"data overlaps tensor {previous!r}", info.name)
+        if begin > position:
+            raise CheckpointError(path, f"{begin - position}-byte hole in the data area before it", info.name)
+        position = begin + info.nbytes
+        previous = info.name
+    if position != data_size:
+        raise CheckpointError(
+            path, f"data area is {data_size} bytes but the tensors cover {position} "
+            f"(truncated or trailing bytes after tensor {previous!r})")

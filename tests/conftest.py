@@ -1,0 +1,33 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+LAYOUTS = Path(__file__).parent / "layouts"
+
+
+def load_layout(name):
+    """[(key, shape, dtype-name)] of a real checkpoint layout (copied from shared/layouts)."""
+    return [tuple(t) for t in json.loads((LAYOUTS / f"{name}.json").read_text())["tensors"]]
+
+
+def random_tensor(shape, dtype, gen):
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    info = torch.iinfo(dtype)
+    lo, hi = max(info.min, -1000), min(info.max, 1000)
+    return torch.randint(lo, hi, shape, generator=gen, dtype=torch.int64).to(dtype)
+
+
+def bits(t):
+    """Raw bytes of a tensor, for bit-exact comparisons."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
