@@ -9,7 +9,7 @@ import torch
 
 from .dtypes import ITEMSIZE, to_torch
 from .errors import CheckpointError
-from .raw_file import RawFile, empty_bytes
+from .raw_file import RawFile, byte_view, empty_bytes
 from .safetensors_header import read_header
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -130,7 +130,7 @@ class Checkpoint:
         else:
             buf = empty_bytes(nbytes)
         if nbytes:
-            raw.readinto(memoryview(buf.numpy()), offset, info.name)
+            raw.readinto(byte_view(buf), offset, info.name)
             raw.drop_cache(offset, nbytes)
         if device.type == "cuda":
             on_device = torch.empty(nbytes, dtype=torch.uint8, device=device)

@@ -44,6 +44,14 @@ def empty_bytes(nbytes):
     return buf
 
 
+def byte_view(tensor):
+    """A writable memoryview over a contiguous CPU tensor's bytes (no numpy needed)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray(0))
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
 class RawFile:
     """A read-only file read with `pread`/`readinto` at explicit offsets; safe to share across threads."""
 

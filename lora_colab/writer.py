@@ -5,10 +5,9 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from .dtypes import ITEMSIZE, from_torch
 from .errors import CheckpointError
+from .raw_file import byte_view
 
 _HAS_PWRITE = hasattr(os, "pwrite")
 
@@ -62,9 +61,9 @@ class SafetensorsWriter:
             raise CheckpointError(self.path, f"got {tensor.dtype} {tuple(tensor.shape)}, declared "
                                              f"{st_dtype} {list(shape)}", name)
         if nbytes:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            data = tensor.detach().to("cpu").contiguous()
             try:
-                self._pwrite(memoryview(data), self._data_start + offset)
+                self._pwrite(byte_view(data), self._data_start + offset)
             except OSError as exc:
                 self._fail(exc, name)
         self._pending.discard(name)
