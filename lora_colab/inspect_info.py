@@ -3,7 +3,7 @@
 from collections import Counter
 
 from .checkpoint import ShardedCheckpoint
-from .detect import detect
+from .arch import detect
 
 
 def summarize(ckpt):

@@ -31,3 +31,8 @@ def bits(t):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
+
+
+def scale_layout(entries, dim_map):
+    """Shrink a real layout: every dim found in `dim_map` is replaced, others are kept."""
+    return [(key, tuple(dim_map.get(d, d) for d in shape), dtype) for key, shape, dtype in entries]

@@ -1,0 +1,58 @@
+"""Architectures: detection, canonical key maps, LoRA targets and output names."""
+
+from dataclasses import dataclass
+
+from .common import MODEL_PREFIXES, LoraModule, Target
+from .flux import Flux
+from .generic import Generic
+from .stable_diffusion import SD15, SDXL, sgm_to_diffusers
+from .zimage import ZImage
+
+ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), ZImage(), Flux())}
+GENERIC = Generic()
+FORMATS = ("auto", "kohya", "comfy", "diffusers")
+
+
+@dataclass(frozen=True)
+class Detected:
+    """What a checkpoint holds: its architecture object, layout name and the prefix of its model keys."""
+
+    arch: object
+    layout: str
+    prefix: str
+
+    def describe(self):
+        prefix = f", prefix {self.prefix!r}" if self.prefix else ""
+        return f"{self.arch.title} ({self.layout}{prefix})"
+
+
+def detect(keys):
+    """Detect architecture and layout from a checkpoint's key names (generic when nothing matches)."""
+    keyset = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
+    for arch in ARCHITECTURES.values():
+        found = arch.detect(keyset)
+        if found:
+            return Detected(arch, *found)
+    return Detected(GENERIC, *GENERIC.detect(keyset))
+
+
+def get(name):
+    """The architecture object called `name` ('sdxl', 'sd15', 'zimage', 'flux', 'generic')."""
+    if name == "generic":
+        return GENERIC
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}: choose one of "
+                         f"{', '.join(list(ARCHITECTURES) + ['generic'])}") from None
+
+
+def resolve_format(arch, fmt):
+    """The concrete output format for `fmt` ('auto' picks what loads in the most clients for `arch`)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return arch.auto_format if fmt == "auto" else fmt
+
+
+__all__ = ["ARCHITECTURES", "FORMATS", "GENERIC", "Detected", "LoraModule", "MODEL_PREFIXES", "Target",
+           "detect", "get", "resolve_format", "sgm_to_diffusers"]

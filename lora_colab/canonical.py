@@ -1,0 +1,123 @@
+"""A checkpoint seen through its architecture's canonical names: fused and split weights read alike."""
+
+import torch
+
+from . import arch as arch_registry
+from .checkpoint import open_checkpoint
+from .errors import CheckpointError
+from .quant import Dequantizer, is_auxiliary
+
+
+class CanonicalCheckpoint:
+    """Canonical weight keys of an open checkpoint, read by rows across fused or split storage."""
+
+    def __init__(self, ckpt, arch=None):
+        self.ckpt = ckpt
+        keys = [k for k in ckpt.keys() if not is_auxiliary(k)]
+        detected = arch_registry.detect(keys)
+        if arch is not None and detected.arch.name != arch:
+            wanted = arch_registry.get(arch)
+            found = wanted.detect(set(keys))
+            if found is None:
+                raise CheckpointError(ckpt.path, f"is {detected.describe()}, not {wanted.title}")
+            detected = arch_registry.Detected(wanted, *found)
+        self.detected = detected
+        self.arch = detected.arch
+        self.dequant = Dequantizer(ckpt)
+        self._parts = {}
+        self._shapes = {}
+        for key, sources in detected.arch.canonical_map(keys, detected.layout, detected.prefix).sources.items():
+            if None in sources:
+                continue  # a fused weight with a part missing is not usable (reported when it is a target)
+            self._parts[key], self._shapes[key] = self._layout_parts(key, sources)
+
+    def _layout_parts(self, key, sources):
+        shapes = [tuple(self.ckpt.shape(s)) for s in sources]
+        tail = shapes[0][1:]
+        if any(not s or s[1:] != tail for s in shapes) and len(shapes) > 1:
+            raise CheckpointError(self.ckpt.path, f"parts of fused {key} have mismatched shapes {shapes}",
+                                  sources[0])
+        parts, offset = [], 0
+        for source, shape in zip(sources, shapes):
+            rows = shape[0] if shape else 1
+            parts.append((source, offset, offset + rows))
+            offset += rows
+        shape = (offset,) + tail if len(sources) > 1 else shapes[0]
+        return parts, shape
+
+    @property
+    def path(self):
+        return self.ckpt.path
+
+    def keys(self):
+        return list(self._shapes)
+
+    def shapes(self):
+        return dict(self._shapes)
+
+    def __contains__(self, key):
+        return key in self._shapes
+
+    def shape(self, key):
+        return self._shapes[key]
+
+    def sources(self, key):
+        """The checkpoint keys a canonical weight is read from."""
+        return [source for source, _, _ in self._parts[key]]
+
+    def source_dtypes(self, key):
+        return {self.ckpt.st_dtype(s) for s in self.sources(key)}
+
+    def read(self, key, rows=None, dtype=torch.float32, device=None):
+        """Canonical weight `key` (or its rows `rows=(start, stop)`), dequantised, as `dtype` on `device`."""
+        if key not in self._parts:
+            raise CheckpointError(self.ckpt.path, "no such weight in this checkpoint", key)
+        start, stop = rows if rows is not None else (0, self._shapes[key][0] if self._shapes[key] else 1)
+        pieces = []
+        for source, a, b in self._parts[key]:
+            lo, hi = max(start, a), min(stop, b)
+            if lo >= hi:
+                continue
+            self.dequant.check_weight(source)
+            whole = (lo, hi) == (a, b)
+            if whole:
+                tensor = self.ckpt.read(source, device=device)
+            else:
+                tensor = self.ckpt.read_rows(source, lo - a, hi - a, device=device)
+            tensor = tensor.to(dtype)
+            pieces.append(self.dequant.apply(source, tensor, None if whole else (lo - a, hi - a)))
+        if not pieces:
+            return torch.empty((0,) + tuple(self._shapes[key][1:]), dtype=dtype, device=device)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    def close(self):
+        self.ckpt.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_canonical(path, arch=None):
+    """open_checkpoint + CanonicalCheckpoint; closes the file if detection fails."""
+    ckpt = open_checkpoint(path)
+    try:
+        return CanonicalCheckpoint(ckpt, arch)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def pair(base, tuned, targets):
+    """Check that `tuned` holds every target of `base` with the same shape; raise naming the first miss."""
+    if base.arch.name != tuned.arch.name:
+        raise CheckpointError(tuned.path, f"is {tuned.detected.describe()} but the base "
+                                          f"{base.path} is {base.detected.describe()}")
+    for target in targets:
+        if target.key not in tuned:
+            raise CheckpointError(tuned.path, "missing: the base has this layer", target.key)
+        if tuple(tuned.shape(target.key)) != tuple(target.shape):
+            raise CheckpointError(tuned.path, f"shape {list(tuned.shape(target.key))} differs from the base's "
+                                              f"{list(target.shape)}", target.key)

@@ -1,0 +1,67 @@
+"""ComfyUI's LoRA key matching (comfy/lora.py model_lora_keys_unet/clip, per the reference notes),
+re-stated over key lists so tests can check which model weight each emitted LoRA name patches."""
+
+import re
+
+ZIMAGE_BLOCK = re.compile(r"(layers|noise_refiner|context_refiner)\.(\d+)\.attention\.qkv\.weight")
+FLUX_DOUBLE_QKV = re.compile(r"double_blocks\.(\d+)\.(img|txt)_attn\.qkv\.weight")
+FLUX_SINGLE = re.compile(r"single_blocks\.(\d+)\.linear1\.weight")
+
+
+def unet_key_map(arch, model_shapes):
+    """LoRA name -> (model weight key, (start, length) slice or None); `model_shapes` is native key -> shape."""
+    key_map = {}
+    for key in model_shapes:
+        if key.endswith(".weight"):
+            base = key[: -len(".weight")]
+            key_map["lora_unet_" + base.replace(".", "_")] = (key, None)
+            key_map["diffusion_model." + base] = (key, None)
+    if arch == "zimage":
+        for key, shape in model_shapes.items():
+            hit = ZIMAGE_BLOCK.fullmatch(key)
+            if not hit:
+                continue
+            block = f"{hit.group(1)}.{hit.group(2)}"
+            d = shape[0] // 3
+            aliases = {f"{block}.attention.to_{p}": (key, (i * d, d)) for i, p in enumerate("qkv")}
+            aliases[f"{block}.attention.to_out.0"] = (f"{block}.attention.out.weight", None)
+            for w in ("w1", "w2", "w3"):
+                aliases[f"{block}.feed_forward.{w}"] = (f"{block}.feed_forward.{w}.weight", None)
+            for name, target in aliases.items():
+                for alias in (f"diffusion_model.{name}", f"transformer.{name}", "lycoris_" + name.replace(".", "_"),
+                              name):
+                    key_map[alias] = target
+    if arch == "flux":
+        for key, shape in model_shapes.items():
+            hit = FLUX_DOUBLE_QKV.fullmatch(key)
+            if hit:
+                d = shape[0] // 3
+                names = ("to_q", "to_k", "to_v") if hit.group(2) == "img" else ("add_q_proj", "add_k_proj",
+                                                                                 "add_v_proj")
+                for i, n in enumerate(names):
+                    _flux_alias(key_map, f"transformer_blocks.{hit.group(1)}.attn.{n}", (key, (i * d, d)))
+            hit = FLUX_SINGLE.fullmatch(key)
+            if hit:
+                d = shape[1]
+                for i, n in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+                    _flux_alias(key_map, f"single_transformer_blocks.{hit.group(1)}.{n}", (key, (i * d, d)))
+                _flux_alias(key_map, f"single_transformer_blocks.{hit.group(1)}.proj_mlp",
+                            (key, (3 * d, shape[0] - 3 * d)))
+    return key_map
+
+
+def _flux_alias(key_map, diffusers_name, target):
+    for alias in (f"transformer.{diffusers_name}", "lycoris_" + diffusers_name.replace(".", "_"),
+                  "lora_transformer_" + diffusers_name.replace(".", "_"), diffusers_name):
+        key_map[alias] = target
+
+
+def clip_key_map(prefix, n_layers):
+    """kohya TE names ComfyUI accepts for an HF-layout CLIP (`lora_te1_...`), -> (layer, module)."""
+    key_map = {}
+    for layer in range(n_layers):
+        for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                       "mlp.fc1", "mlp.fc2"):
+            name = f"text_model.encoder.layers.{layer}.{module}"
+            key_map[f"{prefix}_{name.replace('.', '_')}"] = (f"{prefix}:{name}", None)
+    return key_map
