@@ -1,0 +1,219 @@
+"""LoRA files we write, loaded by diffusers' own LoRA loaders into small models built from config."""
+
+import logging
+
+import pytest
+import torch
+
+from lora_colab import arch, save_file
+from lora_colab.lora_format import module_tensors
+from lora_colab.synthetic import ZImageConfig, zimage_specs
+
+from conftest import load_layout
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from peft.tuners.lora import LoraLayer  # noqa: E402
+
+RANK, ALPHA = 4, 2.0
+
+
+class WarningCatcher(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def diffusers_warnings():
+    catcher = WarningCatcher()
+    loggers = [logging.getLogger("diffusers"), logging.getLogger("peft")]
+    for lg in loggers:
+        lg.addHandler(catcher)
+    yield catcher.messages
+    for lg in loggers:
+        lg.removeHandler(catcher)
+
+
+def write_lora(tmp_path, architecture, fmt, targets, seed=0):
+    """A LoRA file with random factors for `targets`; returns path and {diffusers module: expected delta}."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors, expected = {}, {}
+    for target in targets:
+        out_features = target.shape[0]
+        in_features = 1
+        for d in target.shape[1:]:
+            in_features *= d
+        down = torch.randn(RANK, in_features, generator=gen) / in_features ** 0.5
+        up = torch.randn(out_features, RANK, generator=gen) / RANK ** 0.5
+        tensors.update(module_tensors(architecture, fmt, target, down, up, ALPHA, torch.float32))
+        delta = ALPHA / RANK * up @ down
+        for module in architecture.lora_modules(target, "diffusers"):
+            rows = module.rows or (0, out_features)
+            component, _, name = module.name.partition(".")
+            expected[(component, name)] = delta[rows[0]:rows[1]]
+    path = tmp_path / f"lora_{fmt}.safetensors"
+    save_file(tensors, path)
+    return path, expected
+
+
+def lora_deltas(model, adapter):
+    return {name: module.get_delta_weight(adapter) for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and adapter in module.lora_A}
+
+
+def assert_deltas(model, adapter, expected):
+    got = lora_deltas(model, adapter)
+    assert set(got) == set(expected), (sorted(set(expected) - set(got))[:5], sorted(set(got) - set(expected))[:5])
+    for name, delta in expected.items():
+        torch.testing.assert_close(got[name].reshape(delta.shape).float(), delta, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+# --- Z-Image -----------------------------------------------------------------------------------
+
+Z_CFG = ZImageConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
+
+
+def zimage_model():
+    torch.manual_seed(0)
+    return diffusers.ZImageTransformer2DModel(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4,
+                                              cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
+
+
+def test_synthetic_zimage_layout_matches_the_diffusers_model():
+    model_shapes = {k: tuple(v.shape) for k, v in zimage_model().state_dict().items()}
+    assert dict(zimage_specs(Z_CFG, "diffusers")) == model_shapes
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_zimage_lora_loads_fully_in_diffusers(tmp_path, fmt, diffusers_warnings):
+    z = arch.get("zimage")
+    targets = z.targets(dict(zimage_specs(Z_CFG)), groups={"adaln"})
+    path, expected = write_lora(tmp_path, z, fmt, targets)
+    model = zimage_model()
+    state_dict = diffusers.ZImagePipeline.lora_state_dict(str(tmp_path), weight_name=path.name)
+    diffusers.ZImagePipeline.load_lora_into_transformer(state_dict, transformer=model, adapter_name="x")
+    assert_deltas(model, "x", {name: d for (component, name), d in expected.items()})
+    assert len(expected) == 4 * 7 + 3  # 4 blocks x (q,k,v,out,w1,w2,w3) + 3 adaLN (not context_refiner)
+    assert not [m for m in diffusers_warnings if "unexpected" in m.lower() or "missing" in m.lower()]
+
+
+# --- SDXL --------------------------------------------------------------------------------------
+
+def sdxl_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(2, 2, 4), cross_attention_dim=64,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        use_linear_projection=True)
+
+
+def clip(layers, projection=False):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                         num_attention_heads=4, vocab_size=64, max_position_embeddings=16,
+                                         projection_dim=32)
+    torch.manual_seed(0)
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return cls(config)
+
+
+def sdxl_targets(unet, te1, te2, conv):
+    """SDXL targets named as the real single file names them, shaped like the small models."""
+    sdxl = arch.get("sdxl")
+    unet_shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    # transformers 5's CLIPTextModel drops the `text_model.` level; real checkpoints and kohya names keep it
+    te1_shapes = {k if k.startswith("text_model.") else "text_model." + k: tuple(v.shape)
+                  for k, v in te1.state_dict().items()}
+    te2_shapes = {k: tuple(v.shape) for k, v in te2.state_dict().items()}
+    shapes = {}
+    for key, _, _ in load_layout("sdxl-single-file"):
+        if key.startswith("model.diffusion_model."):
+            local = key[len("model.diffusion_model."):-len(".weight")]
+            try:
+                name = arch.sgm_to_diffusers(local) + ".weight"
+            except ValueError:
+                continue
+            if name in unet_shapes:
+                shapes[key] = unet_shapes[name]
+    for layer in range(12):
+        for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                       "mlp.fc1", "mlp.fc2"):
+            name = f"text_model.encoder.layers.{layer}.{module}.weight"
+            shapes[f"conditioner.embedders.0.transformer.{name}"] = te1_shapes[name]
+    for layer in range(32):
+        base = f"text_model.encoder.layers.{layer}"
+        q = te2_shapes[f"{base}.self_attn.q_proj.weight"]
+        prefix = f"conditioner.embedders.1.model.transformer.resblocks.{layer}"
+        shapes[f"{prefix}.attn.in_proj_weight"] = (3 * q[0], q[1])
+        shapes[f"{prefix}.attn.out_proj.weight"] = te2_shapes[f"{base}.self_attn.out_proj.weight"]
+        shapes[f"{prefix}.mlp.c_fc.weight"] = te2_shapes[f"{base}.mlp.fc1.weight"]
+        shapes[f"{prefix}.mlp.c_proj.weight"] = te2_shapes[f"{base}.mlp.fc2.weight"]
+    return sdxl, sdxl.targets(shapes, conv=conv)
+
+
+def test_every_sdxl_sgm_target_maps_to_a_diffusers_module():
+    unet = sdxl_unet()
+    names = {k for k, _ in unet.named_modules()}
+    sdxl = arch.get("sdxl")
+    layout = {k: tuple(s) for k, s, _ in load_layout("sdxl-single-file")}
+    targets = [t for t in sdxl.targets(layout, conv=True) if t.component == "model"]
+    assert len(targets) > 722
+    for t in targets:
+        assert arch.sgm_to_diffusers(t.module) in names, t.module
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_sdxl_lora_loads_fully_in_diffusers(tmp_path, fmt, diffusers_warnings):
+    unet, te1, te2 = sdxl_unet(), clip(12), clip(32, projection=True)
+    sdxl, targets = sdxl_targets(unet, te1, te2, conv=True)
+    path, expected = write_lora(tmp_path, sdxl, fmt, targets)
+    loader = diffusers.StableDiffusionXLPipeline
+    state_dict, alphas = loader.lora_state_dict(str(tmp_path), weight_name=path.name, unet_config=unet.config)
+    loader.load_lora_into_unet(state_dict, alphas, unet=unet, adapter_name="x")
+    loader.load_lora_into_text_encoder(state_dict, alphas, text_encoder=te1, prefix="text_encoder",
+                                       adapter_name="x")
+    loader.load_lora_into_text_encoder(state_dict, alphas, text_encoder=te2, prefix="text_encoder_2",
+                                       adapter_name="x")
+    for component, model in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2)):
+        flat = not hasattr(model, "text_model")  # transformers 5's CLIPTextModel has no `text_model.` level
+        assert_deltas(model, "x", {name.removeprefix("text_model.") if flat else name: d
+                                   for (c, name), d in expected.items() if c == component})
+    assert sum(1 for c, _ in expected if c == "text_encoder_2") == 32 * 6
+    assert not [m for m in diffusers_warnings if "unexpected" in m.lower() or "missing" in m.lower()]
+
+
+# --- Flux (kohya conversion in diffusers assumes Flux.1's real 3072 width) -----------------------
+
+@pytest.fixture(scope="module")
+def flux_one_block():
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=32,
+                                            pooled_projection_dim=32, guidance_embeds=True,
+                                            axes_dims_rope=(16, 56, 56))
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_flux_lora_loads_fully_in_diffusers(tmp_path, fmt, flux_one_block, diffusers_warnings):
+    flux = arch.get("flux")
+    layout = {k: tuple(s) for k, s, _ in load_layout("flux1-dev-bfl")
+              if k.startswith(("double_blocks.0.", "single_blocks.0."))}
+    targets = flux.targets(layout, groups={"modulation"})
+    assert len(targets) == 13
+    path, expected = write_lora(tmp_path, flux, fmt, targets)
+    model = flux_one_block
+    adapter = f"x_{fmt}"
+    state_dict = diffusers.FluxPipeline.lora_state_dict(str(tmp_path), weight_name=path.name)
+    if isinstance(state_dict, tuple):
+        state_dict = state_dict[0]
+    diffusers.FluxPipeline.load_lora_into_transformer(state_dict, None, transformer=model, adapter_name=adapter)
+    assert_deltas(model, adapter, {name: d for (component, name), d in expected.items()})
+    assert not [m for m in diffusers_warnings if "unexpected" in m.lower() or "missing" in m.lower()]
