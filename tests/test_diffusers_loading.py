@@ -217,3 +217,79 @@ def test_flux_lora_loads_fully_in_diffusers(tmp_path, fmt, flux_one_block, diffu
     diffusers.FluxPipeline.load_lora_into_transformer(state_dict, None, transformer=model, adapter_name=adapter)
     assert_deltas(model, adapter, {name: d for (component, name), d in expected.items()})
     assert not [m for m in diffusers_warnings if "unexpected" in m.lower() or "missing" in m.lower()]
+
+
+# --- SD1.5 (kohya names SD1 UNet modules diffusers-style) --------------------------------------
+
+def sd15_ldm_modules():
+    """LDM module paths of SD1's UNet targets (attention, resnets, samplers), as the single file names them."""
+    attn_levels, modules = {0, 1, 2}, []
+
+    def resnet(block, skip):
+        modules.extend(f"{block}.{m}" for m in ("in_layers.2", "out_layers.3", "emb_layers.1"))
+        if skip:
+            modules.append(f"{block}.skip_connection")
+
+    def attention(block):
+        modules.extend(f"{block}.{m}" for m in ("proj_in", "proj_out"))
+        modules.extend(f"{block}.transformer_blocks.0.{a}.{p}" for a in ("attn1", "attn2")
+                       for p in ("to_q", "to_k", "to_v", "to_out.0"))
+        modules.extend(f"{block}.transformer_blocks.0.{m}" for m in ("ff.net.0.proj", "ff.net.2"))
+
+    for level in range(4):
+        for j in range(2):
+            idx = 3 * level + j + 1
+            resnet(f"input_blocks.{idx}.0", skip=level in (1, 2) and j == 0)
+            if level in attn_levels:
+                attention(f"input_blocks.{idx}.1")
+        if level < 3:
+            modules.append(f"input_blocks.{3 * level + 3}.0.op")
+    resnet("middle_block.0", False)
+    attention("middle_block.1")
+    resnet("middle_block.2", False)
+    for level in range(4):
+        has_attn = (3 - level) in attn_levels
+        for j in range(3):
+            idx = 3 * level + j
+            resnet(f"output_blocks.{idx}.0", skip=True)
+            if has_attn:
+                attention(f"output_blocks.{idx}.1")
+            if j == 2 and level < 3:
+                modules.append(f"output_blocks.{idx}.{2 if has_attn else 1}.conv")
+    return modules
+
+
+def sd15_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64, 128, 128), layers_per_block=2, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=2)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_sd15_lora_loads_fully_in_diffusers(tmp_path, fmt, diffusers_warnings):
+    unet, te = sd15_unet(), clip(12)
+    unet_shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    shapes = {f"model.diffusion_model.{m}.weight": unet_shapes[arch.sgm_to_diffusers(m) + ".weight"]
+              for m in sd15_ldm_modules()}
+    te_shapes = {k.removeprefix("text_model."): tuple(v.shape) for k, v in te.state_dict().items()}
+    for key, shape in te_shapes.items():
+        shapes[f"cond_stage_model.transformer.text_model.{key}"] = shape
+    sd15 = arch.get("sd15")
+    targets = sd15.targets(shapes, conv=True)
+    assert any(t.conv1x1 for t in targets) and any(t.kind == "conv" for t in targets)
+    path, expected = write_lora(tmp_path, sd15, fmt, targets)
+    names = {n for t in targets for m in sd15.lora_modules(t, fmt) for n in [m.name]}
+    if fmt == "kohya":
+        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in names
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in names
+    loader = diffusers.StableDiffusionPipeline
+    state_dict, alphas = loader.lora_state_dict(str(tmp_path), weight_name=path.name, unet_config=unet.config)
+    loader.load_lora_into_unet(state_dict, alphas, unet=unet, adapter_name="x")
+    loader.load_lora_into_text_encoder(state_dict, alphas, text_encoder=te, prefix="text_encoder", adapter_name="x")
+    flat = not hasattr(te, "text_model")
+    assert_deltas(unet, "x", {name: d for (c, name), d in expected.items() if c == "unet"})
+    assert_deltas(te, "x", {name.removeprefix("text_model.") if flat else name: d
+                            for (c, name), d in expected.items() if c == "text_encoder"})
+    assert not [m for m in diffusers_warnings if "unexpected" in m.lower() or "missing" in m.lower()]
