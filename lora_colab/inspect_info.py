@@ -3,12 +3,25 @@
 from collections import Counter
 
 from .checkpoint import ShardedCheckpoint
-from .arch import detect
+from .canonical import CanonicalCheckpoint
+
+
+def _target_counts(ckpt):
+    view = CanonicalCheckpoint(ckpt)
+    shapes = view.shapes()
+    counts = {"default": len(view.arch.targets(shapes))}
+    for group in view.arch.optional_groups:
+        counts[group] = len(view.arch.targets(shapes, groups={group})) - counts["default"]
+    conv = len(view.arch.targets(shapes, conv=True)) - counts["default"]
+    if conv:
+        counts["conv"] = conv
+    return view.detected.describe(), counts
 
 
 def summarize(ckpt):
-    """A dict describing `ckpt`: tensors, dtypes, size, metadata, files and detected layout."""
+    """A dict describing `ckpt`: tensors, dtypes, size, metadata, files, detected layout and LoRA targets."""
     dtypes = Counter(ckpt.st_dtype(k) for k in ckpt.keys())
+    detected, targets = _target_counts(ckpt)
     return {
         "path": ckpt.path,
         "files": len(ckpt.files),
@@ -16,7 +29,8 @@ def summarize(ckpt):
         "tensors": len(ckpt),
         "dtypes": dict(dtypes.most_common()),
         "total_bytes": ckpt.total_bytes,
-        "detected": detect(ckpt.keys()).describe(),
+        "detected": detected,
+        "lora_targets": targets,
         "metadata": dict(ckpt.metadata),
     }
 
@@ -29,6 +43,7 @@ def format_summary(summary, max_meta_chars=200):
         f"path:      {summary['path']}",
         f"storage:   {summary['storage']} ({summary['files']} file{'s' if summary['files'] != 1 else ''})",
         f"detected:  {summary['detected']}",
+        f"targets:   " + ", ".join(f"{n} {k}" for k, n in summary["lora_targets"].items()),
         f"tensors:   {summary['tensors']}",
         f"dtypes:    {dtypes or '-'}",
         f"size:      {summary['total_bytes']:,} bytes ({gib:.2f} GiB)",

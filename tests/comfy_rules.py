@@ -6,6 +6,12 @@ import re
 ZIMAGE_BLOCK = re.compile(r"(layers|noise_refiner|context_refiner)\.(\d+)\.attention\.qkv\.weight")
 FLUX_DOUBLE_QKV = re.compile(r"double_blocks\.(\d+)\.(img|txt)_attn\.qkv\.weight")
 FLUX_SINGLE = re.compile(r"single_blocks\.(\d+)\.linear1\.weight")
+# ComfyUI utils.flux_to_diffusers, per block: diffusers module -> BFL weight
+FLUX_DOUBLE_PLAIN = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                     "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+                     "ff_context.net.2": "txt_mlp.2", "norm1.linear": "img_mod.lin",
+                     "norm1_context.linear": "txt_mod.lin"}
+FLUX_SINGLE_PLAIN = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
 
 
 def unet_key_map(arch, model_shapes):
@@ -27,6 +33,8 @@ def unet_key_map(arch, model_shapes):
             aliases[f"{block}.attention.to_out.0"] = (f"{block}.attention.out.weight", None)
             for w in ("w1", "w2", "w3"):
                 aliases[f"{block}.feed_forward.{w}"] = (f"{block}.feed_forward.{w}.weight", None)
+            if hit.group(1) != "context_refiner":
+                aliases[f"{block}.adaLN_modulation.0"] = (f"{block}.adaLN_modulation.0.weight", None)
             for name, target in aliases.items():
                 for alias in (f"diffusion_model.{name}", f"transformer.{name}", "lycoris_" + name.replace(".", "_"),
                               name):
@@ -40,6 +48,10 @@ def unet_key_map(arch, model_shapes):
                                                                                  "add_v_proj")
                 for i, n in enumerate(names):
                     _flux_alias(key_map, f"transformer_blocks.{hit.group(1)}.attn.{n}", (key, (i * d, d)))
+                if hit.group(2) == "img":
+                    for diff, bfl in FLUX_DOUBLE_PLAIN.items():
+                        _flux_alias(key_map, f"transformer_blocks.{hit.group(1)}.{diff}",
+                                    (f"double_blocks.{hit.group(1)}.{bfl}.weight", None))
             hit = FLUX_SINGLE.fullmatch(key)
             if hit:
                 d = shape[1]
@@ -47,6 +59,9 @@ def unet_key_map(arch, model_shapes):
                     _flux_alias(key_map, f"single_transformer_blocks.{hit.group(1)}.{n}", (key, (i * d, d)))
                 _flux_alias(key_map, f"single_transformer_blocks.{hit.group(1)}.proj_mlp",
                             (key, (3 * d, shape[0] - 3 * d)))
+                for diff, bfl in FLUX_SINGLE_PLAIN.items():
+                    _flux_alias(key_map, f"single_transformer_blocks.{hit.group(1)}.{diff}",
+                                (f"single_blocks.{hit.group(1)}.{bfl}.weight", None))
     return key_map
 
 

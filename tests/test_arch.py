@@ -112,8 +112,9 @@ def _emitted(c, fmt, **opts):
     return targets, [(t, m) for t in targets for m in c.arch.lora_modules(t, fmt)]
 
 
-@pytest.mark.parametrize("layout", ["zimage-single-file", "zimage-diffusers", "flux1-dev-bfl", "sdxl-single-file"])
-@pytest.mark.parametrize("fmt", ["kohya", "comfy"])
+@pytest.mark.parametrize("layout,fmt", [
+    (layout, fmt) for layout in ("zimage-single-file", "zimage-diffusers", "flux1-dev-bfl", "sdxl-single-file")
+    for fmt in ("kohya", "comfy")] + [("zimage-single-file", "diffusers"), ("flux1-dev-bfl", "diffusers")])
 def test_every_emitted_name_patches_exactly_its_weight_in_comfyui(layout, fmt):
     c = canonical_of(layout)
     opts = {"groups": set(c.arch.optional_groups), "conv": True}

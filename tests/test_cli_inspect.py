@@ -27,6 +27,7 @@ def test_inspect_prints_counts_dtypes_metadata_and_layout(tmp_path, capsys):
     assert f"dtypes:    BF16 x{count}" in out
     assert "detected:  Z-Image (single-file, prefix 'model.diffusion_model.')" in out
     assert "modelspec.title: tiny" in out
+    assert "targets:   170 default, 32 adaln" in out
 
 
 def test_inspect_json_and_keys(tmp_path, capsys):
