@@ -69,7 +69,10 @@ class CanonicalCheckpoint:
         return {self.ckpt.st_dtype(s) for s in self.sources(key)}
 
     def read(self, key, rows=None, dtype=torch.float32, device=None):
-        """Canonical weight `key` (or its rows `rows=(start, stop)`), dequantised, as `dtype` on `device`."""
+        """Canonical weight `key` (or its rows `rows=(start, stop)`), dequantised, as `dtype` on `device`.
+
+        dtype=None keeps the stored float dtype where no dequantisation is needed (float32 otherwise).
+        """
         if key not in self._parts:
             raise CheckpointError(self.ckpt.path, "no such weight in this checkpoint", key)
         start, stop = rows if rows is not None else (0, self._shapes[key][0] if self._shapes[key] else 1)
@@ -84,10 +87,11 @@ class CanonicalCheckpoint:
                 tensor = self.ckpt.read(source, device=device)
             else:
                 tensor = self.ckpt.read_rows(source, lo - a, hi - a, device=device)
-            tensor = tensor.to(dtype)
+            if dtype is not None or self.dequant.is_quantized(source) or not tensor.dtype.is_floating_point:
+                tensor = tensor.to(dtype or torch.float32)
             pieces.append(self.dequant.apply(source, tensor, None if whole else (lo - a, hi - a)))
         if not pieces:
-            return torch.empty((0,) + tuple(self._shapes[key][1:]), dtype=dtype, device=device)
+            return torch.empty((0,) + tuple(self._shapes[key][1:]), dtype=dtype or torch.float32, device=device)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
     def close(self):

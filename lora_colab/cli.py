@@ -24,6 +24,67 @@ def _cmd_inspect(args):
     return 0
 
 
+def _clamp_value(text):
+    value = float(text)
+    return None if value >= 1.0 else value
+
+
+def _extract_options(args):
+    return dict(rank=args.rank, alpha=args.alpha, clamp_quantile=args.clamp_quantile, conv_rank=args.conv_rank,
+                conv_alpha=args.conv_alpha, text_encoders=not args.no_text_encoders, min_diff=args.min_diff,
+                format=args.format, dtype=args.dtype, device=args.device, niter=args.niter,
+                oversample=args.oversample, energy=args.energy, scale=args.scale, groups=args.include,
+                progress=not args.quiet)
+
+
+def _finish(report, as_json):
+    print(json.dumps(report.to_dict(), indent=2, default=str) if as_json else str(report))
+    return 1 if report.identical else 0
+
+
+def _cmd_extract(args):
+    from .extract import extract
+
+    return _finish(extract(args.base, args.tuned, args.output, **_extract_options(args)), args.json)
+
+
+def _cmd_demo(args):
+    from .demo import run_demo
+
+    options = _extract_options(args)
+    rank = options.pop("rank")
+    return _finish(run_demo(args.output_dir, rank=rank, **options), args.json)
+
+
+def _add_extract_options(p, rank_default):
+    p.add_argument("--rank", type=int, default=rank_default, help="LoRA rank (default %(default)s)")
+    p.add_argument("--alpha", type=float, default=None, help="alpha (default: = rank); only the factors' "
+                   "scale depends on it: alpha/rank · up @ down always equals the extracted difference")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the extracted difference (0.5 = half "
+                   "strength at weight 1.0; default %(default)s)")
+    p.add_argument("--clamp-quantile", type=_clamp_value, default=0.99, metavar="Q",
+                   help="cut outlier rows/columns of the factors at this quantile of their norms "
+                        "(default %(default)s; 1 turns it off)")
+    p.add_argument("--conv-rank", type=int, default=None, help="LoCon: also extract k×k convolutions at this rank")
+    p.add_argument("--conv-alpha", type=float, default=None, help="alpha for conv layers (default: = conv rank)")
+    p.add_argument("--no-text-encoders", action="store_true", help="UNet/transformer only (SD1.5/SDXL)")
+    p.add_argument("--include", action="append", default=[], metavar="GROUP",
+                   help="optional targets: adaln (Z-Image), modulation (Flux); repeatable")
+    p.add_argument("--energy", type=float, default=None, metavar="F",
+                   help="adaptive rank: per layer the smallest rank <= --rank keeping this fraction of ‖ΔW‖²")
+    p.add_argument("--min-diff", type=float, default=0.0,
+                   help="skip layers whose |difference| never exceeds this (default %(default)s)")
+    p.add_argument("--format", default="auto", choices=("auto", "kohya", "comfy", "diffusers"),
+                   help="key naming (default auto: what loads in the most clients for the architecture)")
+    p.add_argument("--dtype", default=None, help="factor dtype: bf16, fp16 or fp32 (default bf16 for DiTs, "
+                   "fp16 for SD/SDXL)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--niter", type=int, default=4, help="randomized-SVD power iterations (default %(default)s)")
+    p.add_argument("--oversample", type=int, default=8, help="randomized-SVD oversampling (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="lora-colab",
@@ -41,6 +102,26 @@ def build_parser():
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.add_argument("--keys", action="store_true", help="also list every tensor: name, dtype, shape")
     inspect.set_defaults(func=_cmd_inspect)
+
+    ext = commands.add_parser(
+        "extract", help="extract a LoRA from a base and a fine-tuned checkpoint",
+        description="LoRA = low-rank SVD of (tuned - base), one layer at a time, in bounded memory. BASE and "
+                    "TUNED take a .safetensors file, a *.index.json or a diffusers folder; their layouts may "
+                    "differ.")
+    ext.add_argument("base", metavar="BASE")
+    ext.add_argument("tuned", metavar="TUNED")
+    ext.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    _add_extract_options(ext, 32)
+    ext.set_defaults(func=_cmd_extract)
+
+    demo = commands.add_parser(
+        "demo", help="make a small Z-Image-shaped pair and extract a LoRA from it",
+        description="Writes a base (diffusers layout) and a tuned model (ComfyUI single file) with a planted "
+                    "low-rank change, then runs the extractor on them and prints the report.")
+    demo.add_argument("-o", "--output-dir", default=None, metavar="DIR",
+                      help="where to write the pair and the LoRA (default: a new temporary folder)")
+    _add_extract_options(demo, 16)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

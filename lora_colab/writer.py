@@ -1,5 +1,6 @@
 """Atomic streaming safetensors writer: header first, then one tensor at a time, then rename."""
 
+import hashlib
 import json
 import math
 import os
@@ -60,13 +61,18 @@ class SafetensorsWriter:
             self.abort()
             raise CheckpointError(self.path, f"got {tensor.dtype} {tuple(tensor.shape)}, declared "
                                              f"{st_dtype} {list(shape)}", name)
-        if nbytes:
-            data = tensor.detach().to("cpu").contiguous()
+        self.write_raw(name, byte_view(tensor.detach().to("cpu").contiguous()))
+
+    def write_raw(self, name, data, offset_in_tensor=0):
+        """Write raw little-endian bytes of tensor `name` (or a piece of it, from `offset_in_tensor`)."""
+        _, _, offset, nbytes = self._layout[name]
+        if len(data):
             try:
-                self._pwrite(byte_view(data), self._data_start + offset)
+                self._pwrite(data, self._data_start + offset + offset_in_tensor)
             except OSError as exc:
                 self._fail(exc, name)
-        self._pending.discard(name)
+        if offset_in_tensor + len(data) >= nbytes:
+            self._pending.discard(name)
 
     def close(self):
         """Finish: every declared tensor must be written; fsync, then atomically rename into place."""
@@ -175,3 +181,119 @@ def save_file(tensors, path, metadata=None, protect=()):
         for name, tensor in tensors.items():
             writer.write(name, tensor)
     return Path(path)
+
+
+_KOHYA_HASH_KEYS = {"sshs_model_hash": 64, "sshs_legacy_hash": 8}
+_LEGACY_START, _LEGACY_LEN = 0x100000, 0x10000
+_COPY_CHUNK = 16 << 20
+
+
+class SpillWriter:
+    """Collect tensors whose names and shapes are not known up front, then write one safetensors file.
+
+    Each `add` appends the tensor's bytes to `OUT.parts.tmp` (so memory holds one tensor at a time);
+    `finish` writes the final file atomically through SafetensorsWriter, optionally with kohya's
+    `sshs_model_hash` (sha256 of the data area) and `sshs_legacy_hash`, and removes the spill file.
+    """
+
+    def __init__(self, path, protect=()):
+        self.path = Path(os.fspath(path))
+        self.spill_path = self.path.with_name(self.path.name + ".parts.tmp")
+        self._protect = protect
+        for source in protect:
+            if source is not None and self.path.exists() and _same_file(self.path, source):
+                raise CheckpointError(self.path, "output path is one of the inputs; refusing to overwrite it")
+        self._entries = {}  # name -> (dtype, shape, spill offset, nbytes)
+        self._size = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._spill = open(self.spill_path, "w+b", buffering=0)
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot write here: {exc.strerror or exc}") from None
+
+    def add(self, name, tensor):
+        if name in self._entries:
+            self.abort()
+            raise CheckpointError(self.path, "written twice", name)
+        data = byte_view(tensor.detach().to("cpu").contiguous())
+        try:
+            _pwrite_all(self._spill, data, self._size)
+        except OSError as exc:
+            self.abort()
+            raise CheckpointError(self.path, f"write failed: {exc.strerror or exc}", name) from None
+        self._entries[name] = (from_torch(tensor.dtype), tuple(tensor.shape), self._size, len(data))
+        self._size += len(data)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def finish(self, metadata=None, kohya_hashes=False):
+        """Write the final file (atomically) and drop the spill; returns the final path."""
+        metadata = dict(metadata or {})
+        specs = [(name, dtype, shape) for name, (dtype, shape, _, _) in self._entries.items()]
+        try:
+            if kohya_hashes:
+                metadata.update(self._hashes(specs, metadata))
+            with SafetensorsWriter(self.path, specs, metadata, self._protect) as writer:
+                for name in writer._layout:
+                    self._copy(name, lambda chunk, at, name=name: writer.write_raw(name, chunk, at))
+        finally:
+            self.abort()
+        return self.path
+
+    def _copy(self, name, sink):
+        _, _, offset, nbytes = self._entries[name]
+        done = 0
+        while done < nbytes:
+            n = min(_COPY_CHUNK, nbytes - done)
+            sink(os.pread(self._spill.fileno(), n, offset + done), done)
+            done += n
+
+    def _hashes(self, specs, metadata):
+        placeholder = {k: "0" * n for k, n in _KOHYA_HASH_KEYS.items()}
+        layout = _layout(specs, self.path)
+        data_start = 8 + len(_header_bytes(layout, {**metadata, **placeholder}, self.path))
+        sha = hashlib.sha256()
+        legacy = hashlib.sha256()
+        lo, hi = _LEGACY_START - data_start, _LEGACY_START - data_start + _LEGACY_LEN
+        position = 0
+        for name in layout:
+            def feed(chunk, at, base=position):
+                sha.update(chunk)
+                start = base + at
+                a, b = max(lo, start), min(hi, start + len(chunk))
+                if a < b:
+                    legacy.update(chunk[a - start:b - start])
+            self._copy(name, feed)
+            position += self._entries[name][3]
+        hashes = {"sshs_model_hash": sha.hexdigest()}
+        if lo >= 0 and position >= hi:
+            hashes["sshs_legacy_hash"] = legacy.hexdigest()[:8]
+        return hashes
+
+    def abort(self):
+        """Drop the spill file."""
+        if not self._spill.closed:
+            self._spill.close()
+        try:
+            os.unlink(self.spill_path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.abort()
+
+
+def _pwrite_all(f, data, offset):
+    view = memoryview(data).cast("B")
+    while len(view):
+        if _HAS_PWRITE:
+            written = os.pwrite(f.fileno(), view, offset)
+        else:
+            f.seek(offset)
+            written = f.write(view)
+        view = view[written:]
+        offset += written

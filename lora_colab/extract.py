@@ -1,0 +1,231 @@
+"""LoRA extraction: low-rank SVD of (tuned − base), one layer at a time, in bounded memory."""
+
+import math
+import os
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .arch import resolve_format
+from .canonical import open_canonical, pair
+from .dtypes import parse_dtype
+from .errors import CheckpointError, LoraColabError
+from .lora_format import build_metadata, module_tensors
+from .lowrank import clamp_outliers, low_rank, product_change, residual_sq
+from .memory import fmt_bytes, peak_rss_bytes, purge, rss_bytes, vram_bytes
+from .report import ExtractReport, LayerReport
+from .writer import SpillWriter
+
+_DIT = ("zimage", "flux")
+_PURGE_BYTES = 32 << 20  # after a difference this large, purge (gc, malloc_trim, CUDA cache); else once a second
+
+
+def resolve_device(device):
+    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoraColabError("device 'cuda' asked for, but torch sees no CUDA GPU (use --device cpu)")
+    return device
+
+
+def _layer_seed(seed, key):
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
+
+
+class _Differences:
+    """Reads (tuned − base) for each target, one layer ahead on a background thread."""
+
+    def __init__(self, base, tuned, targets, device):
+        self._base, self._tuned, self._device = base, tuned, device
+        self._targets = targets
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-colab-read")
+        self.wait_seconds = 0.0
+
+    def _load(self, target):
+        delta = self._tuned.read(target.key, dtype=torch.float32, device=self._device)
+        base = self._base.read(target.key, dtype=None, device=self._device)
+        delta.sub_(base)
+        return delta
+
+    def __iter__(self):
+        future = self._pool.submit(self._load, self._targets[0]) if self._targets else None
+        for i, target in enumerate(self._targets):
+            start = time.perf_counter()
+            delta = future.result()
+            self.wait_seconds += time.perf_counter() - start
+            future = self._pool.submit(self._load, self._targets[i + 1]) if i + 1 < len(self._targets) else None
+            yield target, delta
+            del delta
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _choose_rank(s, total_sq, max_rank, energy):
+    if energy is None or total_sq == 0:
+        return max_rank
+    kept = torch.cumsum(s.double() ** 2, 0) / total_sq
+    reached = (kept >= energy).nonzero()
+    return int(reached[0]) + 1 if reached.numel() else max_rank
+
+
+def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, layer):
+    """Factor one difference: returns (up, down) with up @ down ≈ delta, and fills `layer` (a LayerReport).
+
+    up = U·√S and down = √S·Vᵀ (balanced, for fp16/bf16 headroom); with clamp_quantile, outlier rows of
+    up and columns of down are scaled down (see lowrank.clamp_outliers).
+    """
+    flat = delta.reshape(delta.shape[0], -1)
+    total_sq = float(torch.linalg.vector_norm(flat, dtype=torch.float64) ** 2)
+    u, s, v = low_rank(flat, rank, niter=niter, oversample=oversample, generator_seed=seed)
+    r = _choose_rank(s, total_sq, s.numel(), energy)
+    u, s, v = u[:, :r], s[:r], v[:, :r]
+    kept_sq = float(s.double().pow(2).sum())
+    root = s.sqrt()
+    up, down = u * root, root[:, None] * v.T
+    layer.rank = r
+    layer.energy = min(1.0, kept_sq / total_sq) if total_sq else 1.0
+    res_sq = total_sq - kept_sq  # exact: the SVD's part is an orthogonal projection of the difference
+    if clamp_quantile is not None and clamp_quantile < 1.0:
+        up, down, clamp = clamp_outliers(up, down, clamp_quantile)
+        layer.clipped = clamp.cut_fraction
+        layer.clamp_change = product_change(u * root, root[:, None] * v.T, clamp)
+        if layer.clamp_change:
+            res_sq = residual_sq(flat, up, down)
+    layer.rel_error = math.sqrt(max(res_sq, 0.0) / total_sq) if total_sq else 0.0
+    return up, down
+
+
+def _default_dtype(arch):
+    return torch.bfloat16 if arch.name in _DIT else torch.float16
+
+
+def _inputs_differ_in_precision(base, tuned, target):
+    b, t = base.source_dtypes(target.key), tuned.source_dtypes(target.key)
+    fp8 = {"F8_E4M3", "F8_E5M2"}
+    return bool(b & fp8) != bool(t & fp8)
+
+
+def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
+            text_encoders=True, min_diff=0.0, format="auto", dtype=None, device="auto", niter=4, oversample=8,
+            energy=None, scale=1.0, groups=(), arch=None, seed=0, progress=True, on_layer=None,
+            kohya_hashes=True, title=None):
+    """Extract a LoRA from two checkpoints of one architecture; returns an ExtractReport.
+
+    base, tuned: anything `open_checkpoint` takes (layouts may differ). out: the .safetensors to write.
+    rank/alpha: linear rank and alpha (alpha=None means alpha=rank); the factors are scaled so that
+    alpha/rank · up @ down equals `scale` × the rank-r difference. conv_rank/conv_alpha: LoCon for k×k
+    convolutions (off when conv_rank is None). clamp_quantile: clamp |ΔW| at this quantile before the
+    SVD (None or 1.0: off). energy: per-layer adaptive rank, the smallest rank ≤ `rank` keeping this
+    fraction of ‖ΔW‖². min_diff: layers whose |ΔW| never exceeds it are skipped. groups: optional target
+    groups ("adaln", "modulation"). on_layer(LayerReport): called after each layer.
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    if not rank or rank < 1:
+        raise LoraColabError(f"rank must be a positive integer, got {rank}")
+    if alpha is not None and alpha <= 0:
+        raise LoraColabError(f"alpha must be > 0, got {alpha}")
+    if clamp_quantile is not None and not 0.5 <= clamp_quantile <= 1.0:
+        raise LoraColabError(f"clamp_quantile must be in [0.5, 1.0] (or None), got {clamp_quantile}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise LoraColabError(f"energy must be in (0, 1], got {energy}")
+    out = Path(os.fspath(out))
+    with open_canonical(base) as b, open_canonical(tuned, b.arch.name) as t:
+        targets = b.arch.targets(b.shapes(), groups=set(groups), conv=conv_rank is not None,
+                                 text_encoders=text_encoders)
+        if not targets:
+            raise LoraColabError(f"{b.path}: no LoRA targets found in this {b.detected.describe()} checkpoint")
+        pair(b, t, targets)
+        fmt = resolve_format(b.arch, format)
+        out_dtype = parse_dtype(dtype) or _default_dtype(b.arch)
+        report = ExtractReport(base=b.path, tuned=t.path, architecture=b.detected.describe()
+                               + (f" / {t.detected.layout}" if t.detected.layout != b.detected.layout else ""),
+                               format=fmt, dtype=str(out_dtype).replace("torch.", ""), device=str(device))
+        if any(_inputs_differ_in_precision(b, t, target) for target in targets[:8]):
+            report.warnings.append("one checkpoint is fp8 and the other is not: fp8 rounding shows up as a "
+                                   "full-rank difference; prefer a pair of the same precision")
+        writer = SpillWriter(out, protect=b.ckpt.files + t.ckpt.files)
+        differences = _Differences(b, t, targets, device)
+        bar = _progress_bar(len(targets), progress)
+        linear_ranks, conv_ranks = [], []
+        last_purge = time.perf_counter()
+        try:
+            for target, delta in differences:
+                layer = LayerReport(target.module + (f" [{target.component}]" if target.component != "model" else ""),
+                                    tuple(target.shape))
+                layer_start = time.perf_counter()
+                is_conv = target.kind == "conv"
+                layer_rank = conv_rank if is_conv else rank
+                layer_alpha = (conv_alpha if is_conv else alpha) or None
+                _check_finite(delta, b, target)
+                layer.max_abs_diff = float(delta.abs().max()) if delta.numel() else 0.0
+                if layer.max_abs_diff <= min_diff:
+                    layer.skipped = f"max |difference| {layer.max_abs_diff:.3g} <= min_diff {min_diff:g}"
+                else:
+                    up, down = factor_layer(delta, layer_rank, clamp_quantile, niter, oversample, energy,
+                                            _layer_seed(seed, target.key), layer)
+                    r = layer.rank
+                    a = float(layer_alpha if layer_alpha is not None else r)
+                    c = math.sqrt(r / a * scale)
+                    for name, tensor in module_tensors(b.arch, fmt, target, down * c, up * c, a, out_dtype).items():
+                        writer.add(name, tensor)
+                    (conv_ranks if is_conv else linear_ranks).append((r, a))
+                    del up, down
+                big = delta.numel() * delta.element_size() >= _PURGE_BYTES
+                del delta
+                if big or time.perf_counter() - last_purge >= 1.0:
+                    report.purge_seconds += purge().seconds
+                    last_purge = time.perf_counter()
+                layer.seconds = time.perf_counter() - layer_start
+                report.layers.append(layer)
+                _advance(bar, layer)
+                if on_layer is not None:
+                    on_layer(layer)
+            report.read_wait_seconds = differences.wait_seconds
+            if report.extracted:
+                metadata = build_metadata(
+                    b.arch, fmt, [r for r, _ in linear_ranks], [a for _, a in linear_ranks],
+                    title or out.stem, [r for r, _ in conv_ranks], [a for _, a in conv_ranks],
+                    comment=f"extracted by lora_colab from {Path(b.path).name} and {Path(t.path).name}",
+                    extra={"lora_colab.clamp_quantile": str(clamp_quantile), "lora_colab.scale": str(scale)})
+                writer.finish(metadata, kohya_hashes=kohya_hashes)
+                report.output, report.output_bytes = str(out), out.stat().st_size
+        finally:
+            differences.close()
+            writer.abort()
+            if bar is not None:
+                bar.close()
+    report.peak_rss = peak_rss_bytes()
+    report.peak_vram = vram_bytes()[1]
+    report.wall_seconds = time.perf_counter() - started
+    return report
+
+
+def _check_finite(delta, ckpt, target):
+    if not bool(torch.isfinite(delta).all()):
+        raise CheckpointError(ckpt.path, "difference has NaN or Inf values (one of the checkpoints is broken)",
+                              target.key)
+
+
+def _progress_bar(total, progress):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="extract", unit="layer", dynamic_ncols=True)
+
+
+def _advance(bar, layer):
+    if bar is None:
+        return
+    postfix = {"layer": layer.name[-40:], "RAM": fmt_bytes(rss_bytes())}
+    allocated, _ = vram_bytes()
+    if allocated:
+        postfix["VRAM"] = fmt_bytes(allocated)
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1)

@@ -1,0 +1,80 @@
+"""Low-rank factorisation of one weight difference: randomized or exact SVD, balanced factors, and the
+outlier clamp."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def low_rank(delta, rank, niter=4, oversample=8, generator_seed=0):
+    """Top-`rank` SVD of a 2-D float tensor: (U [m,r], S [r], V [n,r]).
+
+    Randomized (`torch.svd_lowrank`, q = rank + oversample, `niter` power iterations) unless the
+    matrix is small enough that the exact thin SVD is as cheap; never `full_matrices=True`.
+    """
+    m, n = delta.shape
+    rank = min(rank, m, n)
+    q = min(rank + oversample, m, n)
+    if min(m, n) <= max(64, 2 * q):
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank].T
+    devices = [delta.device] if delta.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(generator_seed)
+        u, s, v = torch.svd_lowrank(delta, q=q, niter=niter)
+    return u[:, :rank], s[:rank], v[:, :rank]
+
+
+def quantile(values, q):
+    """Exact q-quantile of a 1-D tensor (kthvalue: no input-size limit, unlike torch.quantile)."""
+    k = min(values.numel(), max(1, math.ceil(q * values.numel())))
+    return values.float().cpu().kthvalue(k).values.item()
+
+
+@dataclass
+class Clamp:
+    """Per-row scale of up and per-column scale of down (1 where nothing was cut)."""
+
+    up_scale: torch.Tensor
+    down_scale: torch.Tensor
+
+    @property
+    def cut_fraction(self):
+        cut = int((self.up_scale < 1).sum()) + int((self.down_scale < 1).sum())
+        return cut / (self.up_scale.numel() + self.down_scale.numel())
+
+
+def clamp_outliers(up, down, q):
+    """Scale rows of `up` [m,r] and columns of `down` [r,n] whose norm exceeds the q-quantile of their
+    norms down to that quantile. Every entry of up @ down is then at most t_up · t_down in magnitude
+    (Cauchy–Schwarz), which cuts the spikes that give NaN or black images, while a difference without
+    outliers barely moves. Returns (up, down, Clamp)."""
+    row = up.norm(dim=1)
+    col = down.norm(dim=0)
+    up_scale = (quantile(row, q) / row.clamp_min(1e-30)).clamp(max=1.0)
+    down_scale = (quantile(col, q) / col.clamp_min(1e-30)).clamp(max=1.0)
+    return up * up_scale[:, None], down * down_scale, Clamp(up_scale, down_scale)
+
+
+def product_change(up, down, clamp):
+    """‖P − P_c‖_F / ‖P‖_F for P = up @ down and the clamped P_c, from r×r products only."""
+    x, y = up.double(), down.double().T  # P = x yᵀ
+    d, e = clamp.up_scale.double(), clamp.down_scale.double()
+    xx = lambda w: x.T @ (w[:, None] * x)  # noqa: E731  Xᵀ diag(w) X
+    yy = lambda w: y.T @ (w[:, None] * y)  # noqa: E731
+    one_x, one_y = torch.ones_like(d), torch.ones_like(e)
+    p_sq = torch.trace(xx(one_x) @ yy(one_y))
+    cross = torch.trace(xx(d) @ yy(e))
+    pc_sq = torch.trace(xx(d * d) @ yy(e * e))
+    change_sq = (p_sq - 2 * cross + pc_sq).clamp_min(0)
+    return float(change_sq.sqrt() / p_sq.sqrt().clamp_min(1e-30))
+
+
+def residual_sq(delta, up, down, chunk_rows=2048):
+    """‖delta − up @ down‖²_F, computed in row chunks (no m×n temporary)."""
+    total = 0.0
+    for start in range(0, delta.shape[0], chunk_rows):
+        block = delta[start:start + chunk_rows] - up[start:start + chunk_rows] @ down
+        total += float(torch.linalg.vector_norm(block, dtype=torch.float64) ** 2)
+    return total

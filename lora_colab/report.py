@@ -1,0 +1,89 @@
+"""What an extraction did, per layer and in total, as data and as text."""
+
+from dataclasses import asdict, dataclass, field
+
+from .memory import fmt_bytes
+
+
+@dataclass
+class LayerReport:
+    """One target layer: its rank and how well the LoRA reproduces the difference."""
+
+    name: str
+    shape: tuple
+    rank: int = 0
+    energy: float = 0.0        # ‖ΔW_r‖² / ‖ΔW‖²
+    rel_error: float = 0.0     # ‖ΔW − ΔW_r‖ / ‖ΔW‖, against the unclamped difference
+    clamp_change: float = 0.0  # ‖P − P_clamped‖ / ‖P‖: how much the clamp changed the LoRA
+    clipped: float = 0.0       # fraction of up rows and down columns the clamp scaled down
+    max_abs_diff: float = 0.0
+    seconds: float = 0.0
+    skipped: str = ""          # why the layer has no LoRA ("" when it has one)
+
+
+@dataclass
+class ExtractReport:
+    """Totals and per-layer figures of one extraction; `str(report)` is a readable summary."""
+
+    base: str
+    tuned: str
+    output: str = None
+    architecture: str = ""
+    format: str = ""
+    dtype: str = ""
+    device: str = ""
+    layers: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    output_bytes: int = 0
+    peak_rss: int = 0
+    peak_vram: int = 0
+    wall_seconds: float = 0.0
+    read_wait_seconds: float = 0.0
+    purge_seconds: float = 0.0
+
+    @property
+    def extracted(self):
+        return [layer for layer in self.layers if not layer.skipped]
+
+    @property
+    def skipped(self):
+        return [layer for layer in self.layers if layer.skipped]
+
+    @property
+    def identical(self):
+        """True when no layer differs: the models are identical and no file was written."""
+        return bool(self.layers) and not self.extracted
+
+    def to_dict(self):
+        data = asdict(self)
+        data["identical"] = self.identical
+        return data
+
+    def __str__(self):
+        lines = [f"{self.architecture}: {len(self.extracted)} layers extracted, {len(self.skipped)} skipped "
+                 f"({self.format}, {self.dtype}, {self.device})"]
+        done = self.extracted
+        if done:
+            ranks = sorted({layer.rank for layer in done})
+            energy = sorted(layer.energy for layer in done)
+            worst = max(done, key=lambda layer: layer.rel_error)
+            lines.append(f"ranks {ranks[0]}" + (f"-{ranks[-1]}" if len(ranks) > 1 else "")
+                         + f"; energy retained: min {energy[0]:.3f}, median {energy[len(energy) // 2]:.3f}; "
+                           f"worst relative error {worst.rel_error:.3f} ({worst.name})")
+            changed = max(done, key=lambda layer: layer.clamp_change)
+            if changed.clamp_change:
+                lines.append(f"clamp: largest change {changed.clamp_change:.2%} ({changed.name}), "
+                             f"rows/columns cut up to {max(layer.clipped for layer in done):.2%}")
+        if self.skipped:
+            names = ", ".join(layer.name for layer in self.skipped[:3])
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            lines.append(f"skipped: {names}{more} ({self.skipped[0].skipped})")
+        if self.output:
+            lines.append(f"wrote {self.output} ({fmt_bytes(self.output_bytes)})")
+        elif self.identical:
+            lines.append("the models are identical on every target layer: no LoRA written")
+        lines.append(f"time {self.wall_seconds:.1f} s (waiting on reads {self.read_wait_seconds:.1f} s, "
+                     f"purge {self.purge_seconds:.1f} s); peak RAM {fmt_bytes(self.peak_rss)}"
+                     + (f", peak VRAM {fmt_bytes(self.peak_vram)}" if self.peak_vram else ""))
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
