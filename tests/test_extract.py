@@ -1,0 +1,220 @@
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save_file as st_save_file
+
+from lora_colab import CheckpointError, arch
+from lora_colab.canonical import open_canonical
+from lora_colab.cli import main
+from lora_colab.extract import extract
+from lora_colab.synthetic import ZImageConfig, make_zimage_pair, zimage_specs
+
+Z = ZImageConfig(dim=128, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
+
+
+def lora_products(path, architecture, targets, fmt="kohya"):
+    """{target key: alpha/rank · up @ down} read back from a written LoRA file (2-D, float64)."""
+    tensors = load_file(str(path))
+    products = {}
+    for t in targets:
+        parts = []
+        for module in architecture.lora_modules(t, fmt):
+            down_s, up_s = module.factor_suffixes
+            if module.name + down_s not in tensors:
+                break
+            down = tensors[module.name + down_s].double().reshape(tensors[module.name + down_s].shape[0], -1)
+            up = tensors[module.name + up_s].double().reshape(tensors[module.name + up_s].shape[0], -1)
+            alpha = tensors[module.name + ".alpha"].item() if module.alpha else down.shape[0]
+            parts.append(alpha / down.shape[0] * up @ down)
+        if parts:
+            products[t.key] = torch.cat(parts)
+    return products
+
+
+def true_differences(base, tuned):
+    with open_canonical(base) as b, open_canonical(tuned) as t:
+        targets = b.arch.targets(b.shapes())
+        return b.arch, targets, {x.key: (t.read(x.key) - b.read(x.key)).double().reshape(x.shape[0], -1)
+                                 for x in targets}
+
+
+def optimal_residual(delta, r):
+    s = torch.linalg.svdvals(delta)
+    return float(s[r:].pow(2).sum().sqrt())
+
+
+def test_residual_within_2_percent_of_optimal_on_planted_low_rank_plus_noise(tmp_path):
+    base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=6, noise=0.002, dtype=torch.float32)
+    report = extract(base, tuned, tmp_path / "lora.safetensors", rank=8, clamp_quantile=None,
+                     dtype="fp32", progress=False)
+    architecture, targets, deltas = true_differences(base, tuned)
+    products = lora_products(tmp_path / "lora.safetensors", architecture, targets)
+    assert set(products) == set(deltas) and len(deltas) == 20
+    for key, delta in deltas.items():
+        ours = float((delta - products[key]).norm())
+        best = optimal_residual(delta, 8)
+        assert ours <= 1.02 * best, (key, ours, best)
+        layer = next(x for x in report.layers if x.name == key[: -len(".weight")])
+        assert layer.rel_error == pytest.approx(ours / float(delta.norm()), rel=1e-3)
+        assert layer.energy == pytest.approx(float(products[key].norm() ** 2 / delta.norm() ** 2), rel=1e-3)
+
+
+def test_exact_low_rank_is_recovered_after_bf16_rounding(tmp_path):
+    base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=6, noise=0.0, dtype=torch.float32)
+    extract(base, tuned, tmp_path / "lora.safetensors", rank=8, clamp_quantile=None, progress=False)
+    with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if not k.endswith(".alpha")} == {torch.bfloat16}
+    architecture, targets, deltas = true_differences(base, tuned)
+    products = lora_products(tmp_path / "lora.safetensors", architecture, targets)
+    for key, delta in deltas.items():
+        assert float((delta - products[key]).norm() / delta.norm()) < 1e-2, key
+
+
+def test_alpha_and_scale_semantics_and_metadata(tmp_path):
+    base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=4, dtype=torch.float32)
+    a = extract(base, tuned, tmp_path / "a.safetensors", rank=8, alpha=4, clamp_quantile=None, dtype="fp32",
+                progress=False)
+    b = extract(base, tuned, tmp_path / "b.safetensors", rank=8, clamp_quantile=None, dtype="fp32",
+                scale=0.5, progress=False)
+    architecture, targets, deltas = true_differences(base, tuned)
+    pa = lora_products(tmp_path / "a.safetensors", architecture, targets)
+    pb = lora_products(tmp_path / "b.safetensors", architecture, targets)
+    for key, delta in deltas.items():
+        torch.testing.assert_close(pa[key], delta, rtol=0, atol=1e-4 * float(delta.abs().max()))
+        torch.testing.assert_close(pb[key], 0.5 * delta, rtol=0, atol=1e-4 * float(delta.abs().max()))
+    tensors = load_file(str(tmp_path / "a.safetensors"))
+    alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
+    assert len(alphas) == 20 and all(v.dtype == torch.float32 and v.shape == () and v.item() == 4 for v in
+                                     alphas.values())
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "4"
+    assert meta["modelspec.architecture"] == "Z-Image/lora" and meta["ss_output_name"] == "a"
+    assert len(meta["sshs_model_hash"]) == 64
+    assert a.output_bytes == (tmp_path / "a.safetensors").stat().st_size
+
+
+def test_energy_picks_per_layer_ranks(tmp_path):
+    base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=3, noise=0.0002, dtype=torch.float32)
+    report = extract(base, tuned, tmp_path / "e.safetensors", rank=16, energy=0.98, clamp_quantile=None,
+                     progress=False)
+    ranks = [layer.rank for layer in report.extracted]
+    assert all(r <= 4 for r in ranks) and all(layer.energy >= 0.98 for layer in report.extracted)
+    tensors = load_file(str(tmp_path / "e.safetensors"))
+    for layer in report.extracted:
+        down = "lora_unet_" + layer.name.replace(".", "_") + ".lora_down.weight"
+        assert tensors[down].shape[0] == layer.rank
+
+
+def _generic_pair(tmp_path, deltas, base_scale=0.02, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(d.shape, generator=gen) * base_scale for k, d in deltas.items()}
+    tuned = {k: base[k] + d for k, d in deltas.items()}
+    st_save_file(base, str(tmp_path / "base.safetensors"))
+    st_save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    return tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+
+
+def _low_rank(rows, cols, r, noise, gen):
+    d = torch.randn(rows, r, generator=gen) @ torch.randn(r, cols, generator=gen) / math.sqrt(r)
+    return (d + noise * torch.randn(rows, cols, generator=gen)) * 0.01
+
+
+def test_clamp_barely_moves_a_difference_without_outliers_and_cuts_spikes(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    clean = _low_rank(1024, 768, 32, 0.3, gen)
+    spiky = _low_rank(1024, 768, 32, 0.3, gen)
+    spiky[17, 300] += 200 * float(spiky.abs().max())
+    base, tuned = _generic_pair(tmp_path, {"blocks.0.proj.weight": clean, "blocks.1.proj.weight": spiky})
+    report = extract(base, tuned, tmp_path / "c.safetensors", rank=32, clamp_quantile=0.99, dtype="fp32",
+                     progress=False)
+    layers = {layer.name: layer for layer in report.layers}
+    assert 0 < layers["blocks.0.proj"].clamp_change < 0.02
+    generic = arch.get("generic")
+    targets = generic.targets({"blocks.0.proj.weight": (1024, 768), "blocks.1.proj.weight": (1024, 768)})
+    products = lora_products(tmp_path / "c.safetensors", generic, targets, "comfy")
+    spike = float(spiky[17, 300])
+    assert float(products["blocks.1.proj.weight"].abs().max()) < 0.2 * spike
+    assert layers["blocks.1.proj"].clamp_change > 0.1
+    unclamped = extract(base, tuned, tmp_path / "u.safetensors", rank=32, clamp_quantile=None, dtype="fp32",
+                        progress=False)
+    products_u = lora_products(tmp_path / "u.safetensors", generic, targets, "comfy")
+    assert float(products_u["blocks.1.proj.weight"].abs().max()) > 0.5 * spike
+    assert all(layer.clamp_change == 0 for layer in unclamped.layers)
+
+
+def test_conv_layers_get_4d_factors(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    conv = (torch.randn(64, 4, generator=gen) @ torch.randn(4, 32 * 9, generator=gen)).reshape(64, 32, 3, 3) * 0.01
+    base, tuned = _generic_pair(tmp_path, {"net.conv.weight": conv, "net.fc.weight": _low_rank(96, 80, 4, 0, gen)})
+    report = extract(base, tuned, tmp_path / "l.safetensors", rank=8, conv_rank=4, conv_alpha=2,
+                     clamp_quantile=None, dtype="fp32", progress=False)
+    tensors = load_file(str(tmp_path / "l.safetensors"))
+    assert tensors["diffusion_model.net.conv.lora_down.weight"].shape == (4, 32, 3, 3)
+    assert tensors["diffusion_model.net.conv.lora_up.weight"].shape == (64, 4, 1, 1)
+    assert tensors["diffusion_model.net.conv.alpha"].item() == 2
+    down = tensors["diffusion_model.net.conv.lora_down.weight"].reshape(4, -1)
+    up = tensors["diffusion_model.net.conv.lora_up.weight"].reshape(64, 4)
+    torch.testing.assert_close((2 / 4 * up @ down).reshape(conv.shape), conv, rtol=0, atol=1e-6)
+    assert {layer.name: layer.rank for layer in report.layers} == {"net.conv": 4, "net.fc": 8}
+    meta = safe_open(str(tmp_path / "l.safetensors"), "pt").metadata()
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_args"] == '{"conv_dim": "4", "conv_alpha": "2"}'
+
+
+def test_unchanged_layers_are_skipped_and_identical_models_write_nothing(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    base, tuned = _generic_pair(tmp_path, {"a.fc.weight": _low_rank(64, 48, 2, 0, gen),
+                                           "b.fc.weight": torch.zeros(64, 48)})
+    report = extract(base, tuned, tmp_path / "s.safetensors", rank=4, progress=False)
+    assert [layer.name for layer in report.skipped] == ["b.fc"]
+    assert "min_diff" in report.skipped[0].skipped and "skipped: b.fc" in str(report)
+    assert not any(k.startswith("diffusion_model.b.") for k in load_file(str(tmp_path / "s.safetensors")))
+
+    same = extract(base, base, tmp_path / "same.safetensors", rank=4, progress=False)
+    assert same.identical and same.output is None and not (tmp_path / "same.safetensors").exists()
+    assert "the models are identical" in str(same)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_nan_in_a_checkpoint_names_the_tensor_and_writes_nothing(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    base, tuned = _generic_pair(tmp_path, {"a.fc.weight": _low_rank(32, 32, 2, 0, gen)})
+    broken = load_file(str(tuned))
+    broken["a.fc.weight"][3, 3] = float("nan")
+    st_save_file(broken, str(tuned))
+    with pytest.raises(CheckpointError, match=r"\[a\.fc\.weight\]: difference has NaN or Inf"):
+        extract(base, tuned, tmp_path / "n.safetensors", progress=False)
+    assert not (tmp_path / "n.safetensors").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_refuses_to_overwrite_an_input(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    base, tuned = _generic_pair(tmp_path, {"a.fc.weight": _low_rank(32, 32, 2, 0, gen)})
+    before = tuned.read_bytes()
+    with pytest.raises(CheckpointError, match="output path is one of the inputs"):
+        extract(base, tuned, tuned, progress=False)
+    assert tuned.read_bytes() == before
+
+
+def test_diffusers_format_extraction_splits_fused_qkv(tmp_path):
+    base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=4, dtype=torch.float32)
+    extract(base, tuned, tmp_path / "d.safetensors", rank=8, format="diffusers", progress=False)
+    keys = set(load_file(str(tmp_path / "d.safetensors")))
+    assert "transformer.layers.0.attention.to_k.lora_A.weight" in keys
+    assert not any(k.endswith(".alpha") or ".qkv." in k for k in keys)
+
+
+def test_cli_extract_and_demo(tmp_path, capsys):
+    base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=4)
+    out = tmp_path / "cli.safetensors"
+    assert main(["extract", str(base), str(tuned), "-o", str(out), "--rank", "8", "--alpha", "4", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "20 layers extracted" in text and f"wrote {out}" in text
+    assert main(["demo", "-o", str(tmp_path / "demo"), "-q", "--json"]) == 0
+    assert '"identical": false' in capsys.readouterr().out
+    assert (tmp_path / "demo" / "demo_lora.safetensors").exists()
+    assert main(["extract", str(base), str(base), "-o", str(tmp_path / "x.safetensors"), "-q"]) == 1
+    assert "identical" in capsys.readouterr().out
