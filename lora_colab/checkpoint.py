@@ -17,6 +17,16 @@ _MODEL_SUBFOLDERS = ("transformer", "unet")
 _PREFERRED_STEMS = ("diffusion_pytorch_model", "model")
 
 
+def _convert(tensor, dtype):
+    """tensor.to(dtype); on the CPU into a huge-page buffer (much cheaper first-touch faults)."""
+    if tensor.device.type != "cpu" or not tensor.numel():
+        return tensor.to(dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    out = empty_bytes(tensor.numel() * itemsize).view(dtype).reshape(tensor.shape)
+    out.copy_(tensor)
+    return out
+
+
 class _PinnedStaging:
     """One reusable page-locked host buffer for host-to-GPU copies."""
 
@@ -141,7 +151,7 @@ class Checkpoint:
             buf = buf.to(device)
         tensor = buf.view(torch_dtype).reshape(shape)
         if dtype is not None and dtype != torch_dtype:
-            tensor = tensor.to(dtype)
+            tensor = _convert(tensor, dtype)
         return tensor
 
     def _staging_buffer(self):

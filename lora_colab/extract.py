@@ -14,7 +14,7 @@ from .canonical import open_canonical, pair
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError
 from .lora_format import build_metadata, module_tensors
-from .lowrank import clamp_outliers, low_rank, product_change, residual_sq
+from .lowrank import clamp_outliers, clamped_residual_sq, low_rank, product_change
 from .memory import fmt_bytes, peak_rss_bytes, purge, rss_bytes, vram_bytes
 from .report import ExtractReport, LayerReport
 from .writer import SpillWriter
@@ -96,7 +96,7 @@ def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, l
         layer.clipped = clamp.cut_fraction
         layer.clamp_change = product_change(u * root, root[:, None] * v.T, clamp)
         if layer.clamp_change:
-            res_sq = residual_sq(flat, up, down)
+            res_sq = clamped_residual_sq(flat, u, s, v, clamp)
     layer.rel_error = math.sqrt(max(res_sq, 0.0) / total_sq) if total_sq else 0.0
     return up, down
 
@@ -163,8 +163,7 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
                 is_conv = target.kind == "conv"
                 layer_rank = conv_rank if is_conv else rank
                 layer_alpha = (conv_alpha if is_conv else alpha) or None
-                _check_finite(delta, b, target)
-                layer.max_abs_diff = float(delta.abs().max()) if delta.numel() else 0.0
+                layer.max_abs_diff = _max_abs(delta, b, target)
                 if layer.max_abs_diff <= min_diff:
                     layer.skipped = f"max |difference| {layer.max_abs_diff:.3g} <= min_diff {min_diff:g}"
                 else:
@@ -180,7 +179,7 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
                 big = delta.numel() * delta.element_size() >= _PURGE_BYTES
                 del delta
                 if big or time.perf_counter() - last_purge >= 1.0:
-                    report.purge_seconds += purge().seconds
+                    report.purge_seconds += purge(full=False).seconds
                     last_purge = time.perf_counter()
                 layer.seconds = time.perf_counter() - layer_start
                 report.layers.append(layer)
@@ -207,10 +206,16 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     return report
 
 
-def _check_finite(delta, ckpt, target):
-    if not bool(torch.isfinite(delta).all()):
+def _max_abs(delta, ckpt, target):
+    """max |delta| in one pass without a temporary; NaN/Inf is an error naming the tensor."""
+    if not delta.numel():
+        return 0.0
+    low, high = torch.aminmax(delta)
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise CheckpointError(ckpt.path, "difference has NaN or Inf values (one of the checkpoints is broken)",
                               target.key)
+    return max(-low, high)
 
 
 def _progress_bar(total, progress):

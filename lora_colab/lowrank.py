@@ -71,10 +71,29 @@ def product_change(up, down, clamp):
     return float(change_sq.sqrt() / p_sq.sqrt().clamp_min(1e-30))
 
 
-def residual_sq(delta, up, down, chunk_rows=2048):
-    """‖delta − up @ down‖²_F, computed in row chunks (no m×n temporary)."""
-    total = 0.0
-    for start in range(0, delta.shape[0], chunk_rows):
-        block = delta[start:start + chunk_rows] - up[start:start + chunk_rows] @ down
-        total += float(torch.linalg.vector_norm(block, dtype=torch.float64) ** 2)
-    return total
+def clamped_residual_sq(delta, u, s, v, clamp):
+    """‖delta − P_c‖²_F for the clamped product P_c = (D·U√S)(√S·Vᵀ·E), touching only clipped rows/columns.
+
+    Uses ‖Δ − P_c‖² = ‖Δ‖² − 2⟨Δ, P_c⟩ + ‖P_c‖², with ⟨Δ, U S Vᵀ⟩ = ‖S‖² (exact for an SVD that projects
+    Δ on its subspaces), so only the rows and columns the clamp scaled need a pass over Δ.
+    """
+    x = (u * s.sqrt()).double()            # up before the clamp, [m, r]
+    y = (v * s.sqrt()).double()            # downᵀ before the clamp, [n, r]
+    d, e = clamp.up_scale.double(), clamp.down_scale.double()
+    rows = (d < 1).nonzero().flatten()
+    cols = (e < 1).nonzero().flatten()
+    inner = float(s.double().pow(2).sum())  # ⟨Δ, P⟩
+    if rows.numel():  # rows i with d_i < 1: (P_c − P)[i, :] = x_i (d_i e ∘ y − y)ᵀ
+        block = delta.index_select(0, rows.to(delta.device)).double()
+        yc = (e[:, None] * y)
+        inner += float(((d[rows, None] * x[rows]) * (block @ yc)).sum() - (x[rows] * (block @ y)).sum())
+    if cols.numel():  # remaining rows, columns j with e_j < 1: (P_c − P)[i, j] = x_i·y_j (e_j − 1)
+        keep = torch.ones(x.shape[0], dtype=torch.bool)
+        keep[rows] = False
+        block = delta.index_select(1, cols.to(delta.device)).double()[keep.to(delta.device)]
+        inner += float((x[keep] * (block @ ((e[cols] - 1)[:, None] * y[cols]))).sum())
+    xx = x.T @ ((d * d)[:, None] * x)
+    yy = y.T @ ((e * e)[:, None] * y)
+    pc_sq = float(torch.trace(xx @ yy))
+    total_sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+    return total_sq - 2 * inner + pc_sq

@@ -71,13 +71,17 @@ def _malloc_trim():
         pass
 
 
-def purge():
-    """gc, glibc malloc_trim and the CUDA cache: hand freed memory back to the OS; reports what it freed."""
+def purge(full=True):
+    """gc, glibc malloc_trim and the CUDA cache: hand freed memory back to the OS; reports what it freed.
+
+    full=False collects only the young gc generations (what a loop iteration creates), which is enough
+    between layers and ~100x cheaper than a full collection.
+    """
     import time
 
     start = time.perf_counter()
     before = rss_bytes()
-    gc.collect()
+    gc.collect() if full else gc.collect(1)
     _malloc_trim()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()

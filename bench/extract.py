@@ -1,0 +1,199 @@
+"""Extraction benchmarks: memory on a full-size Z-Image pair, speed against the seed approach and against
+kohya's full SVD, and the read/compute floor. Every figure is a ratio against a baseline run in the same
+command, each run in its own process with the files evicted from the page cache first.
+
+    python bench/extract.py [--dir /tmp/lc_bench] [--full] [--keep] [--rank 32]
+
+Without --full it uses a width-true subset pair (real 3840 width, 1 refiner of each kind + 4 layers,
+30 target layers, ~2.5 GB per file); --full adds the 2 x 12.3 GB memory run.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import evict, mib, page_cache_bytes, proc_status  # noqa: E402
+
+import torch  # noqa: E402
+
+from lora_colab.synthetic import ZImageConfig, make_zimage_pair  # noqa: E402
+
+SUBSET = ZImageConfig(n_layers=4, n_refiner_layers=1)
+FULL = ZImageConfig()
+
+
+def build(folder, cfg):
+    folder = Path(folder)
+    base, tuned = folder / "base.safetensors", folder / "tuned.safetensors"
+    if not (base.exists() and tuned.exists()):
+        start = time.perf_counter()
+        make_zimage_pair(folder, cfg, rank=16, noise=0.0, delta_scale=0.002, base_layout="single-file",
+                         tuned_layout="single-file")
+        print(f"built {folder} in {time.perf_counter() - start:.0f} s "
+              f"({base.stat().st_size / 1e9:.2f} + {tuned.stat().st_size / 1e9:.2f} GB)", flush=True)
+    return base, tuned
+
+
+def target_keys(base):
+    from lora_colab.canonical import open_canonical
+    with open_canonical(base) as c:
+        return [t.key for t in c.arch.targets(c.shapes())]
+
+
+# --- workers (each runs in its own process) ------------------------------------------------------
+
+def w_ours(base, tuned, out, rank, **_):
+    from lora_colab.extract import extract
+    report = extract(base, tuned, out, rank=rank, progress=False, device="cpu")
+    return {"layers": len(report.extracted), "read_wait": report.read_wait_seconds,
+            "purge": report.purge_seconds, "bytes": report.output_bytes,
+            "worst_rel_error": max(layer.rel_error for layer in report.extracted)}
+
+
+def w_seed(base, tuned, out, rank, keys, **_):
+    """The seed approach: safe_open + get_tensor, svd_lowrank per layer, no prefetch, one save at the end."""
+    import gc
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    factors = {}
+    with safe_open(base, "pt") as fb, safe_open(tuned, "pt") as ft:
+        for key in keys:
+            delta = ft.get_tensor(key).float() - fb.get_tensor(key).float()
+            u, s, v = torch.svd_lowrank(delta, q=rank + 8, niter=4)
+            name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+            factors[name + ".lora_up.weight"] = (u[:, :rank] * s[:rank]).to(torch.bfloat16).contiguous()
+            factors[name + ".lora_down.weight"] = v[:, :rank].T.to(torch.bfloat16).contiguous()
+            factors[name + ".alpha"] = torch.tensor(float(rank))
+            del delta, u, s, v
+            gc.collect()
+    save_file(factors, out)
+    return {"layers": len(keys)}
+
+
+def _deltas(base, tuned, keys):
+    from lora_colab import open_checkpoint
+    with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
+        for key in keys:
+            delta = t.read(key, dtype=torch.float32)
+            delta.sub_(b.read(key))
+            yield key, delta
+
+
+def w_read_only(base, tuned, keys, **_):
+    total = 0
+    for _, delta in _deltas(base, tuned, keys):
+        total += delta.numel()
+    return {"elements": total}
+
+
+def w_compute_only(base, tuned, keys, rank, **_):
+    """SVD + factor work on differences already in memory (read first, timed separately)."""
+    from lora_colab.extract import factor_layer
+    from lora_colab.report import LayerReport
+    compute = 0.0
+    for key, delta in _deltas(base, tuned, keys):
+        start = time.perf_counter()
+        factor_layer(delta, rank, 0.99, 4, 8, None, 0, LayerReport(key, tuple(delta.shape)))
+        compute += time.perf_counter() - start
+    return {"compute": compute}
+
+
+def w_quality(base, tuned, keys, rank, full_svd, **_):
+    """Per layer: residual of ours vs the optimal (exact SVD) one; time of ours vs kohya's call."""
+    from lora_colab.extract import factor_layer
+    from lora_colab.report import LayerReport
+    rows = []
+    for key, delta in _deltas(base, tuned, keys):
+        layer = LayerReport(key, tuple(delta.shape))
+        start = time.perf_counter()
+        factor_layer(delta, rank, None, 4, 8, None, 0, layer)
+        ours = time.perf_counter() - start
+        start = time.perf_counter()
+        if full_svd:
+            u, s, vh = torch.linalg.svd(delta)  # kohya: full_matrices=True
+        else:
+            s = torch.linalg.svdvals(delta)
+        exact = time.perf_counter() - start
+        best = float(s[rank:].double().pow(2).sum().sqrt() / delta.double().norm())
+        rows.append({"key": key, "ours_s": ours, "exact_s": exact, "ours_err": layer.rel_error, "best_err": best})
+    return {"rows": rows}
+
+
+WORKERS = {"ours": w_ours, "seed": w_seed, "read_only": w_read_only, "compute_only": w_compute_only,
+           "quality": w_quality}
+
+
+def worker_main(name, args):
+    baseline = proc_status("VmHWM")
+    cache0 = page_cache_bytes()
+    start = time.perf_counter()
+    result = WORKERS[name](**args)
+    result.update(wall=time.perf_counter() - start, peak=proc_status("VmHWM"), baseline=baseline,
+                  cache_growth=page_cache_bytes() - cache0)
+    print(json.dumps(result))
+
+
+def run(name, base, tuned, **args):
+    evict(base)
+    evict(tuned)
+    payload = json.dumps({"base": str(base), "tuned": str(tuned), **args})
+    out = subprocess.run([sys.executable, __file__, "--worker", name, payload], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default="/tmp/lc_bench")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--full", action="store_true", help="also the 2 x 12.3 GB memory run")
+    parser.add_argument("--keep", action="store_true", help="keep the generated pairs")
+    parser.add_argument("--kohya-layers", type=int, default=5, help="layers timed with kohya's full SVD")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker_main(args.worker[0], json.loads(args.worker[1]))
+    root = Path(args.dir)
+    base, tuned = build(root / "subset", SUBSET)
+    keys = target_keys(base)
+    out = str(root / "out.safetensors")
+    print(f"subset pair: {len(keys)} target layers at full width, rank {args.rank}, CPU, {torch.get_num_threads()} "
+          f"threads", flush=True)
+    ours = run("ours", base, tuned, out=out, rank=args.rank)
+    seed = run("seed", base, tuned, out=out, rank=args.rank, keys=keys)
+    read = run("read_only", base, tuned, keys=keys)
+    compute = run("compute_only", base, tuned, keys=keys, rank=args.rank)
+    print(f"ours      : wall {ours['wall']:.1f} s, peak RSS {mib(ours['peak'])} (+{mib(ours['peak'] - ours['baseline'])}"
+          f" over baseline), page cache +{mib(ours['cache_growth'])}, waited on reads {ours['read_wait']:.1f} s, "
+          f"purge {ours['purge']:.2f} s, worst rel. error {ours['worst_rel_error']:.4f}")
+    print(f"seed      : wall {seed['wall']:.1f} s, peak RSS {mib(seed['peak'])}, page cache +{mib(seed['cache_growth'])}")
+    print(f"read only : {read['wall']:.1f} s;  compute only: {compute['compute']:.1f} s (of {compute['wall']:.1f} s)")
+    floor = max(read["wall"], compute["compute"])
+    print(f"RATIO seed/ours wall: {seed['wall'] / ours['wall']:.2f}x (goal >= 1.3)")
+    print(f"RATIO ours/max(read, compute): {ours['wall'] / floor:.2f} (goal <= 1.25)")
+    quality = run("quality", base, tuned, keys=keys[:args.kohya_layers], rank=args.rank, full_svd=True)
+    ours_t = sum(r["ours_s"] for r in quality["rows"])
+    exact_t = sum(r["exact_s"] for r in quality["rows"])
+    worst = max(r["ours_err"] / max(r["best_err"], 1e-30) for r in quality["rows"])
+    print(f"kohya full SVD on {len(quality['rows'])} layers: {exact_t:.1f} s vs ours {ours_t:.2f} s -> "
+          f"RATIO {exact_t / ours_t:.0f}x (goal >= 20); residual ours/optimal worst {worst:.4f} (goal <= 1.02)")
+    if args.full:
+        fbase, ftuned = build(root / "full", FULL)
+        full = run("ours", fbase, ftuned, out=out, rank=args.rank)
+        print(f"FULL pair 2 x {Path(fbase).stat().st_size / 1e9:.1f} GB: wall {full['wall']:.0f} s, "
+              f"peak RSS (VmHWM) {mib(full['peak'])} (goal <= 1.0 GB), page cache +{mib(full['cache_growth'])}, "
+              f"{full['layers']} layers, LoRA {full['bytes'] / 1e6:.0f} MB")
+    if not args.keep:
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+import torch
+
+from lora_colab.lowrank import clamp_outliers, clamped_residual_sq, low_rank, product_change, quantile
+
+
+def test_randomized_svd_matches_exact_on_a_decaying_spectrum():
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(600, 200, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(300, 200, generator=gen))
+    s = torch.arange(1, 201, dtype=torch.float32) ** -1.0
+    a = (u * s) @ v.T
+    uu, ss, vv = low_rank(a, 16, niter=4, oversample=8)
+    assert uu.shape == (600, 16) and vv.shape == (300, 16)
+    torch.testing.assert_close(ss, s[:16], rtol=2e-3, atol=0)
+    best = float(s[16:].pow(2).sum().sqrt())
+    ours = float((a - (uu * ss) @ vv.T).norm())
+    assert ours <= 1.01 * best
+
+
+def test_small_matrices_take_the_exact_path():
+    a = torch.randn(50, 40, generator=torch.Generator().manual_seed(1))
+    uu, ss, vv = low_rank(a, 10)
+    torch.testing.assert_close(ss, torch.linalg.svdvals(a)[:10])
+
+
+def test_quantile_has_no_size_limit_and_is_exact():
+    x = torch.arange(1, 20_000_001, dtype=torch.float32)  # over torch.quantile's 2^24 limit
+    assert quantile(x, 0.99) == 19_800_000.0
+
+
+def test_clamp_change_and_residual_formulas_match_brute_force():
+    gen = torch.Generator().manual_seed(2)
+    delta = torch.randn(300, 8, generator=gen) @ torch.randn(8, 200, generator=gen) + 0.3 * torch.randn(300, 200,
+                                                                                                      generator=gen)
+    delta[5, 7] += 80.0
+    delta[:, 11] += 10.0
+    u, s, v = low_rank(delta, 12)
+    up, down = u * s.sqrt(), s.sqrt()[:, None] * v.T
+    up_c, down_c, clamp = clamp_outliers(up, down, 0.95)
+    assert 0 < clamp.cut_fraction < 0.1
+    p, p_c = up @ down, up_c @ down_c
+    assert float(p_c.abs().max()) <= float(up_c.norm(dim=1).max() * down_c.norm(dim=0).max()) + 1e-4
+    assert abs(product_change(up, down, clamp) - float((p - p_c).norm() / p.norm())) < 1e-5
+    brute = float((delta.double() - p_c.double()).norm() ** 2)
+    assert abs(clamped_residual_sq(delta, u, s, v, clamp) - brute) < 1e-6 * float(delta.double().norm() ** 2)
