@@ -17,8 +17,11 @@ _MODEL_SUBFOLDERS = ("transformer", "unet")
 _PREFERRED_STEMS = ("diffusion_pytorch_model", "model")
 
 
-def _convert(tensor, dtype):
-    """tensor.to(dtype); on the CPU into a huge-page buffer (much cheaper first-touch faults)."""
+def cast(tensor, dtype):
+    """tensor.to(dtype) (the tensor itself when it has that dtype); on the CPU into a huge-page buffer,
+    whose first-touch page faults are much cheaper."""
+    if tensor.dtype == dtype:
+        return tensor
     if tensor.device.type != "cpu" or not tensor.numel():
         return tensor.to(dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -151,7 +154,7 @@ class Checkpoint:
             buf = buf.to(device)
         tensor = buf.view(torch_dtype).reshape(shape)
         if dtype is not None and dtype != torch_dtype:
-            tensor = _convert(tensor, dtype)
+            tensor = cast(tensor, dtype)
         return tensor
 
     def _staging_buffer(self):

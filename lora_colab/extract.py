@@ -11,10 +11,11 @@ import torch
 
 from .arch import resolve_format
 from .canonical import open_canonical, pair
+from .checkpoint import cast
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError
 from .lora_format import build_metadata, module_tensors
-from .lowrank import clamp_outliers, clamped_residual_sq, low_rank, product_change
+from .lowrank import clamp_outliers, clamped_residual_sq, low_rank, norm_sq, product_change
 from .memory import fmt_bytes, peak_rss_bytes, purge, rss_bytes, vram_bytes
 from .report import ExtractReport, LayerReport
 from .writer import SpillWriter
@@ -38,7 +39,9 @@ def _layer_seed(seed, key):
 
 
 class _Differences:
-    """Reads (tuned − base) for each target, one layer ahead on a background thread."""
+    """Yields (target, tuned − base) for each target. The raw tensors of the next layer are read on a
+    background thread while this one is factored; that thread only reads (no torch compute, which would
+    fight the SVD's threads for the cores), the cast and subtraction happen here."""
 
     def __init__(self, base, tuned, targets, device):
         self._base, self._tuned, self._device = base, tuned, device
@@ -47,18 +50,24 @@ class _Differences:
         self.wait_seconds = 0.0
 
     def _load(self, target):
-        delta = self._tuned.read(target.key, dtype=torch.float32, device=self._device)
-        base = self._base.read(target.key, dtype=None, device=self._device)
-        delta.sub_(base)
+        return self._tuned.read(target.key, dtype=None), self._base.read(target.key, dtype=None)
+
+    def _difference(self, tuned, base):
+        """float32 (tuned − base) on the compute device; `tuned` is a fresh tensor and may be reused."""
+        delta = cast(tuned.to(self._device), torch.float32)
+        del tuned
+        delta.sub_(base.to(self._device))
         return delta
 
     def __iter__(self):
         future = self._pool.submit(self._load, self._targets[0]) if self._targets else None
         for i, target in enumerate(self._targets):
             start = time.perf_counter()
-            delta = future.result()
+            tuned, base = future.result()
             self.wait_seconds += time.perf_counter() - start
             future = self._pool.submit(self._load, self._targets[i + 1]) if i + 1 < len(self._targets) else None
+            delta = self._difference(tuned, base)
+            del tuned, base
             yield target, delta
             del delta
 
@@ -81,7 +90,7 @@ def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, l
     up and columns of down are scaled down (see lowrank.clamp_outliers).
     """
     flat = delta.reshape(delta.shape[0], -1)
-    total_sq = float(torch.linalg.vector_norm(flat, dtype=torch.float64) ** 2)
+    total_sq = norm_sq(flat)
     u, s, v = low_rank(flat, rank, niter=niter, oversample=oversample, generator_seed=seed)
     r = _choose_rank(s, total_sq, s.numel(), energy)
     u, s, v = u[:, :r], s[:r], v[:, :r]
@@ -96,7 +105,7 @@ def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, l
         layer.clipped = clamp.cut_fraction
         layer.clamp_change = product_change(u * root, root[:, None] * v.T, clamp)
         if layer.clamp_change:
-            res_sq = clamped_residual_sq(flat, u, s, v, clamp)
+            res_sq = clamped_residual_sq(flat, u, s, v, clamp, total_sq)
     layer.rel_error = math.sqrt(max(res_sq, 0.0) / total_sq) if total_sq else 0.0
     return up, down
 

@@ -71,7 +71,12 @@ def product_change(up, down, clamp):
     return float(change_sq.sqrt() / p_sq.sqrt().clamp_min(1e-30))
 
 
-def clamped_residual_sq(delta, u, s, v, clamp):
+def norm_sq(x):
+    """‖x‖²_F (float32 reduction, squared in double; a float64 cast of the whole tensor is ~10x slower)."""
+    return float(torch.linalg.vector_norm(x)) ** 2
+
+
+def clamped_residual_sq(delta, u, s, v, clamp, total_sq=None):
     """‖delta − P_c‖²_F for the clamped product P_c = (D·U√S)(√S·Vᵀ·E), touching only clipped rows/columns.
 
     Uses ‖Δ − P_c‖² = ‖Δ‖² − 2⟨Δ, P_c⟩ + ‖P_c‖², with ⟨Δ, U S Vᵀ⟩ = ‖S‖² (exact for an SVD that projects
@@ -95,5 +100,5 @@ def clamped_residual_sq(delta, u, s, v, clamp):
     xx = x.T @ ((d * d)[:, None] * x)
     yy = y.T @ ((e * e)[:, None] * y)
     pc_sq = float(torch.trace(xx @ yy))
-    total_sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+    total_sq = norm_sq(delta) if total_sq is None else total_sq
     return total_sq - 2 * inner + pc_sq
