@@ -86,21 +86,30 @@ def _deltas(base, tuned, keys):
 
 
 def w_read_only(base, tuned, keys, **_):
+    """Only the reads the extractor does: each target's raw bytes from both files."""
+    from lora_colab import open_checkpoint
     total = 0
-    for _, delta in _deltas(base, tuned, keys):
-        total += delta.numel()
+    with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
+        for key in keys:
+            total += t.read(key).numel() + b.read(key).numel()
     return {"elements": total}
 
 
 def w_compute_only(base, tuned, keys, rank, **_):
-    """SVD + factor work on differences already in memory (read first, timed separately)."""
-    from lora_colab.extract import factor_layer
+    """Everything but reading: the float32 difference, SVD and factor work, timed on tensors already read."""
+    from lora_colab import open_checkpoint
+    from lora_colab.checkpoint import cast
+    from lora_colab.extract import factor_layer, subtract_
     from lora_colab.report import LayerReport
     compute = 0.0
-    for key, delta in _deltas(base, tuned, keys):
-        start = time.perf_counter()
-        factor_layer(delta, rank, 0.99, 4, 8, None, 0, LayerReport(key, tuple(delta.shape)))
-        compute += time.perf_counter() - start
+    with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
+        for key in keys:
+            raw_tuned, raw_base = t.read(key), b.read(key)
+            start = time.perf_counter()
+            delta = subtract_(cast(raw_tuned, torch.float32), raw_base)
+            factor_layer(delta, rank, 0.99, 4, 8, None, 0, LayerReport(key, tuple(delta.shape)))
+            compute += time.perf_counter() - start
+            del delta, raw_tuned, raw_base
     return {"compute": compute}
 
 

@@ -50,13 +50,16 @@ class _Differences:
         self.wait_seconds = 0.0
 
     def _load(self, target):
-        return self._tuned.read(target.key, dtype=None), self._base.read(target.key, dtype=None)
+        # to a GPU the bytes go through the reader's pinned buffer, asynchronously
+        device = self._device if self._device.type == "cuda" else None
+        return (self._tuned.read(target.key, dtype=None, device=device),
+                self._base.read(target.key, dtype=None, device=device))
 
     def _difference(self, tuned, base):
         """float32 (tuned − base) on the compute device; `tuned` is a fresh tensor and may be reused."""
         delta = cast(tuned.to(self._device), torch.float32)
         del tuned
-        delta.sub_(base.to(self._device))
+        subtract_(delta, base.to(self._device))
         return delta
 
     def __iter__(self):
@@ -73,6 +76,21 @@ class _Differences:
 
     def close(self):
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def subtract_(delta, other, chunk_bytes=8 << 20):
+    """delta -= other for a float32 `delta`; a bf16/fp16 `other` is cast in small row blocks (a mixed-dtype
+    sub_ is ~2.5x slower on the CPU, a whole-tensor cast would double the memory)."""
+    if other.dtype == delta.dtype or delta.dim() == 0 or delta.device.type != "cpu":
+        return delta.sub_(other)
+    flat, src = delta.reshape(delta.shape[0], -1), other.reshape(other.shape[0], -1)
+    rows = max(1, chunk_bytes // max(1, flat.shape[1] * 4))
+    buffer = torch.empty(min(rows, flat.shape[0]), flat.shape[1])
+    for start in range(0, flat.shape[0], rows):
+        block = buffer[: min(rows, flat.shape[0] - start)]
+        block.copy_(src[start:start + block.shape[0]])
+        flat[start:start + block.shape[0]].sub_(block)
+    return delta
 
 
 def _choose_rank(s, total_sq, max_rank, energy):

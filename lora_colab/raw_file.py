@@ -65,6 +65,7 @@ class RawFile:
         self.size = os.fstat(self.fd).st_size
         self._lock = None if _HAS_PREAD else threading.Lock()
         self.bytes_read = 0
+        self._previous_start = 0
 
     def pread(self, n, offset):
         """Return exactly `n` bytes at `offset` (small reads: headers)."""
@@ -96,12 +97,21 @@ class RawFile:
             return self._f.readinto(chunk)
 
     def drop_cache(self, offset, length):
-        """Tell the OS it may drop this range from the page cache (no-op where unsupported)."""
-        if _HAS_FADVISE and length:
-            try:
-                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
+        """Tell the OS it may drop this range from the page cache (no-op where unsupported).
+
+        The range is widened back to the start of the previous read: pages of skipped tensors that
+        readahead brought in, and pages still under I/O during the previous call (which the OS does not
+        drop), go too.
+        """
+        if not (_HAS_FADVISE and length):
+            return
+        end = offset + length
+        start = min(offset, self._previous_start)
+        try:
+            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            return
+        self._previous_start = offset
 
     def close(self):
         self._f.close()

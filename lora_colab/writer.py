@@ -84,6 +84,8 @@ class SafetensorsWriter:
             raise CheckpointError(self.path, f"{len(self._pending)} declared tensors never written", missing)
         try:
             os.fsync(self._file.fileno())
+            if hasattr(os, "posix_fadvise"):  # written and synced: the page cache need not keep it
+                os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             self._file.close()
             self._file = None
             os.replace(self.tmp_path, self.path)

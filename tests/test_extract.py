@@ -218,3 +218,14 @@ def test_cli_extract_and_demo(tmp_path, capsys):
     assert (tmp_path / "demo" / "demo_lora.safetensors").exists()
     assert main(["extract", str(base), str(base), "-o", str(tmp_path / "x.safetensors"), "-q"]) == 1
     assert "identical" in capsys.readouterr().out
+
+
+def test_subtract_matches_float_subtraction_for_every_input_dtype():
+    from lora_colab.extract import subtract_
+    gen = torch.Generator().manual_seed(9)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        a, b = torch.randn(300, 70, generator=gen), torch.randn(300, 70, generator=gen).to(dtype)
+        assert torch.equal(subtract_(a.clone(), b, chunk_bytes=1000), a - b.float())
+    conv = torch.randn(8, 4, 3, 3, generator=gen)
+    other = torch.randn(8, 4, 3, 3, generator=gen).bfloat16()
+    assert torch.equal(subtract_(conv.clone(), other, chunk_bytes=100), conv - other.float())

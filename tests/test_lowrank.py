@@ -43,3 +43,11 @@ def test_clamp_change_and_residual_formulas_match_brute_force():
     assert abs(product_change(up, down, clamp) - float((p - p_c).norm() / p.norm())) < 1e-5
     brute = float((delta.double() - p_c.double()).norm() ** 2)
     assert abs(clamped_residual_sq(delta, u, s, v, clamp) - brute) < 1e-6 * float(delta.double().norm() ** 2)
+
+
+def test_norm_sq_is_accurate_enough_for_residual_cancellation():
+    from lora_colab.lowrank import norm_sq
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4000, 3000, generator=gen) + 5.0  # large mean: a naive float32 sum drifts
+    exact = float(x.double().pow(2).sum())
+    assert abs(norm_sq(x) - exact) < 1e-8 * exact
