@@ -5,6 +5,9 @@ __version__ = "0.1.0"
 from .errors import CheckpointError, LoraColabError
 from .checkpoint import Checkpoint, SafetensorsFile, open_checkpoint
 from .writer import SafetensorsWriter, save_file
+from .canonical import open_canonical
+from .extract import extract
+from .report import ExtractReport, LayerReport
 
 __all__ = [
     "__version__",
@@ -13,6 +16,10 @@ __all__ = [
     "LoraColabError",
     "SafetensorsFile",
     "SafetensorsWriter",
+    "ExtractReport",
+    "LayerReport",
+    "extract",
+    "open_canonical",
     "open_checkpoint",
     "save_file",
 ]

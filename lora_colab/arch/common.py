@@ -38,6 +38,9 @@ class LoraModule:
     alpha: bool = True  # whether an `.alpha` tensor is written (PEFT files fold it into the factors)
 
 
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
 @dataclass
 class CanonicalMap:
     """How a checkpoint's keys form the canonical weights: key -> ordered source keys (concatenated on rows)."""
@@ -70,3 +73,34 @@ def find_prefix(keys, probes):
 
 def match(pattern, key):
     return re.fullmatch(pattern, key)
+
+
+class NativeArchitecture:
+    """An architecture whose canonical names are one checkpoint layout's own (Z-Image single file, Flux BFL,
+    generic): kohya and comfy names come straight from the canonical module path; a subclass supplies
+    `from_layout` (other layouts -> canonical) and `diffusers_modules`."""
+
+    optional_groups = {}
+
+    def from_layout(self, native, layout):
+        """(canonical key, part index, part count) for a prefix-stripped key of `layout`, or None to skip."""
+        return native, 0, 1
+
+    def canonical_map(self, keys, layout, prefix):
+        cmap = CanonicalMap()
+        for key in keys:
+            if key.startswith(prefix):
+                mapped = self.from_layout(key[len(prefix):], layout)
+                if mapped is not None:
+                    cmap.add(mapped[0], key, mapped[1], mapped[2])
+        return cmap
+
+    def lora_modules(self, target, fmt):
+        if fmt == "kohya":
+            return [LoraModule(kohya_name("lora_unet", target.module))]
+        if fmt == "comfy":
+            return [LoraModule("diffusion_model." + target.module)]
+        return self.diffusers_modules(target)
+
+    def diffusers_modules(self, target):
+        return [LoraModule("transformer." + target.module, None, PEFT_SUFFIXES, False)]

@@ -2,7 +2,7 @@
 
 import re
 
-from .common import CanonicalMap, LoraModule, Target, find_prefix, kohya_name
+from .common import PEFT_SUFFIXES, LoraModule, NativeArchitecture, Target, find_prefix
 
 _DOUBLE = re.compile(r"double_blocks\.(\d+)\.(img|txt)_(attn\.qkv|attn\.proj|mlp\.0|mlp\.2|mod\.lin)\.weight")
 _SINGLE = re.compile(r"single_blocks\.(\d+)\.(linear1|linear2|modulation\.lin)\.weight")
@@ -60,7 +60,7 @@ def _diffusers_to_bfl(native):
     return None
 
 
-class Flux:
+class Flux(NativeArchitecture):
     name = "flux"
     title = "Flux.1"
     auto_format = "kohya"
@@ -79,20 +79,8 @@ class Flux:
             return "diffusers", prefix
         return None
 
-    def canonical_map(self, keys, layout, prefix):
-        cmap = CanonicalMap()
-        for key in keys:
-            if not key.startswith(prefix):
-                continue
-            native = key[len(prefix):]
-            if layout == "diffusers":
-                mapped = _diffusers_to_bfl(native)
-                if mapped is None:
-                    continue
-                cmap.add(mapped[0], key, mapped[1], mapped[2])
-            else:
-                cmap.add(native, key)
-        return cmap
+    def from_layout(self, native, layout):
+        return _diffusers_to_bfl(native) if layout == "diffusers" else (native, 0, 1)
 
     def targets(self, shapes, groups=frozenset(), conv=False, text_encoders=True):
         found = []
@@ -114,12 +102,8 @@ class Flux:
             found.append(Target(key, module, tuple(shape), splits=splits, group=group))
         return found
 
-    def lora_modules(self, target, fmt):
-        if fmt == "kohya":
-            return [LoraModule(kohya_name("lora_unet", target.module))]
-        if fmt == "comfy":
-            return [LoraModule("diffusion_model." + target.module)]
-        peft = (".lora_A.weight", ".lora_B.weight")
+    def diffusers_modules(self, target):
+        peft = PEFT_SUFFIXES
         kind, index, rest = target.module.split(".", 2)
         if kind == "double_blocks":
             block = f"transformer.transformer_blocks.{index}"

@@ -2,33 +2,25 @@
 
 import re
 
-from .common import MODEL_PREFIXES, CanonicalMap, LoraModule, Target, kohya_name
+from .common import MODEL_PREFIXES, NativeArchitecture, Target
 
 _SKIP = re.compile(r"(^|[._])(norm|ln|embed|embedding|embeddings|embed_tokens|token_embedding|pos_embed)"
                    r"([._\d]|$)", re.IGNORECASE)
 
 
-class Generic:
+class Generic(NativeArchitecture):
     name = "generic"
     title = "generic"
     auto_format = "comfy"
     base_model_version = "unknown"
     modelspec_architecture = "unknown/lora"
     implementation = ""
-    optional_groups = {}
 
     def detect(self, keys):
         for prefix in MODEL_PREFIXES:
             if keys and all(k.startswith(prefix) for k in keys):
                 return "unknown", prefix
         return "unknown", ""
-
-    def canonical_map(self, keys, layout, prefix):
-        cmap = CanonicalMap()
-        for key in keys:
-            if key.startswith(prefix):
-                cmap.add(key[len(prefix):], key)
-        return cmap
 
     def targets(self, shapes, groups=frozenset(), conv=False, text_encoders=True):
         found = []
@@ -43,10 +35,3 @@ class Generic:
             elif len(shape) == 4 and conv:
                 found.append(Target(key, module, tuple(shape), kind="conv", group="conv"))
         return found
-
-    def lora_modules(self, target, fmt):
-        if fmt == "kohya":
-            return [LoraModule(kohya_name("lora_unet", target.module))]
-        if fmt == "diffusers":
-            return [LoraModule("transformer." + target.module, None, (".lora_A.weight", ".lora_B.weight"), False)]
-        return [LoraModule("diffusion_model." + target.module)]

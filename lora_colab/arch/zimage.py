@@ -2,7 +2,7 @@
 
 import re
 
-from .common import CanonicalMap, LoraModule, Target, find_prefix, kohya_name
+from .common import PEFT_SUFFIXES, LoraModule, NativeArchitecture, Target, find_prefix
 
 _BLOCKS = r"(?:layers|noise_refiner|context_refiner)\.\d+"
 _DEFAULT = re.compile(rf"({_BLOCKS})\.(attention\.qkv|attention\.out|feed_forward\.w[123])\.weight")
@@ -17,7 +17,7 @@ _DIFFUSERS_RENAMES = (
 _QKV_PART = re.compile(r"(.*\.attention)\.to_([qkv])\.weight")
 
 
-class ZImage:
+class ZImage(NativeArchitecture):
     name = "zimage"
     title = "Z-Image"
     auto_format = "kohya"
@@ -35,23 +35,15 @@ class ZImage:
             return "diffusers", prefix
         return None
 
-    def canonical_map(self, keys, layout, prefix):
-        cmap = CanonicalMap()
-        for key in keys:
-            if not key.startswith(prefix):
-                continue
-            native = key[len(prefix):]
-            if layout == "diffusers":
-                part = _QKV_PART.fullmatch(native)
-                if part:
-                    cmap.add(f"{part.group(1)}.qkv.weight", key, "qkv".index(part.group(2)), 3)
-                    continue
-                for pattern, replacement in _DIFFUSERS_RENAMES:
-                    if pattern.fullmatch(native):
-                        native = pattern.sub(replacement, native)
-                        break
-            cmap.add(native, key)
-        return cmap
+    def from_layout(self, native, layout):
+        if layout == "diffusers":
+            part = _QKV_PART.fullmatch(native)
+            if part:
+                return f"{part.group(1)}.qkv.weight", "qkv".index(part.group(2)), 3
+            for pattern, replacement in _DIFFUSERS_RENAMES:
+                if pattern.fullmatch(native):
+                    return pattern.sub(replacement, native), 0, 1
+        return native, 0, 1
 
     def targets(self, shapes, groups=frozenset(), conv=False, text_encoders=True):
         found = []
@@ -70,14 +62,10 @@ class ZImage:
             found.append(Target(key, module, tuple(shape), splits=splits, group=group))
         return found
 
-    def lora_modules(self, target, fmt):
-        if fmt == "kohya":
-            return [LoraModule(kohya_name("lora_unet", target.module))]
-        if fmt == "comfy":
-            return [LoraModule("diffusion_model." + target.module)]
-        peft = (".lora_A.weight", ".lora_B.weight")
+    def diffusers_modules(self, target):
         if target.splits:
             block = target.module[: -len(".qkv")]
-            return [LoraModule(f"transformer.{block}.{name}", (a, b), peft, False) for name, a, b in target.splits]
+            return [LoraModule(f"transformer.{block}.{name}", (a, b), PEFT_SUFFIXES, False)
+                    for name, a, b in target.splits]
         module = re.sub(r"\.attention\.out$", ".attention.to_out.0", target.module)
-        return [LoraModule("transformer." + module, None, peft, False)]
+        return [LoraModule("transformer." + module, None, PEFT_SUFFIXES, False)]

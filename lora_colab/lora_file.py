@@ -1,0 +1,172 @@
+"""Read LoRA files: group tensors into layers, whatever the trainer's spelling (kohya, PEFT, LyCORIS)."""
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import open_checkpoint
+from .errors import CheckpointError
+
+# (down suffix, up suffix) spellings of plain LoRA factors, longest first
+FACTOR_SUFFIXES = (
+    (".lora_A.default.weight", ".lora_B.default.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    ("_lora.down.weight", "_lora.up.weight"),
+)
+_LYCORIS = re.compile(r"(.+?)\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2|lora_mid\.weight|diff|"
+                      r"alpha|dora_scale)$")
+
+
+@dataclass
+class LoraLayer:
+    """One module of a LoRA file: its kind ("lora", "tucker", "loha", "lokr", "diff") and raw tensors."""
+
+    name: str
+    kind: str
+    tensors: dict = field(default_factory=dict)  # role -> tensor key in the file
+    suffixes: tuple = (".lora_down.weight", ".lora_up.weight")
+
+    @property
+    def has_alpha(self):
+        return "alpha" in self.tensors
+
+
+def scan_layers(keys):
+    """Group LoRA tensor names into layers; returns (layers by name, keys that belong to no layer)."""
+    layers, used = {}, set()
+    keyset = set(keys)
+    for key in keys:
+        for down_s, up_s in FACTOR_SUFFIXES:
+            if key.endswith(down_s) and key[: -len(down_s)] + up_s in keyset:
+                name = key[: -len(down_s)]
+                layers[name] = LoraLayer(name, "lora", {"down": key, "up": name + up_s}, (down_s, up_s))
+                used.update((key, name + up_s))
+                break
+    for key in keys:
+        if key in used:
+            continue
+        hit = _LYCORIS.fullmatch(key)
+        if not hit:
+            continue
+        name, role = hit.groups()
+        role = role.replace(".weight", "")
+        layer = layers.get(name)
+        if layer is None:
+            if role in ("alpha", "dora_scale"):
+                continue  # attached below, once the layer is known
+            layer = layers[name] = LoraLayer(name, "unknown")
+        layer.tensors[role] = key
+        used.add(key)
+    for key in keys:  # alpha / dora_scale of layers found above
+        hit = _LYCORIS.fullmatch(key)
+        if hit and hit.group(1) in layers and hit.group(2) in ("alpha", "dora_scale"):
+            layers[hit.group(1)].tensors[hit.group(2)] = key
+            used.add(key)
+    for layer in layers.values():
+        roles = set(layer.tensors)
+        if layer.kind == "lora" and "lora_mid" in roles:
+            layer.kind = "tucker"
+        elif layer.kind == "unknown":
+            layer.kind = ("loha" if "hada_w1_a" in roles else "lokr" if any(r.startswith("lokr") for r in roles)
+                          else "diff" if "diff" in roles else "unknown")
+    unknown = [k for k in keys if k not in used]
+    return {n: l for n, l in layers.items() if l.kind != "unknown"}, unknown + [
+        k for l in layers.values() if l.kind == "unknown" for k in l.tensors.values()]
+
+
+class LoraFile:
+    """An open LoRA file: its layers, metadata, and each layer's ΔW as factors or as a full matrix."""
+
+    def __init__(self, path):
+        self.ckpt = open_checkpoint(path)
+        self.path = self.ckpt.path
+        self.metadata = dict(self.ckpt.metadata)
+        self.layers, self.other_keys = scan_layers(self.ckpt.keys())
+        if not self.layers:
+            self.ckpt.close()
+            raise CheckpointError(self.path, "no LoRA layers found (no lora_down/lora_up, lora_A/lora_B, LoHa, "
+                                             "LoKr or diff tensors)")
+
+    def read(self, key, device=None):
+        return self.ckpt.read(key, dtype=torch.float32, device=device)
+
+    def scale(self, layer, rank):
+        """alpha / rank of a layer (1.0 without alpha)."""
+        if not layer.has_alpha:
+            return 1.0
+        alpha = float(self.read(layer.tensors["alpha"]).reshape(-1)[0])
+        return alpha / rank if rank else 1.0
+
+    def factors(self, layer, device=None):
+        """(up [n, r], down [r, m], out_shape) with ΔW = up @ down, for plain LoRA layers."""
+        down = self.read(layer.tensors["down"], device)
+        up = self.read(layer.tensors["up"], device)
+        rank = down.shape[0]
+        if up.dim() < 2 or up.shape[1] != rank:
+            raise CheckpointError(self.path, f"up {list(up.shape)} does not match down {list(down.shape)}",
+                                  layer.tensors["up"])
+        out_shape = (up.shape[0],) + tuple(down.shape[1:])
+        return up.reshape(up.shape[0], rank) * self.scale(layer, rank), down.reshape(rank, -1), out_shape
+
+    def delta(self, layer, device=None):
+        """Full ΔW (2-D, float32) and its weight shape, for any supported kind."""
+        kind, t = layer.kind, layer.tensors
+        if kind == "lora":
+            up, down, shape = self.factors(layer, device)
+            return up @ down, shape
+        if kind == "tucker":  # up [n,r,1,1], mid [r,r,kh,kw], down [r,m,1,1]
+            up, mid, down = (self.read(t[r], device) for r in ("up", "lora_mid", "down"))
+            rank = mid.shape[0]
+            w = torch.einsum("i j k l, o i, j p -> o p k l", mid, up.flatten(1), down.flatten(1))
+            return w.reshape(w.shape[0], -1) * self.scale(layer, rank), tuple(w.shape)
+        if kind == "loha":
+            w1 = self._pair(t, "hada_w1_a", "hada_w1_b", "hada_t1", device)
+            w2 = self._pair(t, "hada_w2_a", "hada_w2_b", "hada_t2", device)
+            rank = self.ckpt.shape(t["hada_w1_b"])[0]
+            w = w1 * w2
+            return w.reshape(w.shape[0], -1) * self.scale(layer, rank), tuple(w.shape)
+        if kind == "lokr":
+            w1 = self.read(t["lokr_w1"], device) if "lokr_w1" in t else \
+                self.read(t["lokr_w1_a"], device) @ self.read(t["lokr_w1_b"], device)
+            if "lokr_w2" in t:
+                w2, rank = self.read(t["lokr_w2"], device), None
+            else:
+                b = self.read(t["lokr_w2_b"], device)
+                rank = b.shape[0]
+                w2 = (self.read(t["lokr_w2_a"], device) @ b.flatten(1)).reshape((-1,) + tuple(b.shape[1:]))
+            w = torch.kron(w1.reshape(w1.shape + (1,) * (w2.dim() - w1.dim())), w2)
+            scale = self.scale(layer, rank) if rank else 1.0
+            return w.reshape(w.shape[0], -1) * scale, tuple(w.shape)
+        if kind == "diff":
+            w = self.read(t["diff"], device)
+            return w.reshape(w.shape[0], -1), tuple(w.shape)
+        raise CheckpointError(self.path, f"layer kind {kind!r} is not supported", layer.name)
+
+    def _pair(self, t, a, b, mid, device):
+        if mid in t:  # Tucker-style LoHa (LyCORIS): w = einsum(t, b, a)
+            return torch.einsum("i j k l, j r, i p -> p r k l", self.read(t[mid], device),
+                                self.read(t[b], device), self.read(t[a], device))
+        return self.read(t[a], device) @ self.read(t[b], device).flatten(1)
+
+    def close(self):
+        self.ckpt.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def rank_of(layer, ckpt):
+    if "down" in layer.tensors:
+        return ckpt.shape(layer.tensors["down"])[0]
+    return 0
+
+
+def numel(shape):
+    return math.prod(shape)
