@@ -56,6 +56,20 @@ def _cmd_demo(args):
     return _finish(run_demo(args.output_dir, rank=rank, **options), args.json)
 
 
+def _cmd_resize(args):
+    from .resize import resize
+
+    checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
+    reports = resize(checkpoint, args.loras, args.output_folder, args.recipes, dtype=args.dtype,
+                     device=args.device, verbose=0)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2, default=str))
+    else:
+        for report in reports:
+            print(report.summary(args.verbose))
+    return 0
+
+
 def _add_extract_options(p, rank_default):
     p.add_argument("--rank", type=int, default=rank_default, help="LoRA rank (default %(default)s)")
     p.add_argument("--alpha", type=float, default=None, help="alpha (default: = rank); only the factors' "
@@ -122,6 +136,27 @@ def build_parser():
                       help="where to write the pair and the LoRA (default: a new temporary folder)")
     _add_extract_options(demo, 16)
     demo.set_defaults(func=_cmd_demo)
+
+    res = commands.add_parser(
+        "resize", help="compress LoRAs by scoring their singular values (against the base model too)",
+        description="Decompose each LoRA once (QR core, exact, no full matrix), score every singular "
+                    "direction, keep what each recipe selects and write one file per (LoRA, recipe). "
+                    "Recipes: ':'-separated, each a ','-separated list of key[=value]: score weights "
+                    "spn_ckpt, spn_lora, fro_ckpt, fro_lora, subspace, params with thr=LOG10 or size=MiB; "
+                    "or kohya's rank=N, sv_ratio=P, sv_fro=P, sv_cumulative=P; rescale=F.",
+        epilog="A LORA of the form 'a.safetensors:0.7,b.safetensors:0.3' is merged with those weights first.")
+    res.add_argument("checkpoint", metavar="CHECKPOINT",
+                     help="base model the LoRAs were trained on ('none' when no recipe uses *_ckpt/subspace)")
+    res.add_argument("loras", nargs="+", metavar="LORA")
+    res.add_argument("-o", "--output-folder", default=None, metavar="FOLDER", help="default: each LoRA's folder")
+    res.add_argument("-r", "--recipes", default="spn_ckpt=1,thr=-1.2", help="default: %(default)s")
+    res.add_argument("-t", "--dtype", default=None, choices=("16", "32", "bf16"),
+                     help="output precision (default: the input's)")
+    res.add_argument("-d", "--device", default="auto", help="cpu, cuda or auto (default)")
+    res.add_argument("-v", "--verbose", action="count", default=0,
+                     help="-v: totals, threshold, size and score quantiles; -vv: every layer's old -> new rank")
+    res.add_argument("--json", action="store_true", help="print the reports as JSON")
+    res.set_defaults(func=_cmd_resize)
     return parser
 
 

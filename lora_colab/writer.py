@@ -299,3 +299,18 @@ def _pwrite_all(f, data, offset):
             written = f.write(view)
         view = view[written:]
         offset += written
+
+
+def planned_size(specs, metadata=None, kohya_hashes=False):
+    """Exact size in bytes of the file SpillWriter.finish would write for `specs` and `metadata`."""
+    metadata = dict(metadata or {})
+    layout = _layout(specs, "<planned>")
+    data = sum(nbytes for _, _, _, nbytes in layout.values())
+    if kohya_hashes:
+        both = {**metadata, **{k: "0" * n for k, n in _KOHYA_HASH_KEYS.items()}}
+        data_start = 8 + len(_header_bytes(layout, both, "<planned>"))
+        lo = _LEGACY_START - data_start
+        metadata["sshs_model_hash"] = "0" * 64
+        if lo >= 0 and data >= lo + _LEGACY_LEN:
+            metadata["sshs_legacy_hash"] = "0" * 8
+    return 8 + len(_header_bytes(layout, metadata, "<planned>")) + data

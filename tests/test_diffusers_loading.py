@@ -293,3 +293,45 @@ def test_sd15_lora_loads_fully_in_diffusers(tmp_path, fmt, diffusers_warnings):
     assert_deltas(te, "x", {name.removeprefix("text_model.") if flat else name: d
                             for (c, name), d in expected.items() if c == "text_encoder"})
     assert not [m for m in diffusers_warnings if "unexpected" in m.lower() or "missing" in m.lower()]
+
+
+# --- resized LoRAs still load -------------------------------------------------------------------
+
+def truncated(delta, k):
+    u, s, vh = torch.linalg.svd(delta.reshape(delta.shape[0], -1), full_matrices=False)
+    return ((u[:, :k] * s[:k]) @ vh[:k]).reshape(delta.shape)
+
+
+def test_resized_zimage_and_sdxl_loras_load_fully_in_diffusers(tmp_path, diffusers_warnings, monkeypatch):
+    from lora_colab.resize import resize
+    monkeypatch.setenv("LORA_COLAB_CACHE", str(tmp_path / "cache"))
+    z = arch.get("zimage")
+    path, expected = write_lora(tmp_path, z, "kohya", z.targets(dict(zimage_specs(Z_CFG))))
+    report = resize(None, [path], tmp_path / "z", "rank=2")[0]
+    model = zimage_model()
+    state_dict = diffusers.ZImagePipeline.lora_state_dict(str(tmp_path / "z"), weight_name=report.output.split("/")[-1])
+    diffusers.ZImagePipeline.load_lora_into_transformer(state_dict, transformer=model, adapter_name="x")
+    # the fused qkv was truncated as one matrix: compare per fused target, on its rows
+    got = lora_deltas(model, "x")
+    for name in [n for (_, n) in expected if n.endswith("to_q")]:
+        block = name[: -len(".to_q")]
+        fused = torch.cat([expected[("transformer", f"{block}.to_{p}")] for p in "qkv"])
+        ours = torch.cat([got[f"{block}.to_{p}"] for p in "qkv"])
+        torch.testing.assert_close(ours, truncated(fused, 2), rtol=1e-3, atol=1e-5)
+    assert len(got) == len(expected)
+
+    unet, te1, te2 = sdxl_unet(), clip(12), clip(32, projection=True)
+    sdxl, targets = sdxl_targets(unet, te1, te2, conv=True)
+    (tmp_path / "sdxl").mkdir()
+    path, expected = write_lora(tmp_path / "sdxl", sdxl, "kohya", targets)
+    report = resize(None, [path], tmp_path / "s", "rank=2", dtype="32")[0]
+    loader = diffusers.StableDiffusionXLPipeline
+    state_dict, alphas = loader.lora_state_dict(str(tmp_path / "s"), weight_name=report.output.split("/")[-1],
+                                                unet_config=unet.config)
+    loader.load_lora_into_unet(state_dict, alphas, unet=unet, adapter_name="x")
+    got = lora_deltas(unet, "x")
+    unet_expected = {n: d for (c, n), d in expected.items() if c == "unet"}
+    assert set(got) == set(unet_expected)
+    for name, delta in unet_expected.items():
+        torch.testing.assert_close(got[name].reshape(delta.shape), truncated(delta, 2), rtol=1e-3, atol=1e-5)
+    assert not [m for m in diffusers_warnings if "unexpected" in m.lower() or "missing" in m.lower()]

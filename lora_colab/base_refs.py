@@ -1,0 +1,131 @@
+"""The base checkpoint's side of resizing: which base weight (rows) a LoRA layer patches, and that
+weight's spectral and Frobenius norms, cached on disk by checkpoint content."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .canonical import open_canonical
+from .raw_file import RawFile
+
+_FORMATS = ("kohya", "comfy", "diffusers")
+_COMPONENT_PREFIXES = ("transformer.", "unet.", "diffusion_model.")
+
+
+def cache_dir():
+    """Where norms are cached: $LORA_COLAB_CACHE, else $XDG_CACHE_HOME/lora_colab, else ~/.cache/lora_colab."""
+    if os.environ.get("LORA_COLAB_CACHE"):
+        return Path(os.environ["LORA_COLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lora_colab"
+
+
+def fingerprint(files):
+    """Content key of a checkpoint: size and header bytes of each file (not its path)."""
+    digest = hashlib.sha256()
+    for path in files:
+        raw = RawFile(path)
+        try:
+            n = int.from_bytes(raw.pread(8, 0), "little")
+            digest.update(raw.size.to_bytes(8, "little"))
+            digest.update(raw.pread(min(n, raw.size - 8), 8))
+        finally:
+            raw.close()
+    return digest.hexdigest()[:32]
+
+
+def lora_name_map(arch, shapes):
+    """Every LoRA module name a client uses for this architecture -> (canonical key, rows or None)."""
+    names = {}
+    groups = set(arch.optional_groups) | {"conv"}
+    for target in arch.targets(shapes, groups=groups, conv=True, text_encoders=True):
+        for fmt in _FORMATS:
+            for module in arch.lora_modules(target, fmt):
+                entry = (target.key, module.rows)
+                names.setdefault(module.name, entry)
+                if fmt == "diffusers" and target.component == "model":
+                    bare = module.name.split(".", 1)[1]
+                    names.setdefault(bare, entry)
+                    names.setdefault("lora_unet_" + bare.replace(".", "_"), entry)  # musubi-style
+    return names
+
+
+class BaseReferences:
+    """Norms of the base layers a LoRA's modules patch."""
+
+    def __init__(self, checkpoint, device=None):
+        self.view = open_canonical(checkpoint)
+        self.device = device
+        self.names = lora_name_map(self.view.arch, self.view.shapes())
+        self.cache_path = cache_dir() / f"norms_{fingerprint(self.view.ckpt.files)}.json"
+        self._cache = self._load_cache()
+        self._dirty = False
+        self.norm_reads = 0
+
+    @property
+    def arch(self):
+        return self.view.arch
+
+    def locate(self, lora_name):
+        """(canonical key, rows) of the base weight a LoRA module patches, or None."""
+        if lora_name in self.names:
+            return self.names[lora_name]
+        for prefix in _COMPONENT_PREFIXES:
+            if lora_name.startswith(prefix) and lora_name[len(prefix):] in self.names:
+                return self.names[lora_name[len(prefix):]]
+        return None
+
+    def weight(self, key, rows):
+        """The base weight (rows), 2-D float32."""
+        w = self.view.read(key, rows=rows, dtype=torch.float32, device=self.device)
+        return w.reshape(w.shape[0], -1)
+
+    def norms(self, key, rows):
+        """(spectral norm, Frobenius norm) of the base weight (rows), from the cache when known."""
+        cache_key = f"{key}|{rows[0]}:{rows[1]}" if rows else key
+        if cache_key not in self._cache:
+            w = self.weight(key, rows)
+            self.norm_reads += 1
+            fro = float(torch.linalg.vector_norm(w))
+            if min(w.shape) <= 256:
+                spn = float(torch.linalg.matrix_norm(w, ord=2))
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    spn = float(torch.svd_lowrank(w, q=4, niter=16)[1][0])
+            self._cache[cache_key] = (spn, fro)
+            self._dirty = True
+        spn, fro = self._cache[cache_key]
+        return spn, fro
+
+    def _load_cache(self):
+        try:
+            return {k: tuple(v) for k, v in json.loads(self.cache_path.read_text()).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def save(self):
+        """Write the norm cache (atomically); quietly skipped where the cache folder is not writable."""
+        if not self._dirty:
+            return
+        try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._cache))
+            os.replace(tmp, self.cache_path)
+            self._dirty = False
+        except OSError:
+            pass
+
+    def close(self):
+        self.save()
+        self.view.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,476 @@
+"""The resizer: decompose each LoRA layer once (QR core, no ΔW), score its singular directions against
+the LoRA itself and the base checkpoint, keep what a recipe selects, write one file per recipe."""
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .base_refs import BaseReferences
+from .dtypes import from_torch, parse_dtype
+from .errors import CheckpointError, LoraColabError
+from .extract import resolve_device
+from .lora_file import LoraFile
+from .lowrank import low_rank
+from .memory import fmt_bytes
+from .recipes import parse_recipes
+from .writer import SpillWriter, planned_size
+
+MAX_REBUILT_RANK = 512  # LoHa/LoKr/Tucker/diff layers are rebuilt as ΔW and factored up to this rank
+_TINY = 1e-30
+
+
+@dataclass
+class Spectrum:
+    """One layer decomposed: ΔW = U diag(σ) Vᵀ (σ of the effective, alpha-scaled delta)."""
+
+    name: str
+    kind: str
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+    out_shape: tuple
+    old_rank: int
+    has_alpha: bool
+    in_scale: float          # alpha/rank of the input layer (kept by the output)
+    suffixes: tuple
+    dora_key: str = None
+    base: tuple = None       # (canonical key, rows) in the base checkpoint
+    refs: dict = field(default_factory=dict)
+
+    @property
+    def unit_params(self):
+        return self.u.shape[0] + self.v.shape[0]
+
+
+def qr_core(up, down):
+    """Exact SVD of up @ down without forming it: QR of up and of downᵀ, SVD of the small core."""
+    qb, rb = torch.linalg.qr(up)
+    qa, ra = torch.linalg.qr(down.T)
+    um, s, vmh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return qb @ um, s, qa @ vmh.T
+
+
+def decompose(lora, layer, device):
+    """Spectrum of one LoRA layer."""
+    if layer.kind == "lora":
+        up, down, shape = lora.factors(layer, device)
+        u, s, v = qr_core(up, down)
+        old_rank = down.shape[0]
+        in_scale = lora.scale(layer, old_rank)
+    else:
+        delta, shape = lora.delta(layer, device)
+        u, s, v = low_rank(delta, min(MAX_REBUILT_RANK, *delta.shape))
+        old_rank, in_scale = 0, 1.0
+    return Spectrum(layer.name, layer.kind, u.cpu(), s.cpu(), v.cpu(), shape, old_rank,
+                    layer.has_alpha or layer.kind != "lora", in_scale, layer.suffixes
+                    if layer.kind == "lora" else (".lora_down.weight", ".lora_up.weight"),
+                    layer.tensors.get("dora_scale"))
+
+
+def attach_references(spectrum, base):
+    """Base norms (and, lazily, the per-direction subspace reference) of the layer's base weight."""
+    found = base.locate(spectrum.name)
+    if found is None:
+        return
+    key, rows = found
+    shape = base.view.shape(key)
+    rows_n = (rows[1] - rows[0]) if rows else shape[0]
+    cols = math.prod(shape[1:])
+    if (rows_n, cols) != (spectrum.u.shape[0], spectrum.v.shape[0]):
+        raise CheckpointError(base.view.path, f"base weight is {rows_n}x{cols} but LoRA layer {spectrum.name} "
+                                              f"patches {spectrum.u.shape[0]}x{spectrum.v.shape[0]}", key)
+    spectrum.base = (key, rows)
+    spectrum.refs["spn_ckpt"], spectrum.refs["fro_ckpt"] = base.norms(key, rows)
+
+
+def subspace_reference(spectrum, base):
+    """|uᵢᵀ W vᵢ| per direction."""
+    w = base.weight(*spectrum.base).cpu()
+    return ((spectrum.u.T @ w) * spectrum.v.T).sum(dim=1).abs()
+
+
+def scores(spectrum, recipe, base):
+    """log10 score of each direction for a score recipe (None when a needed reference is missing)."""
+    s = spectrum.s.double().clamp_min(_TINY)
+    score = torch.log10(recipe.rescale * s)
+    for key, weight in recipe.weights.items():
+        if key == "spn_lora":
+            ref = s[0]
+        elif key == "fro_lora":
+            ref = s.norm()
+        elif key == "params":
+            ref = torch.tensor(float(spectrum.unit_params), dtype=torch.float64)
+        elif spectrum.base is None:
+            return None
+        elif key == "subspace":
+            if "subspace" not in spectrum.refs:
+                spectrum.refs["subspace"] = subspace_reference(spectrum, base)
+            ref = spectrum.refs["subspace"].double()
+        else:
+            ref = torch.tensor(spectrum.refs[key], dtype=torch.float64)
+        score = score - weight * torch.log10(torch.as_tensor(ref).clamp_min(_TINY))
+    return score
+
+
+def kohya_rank(s, recipe):
+    """Directions kept by kohya's methods, counted correctly (kohya keeps one too many)."""
+    n = s.numel()
+    if recipe.method is None:
+        k = n
+    elif recipe.method == "sv_ratio":
+        k = int((s > s[0] / recipe.param).sum())
+    elif recipe.method == "sv_fro":
+        frac = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum()
+        k = int((frac < recipe.param ** 2 - 1e-12).sum()) + 1
+    else:
+        frac = torch.cumsum(s.double(), 0) / s.double().sum()
+        k = int((frac < recipe.param - 1e-12).sum()) + 1
+    k = max(1, min(k, n))
+    return min(k, recipe.rank) if recipe.rank else k
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def layer_tensors(spectrum, keep, recipe, dtype):
+    """{name: tensor} of one resized layer keeping directions `keep` (a LongTensor)."""
+    k = keep.numel()
+    sigma = recipe.rescale * spectrum.s[keep]
+    scale = spectrum.in_scale if spectrum.has_alpha else 1.0
+    root = (sigma / scale).clamp_min(0).sqrt()
+    up = spectrum.u[:, keep] * root
+    down = root[:, None] * spectrum.v[:, keep].T
+    out = spectrum.out_shape
+    if len(out) == 4:
+        up = up.reshape(out[0], k, 1, 1)
+        down = down.reshape((k,) + tuple(out[1:]))
+    down_s, up_s = spectrum.suffixes
+    tensors = {spectrum.name + down_s: down.to(dtype).contiguous(), spectrum.name + up_s: up.to(dtype).contiguous()}
+    if spectrum.has_alpha:
+        tensors[spectrum.name + ".alpha"] = torch.tensor(scale * k, dtype=torch.float32)
+    return tensors
+
+
+def layer_specs(spectrum, k, dtype):
+    down_s, up_s = spectrum.suffixes
+    out = spectrum.out_shape
+    if len(out) == 4:
+        down_shape, up_shape = (k,) + tuple(out[1:]), (out[0], k, 1, 1)
+    else:
+        down_shape, up_shape = (k, spectrum.v.shape[0]), (spectrum.u.shape[0], k)
+    specs = [(spectrum.name + down_s, dtype, down_shape), (spectrum.name + up_s, dtype, up_shape)]
+    if spectrum.has_alpha:
+        specs.append((spectrum.name + ".alpha", torch.float32, ()))
+    return specs
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+@dataclass
+class LayerChange:
+    name: str
+    old_rank: int
+    new_rank: int
+    retained: float  # Σσ²(kept) / Σσ²
+
+
+@dataclass
+class ResizeReport:
+    """One (LoRA, recipe) result."""
+
+    lora: str
+    recipe: dict
+    output: str = None
+    layers: list = field(default_factory=list)
+    threshold: float = None
+    size_target: int = None
+    size_bytes: int = 0
+    score_quantiles: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def total_rank(self):
+        return sum(layer.new_rank for layer in self.layers)
+
+    def to_dict(self):
+        return asdict(self)
+
+    def summary(self, verbose=1):
+        lines = [f"{Path(self.lora).name} [{self.recipe['recipe']}] -> {self.output} ({fmt_bytes(self.size_bytes)})"]
+        if verbose >= 1:
+            old = sum(layer.old_rank for layer in self.layers)
+            lines.append(f"  total rank {old} -> {self.total_rank}; threshold "
+                         f"{'-' if self.threshold is None else f'{self.threshold:.3f}'}"
+                         + (f"; size target {fmt_bytes(self.size_target)}, real {fmt_bytes(self.size_bytes)}"
+                            if self.size_target else ""))
+            if self.score_quantiles:
+                lines.append("  score quantiles " + ", ".join(f"{q}: {v:.2f}" for q, v in self.score_quantiles.items()))
+        if verbose >= 2:
+            lines.extend(f"  {layer.name}: {layer.old_rank} -> {layer.new_rank} (retained {layer.retained:.4f})"
+                         for layer in self.layers)
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.summary(1)
+
+
+# --- selection -----------------------------------------------------------------------------------
+
+class _Selection:
+    """Per-layer kept direction indices for one recipe, plus how the output is planned."""
+
+    def __init__(self, spectra, recipe, base, passthrough_specs, metadata_fn, dtype):
+        self.spectra, self.recipe, self.dtype = spectra, recipe, dtype
+        self.base = base
+        self.passthrough_specs, self.metadata_fn = passthrough_specs, metadata_fn
+        self.unscored = []  # layers kept unchanged: no base weight for a base-relative recipe
+        self.threshold = None
+        self.all_scores = []
+
+    def specs(self, keep):
+        specs = list(self.passthrough_specs)
+        for spectrum, idx in zip(self.spectra, keep):
+            if idx is not None and idx.numel():
+                specs.extend(layer_specs(spectrum, idx.numel(), self.dtype))
+        return specs
+
+    def size(self, keep):
+        return planned_size(self.specs(keep), self.metadata_fn(keep), kohya_hashes=True)
+
+    def choose(self):
+        recipe = self.recipe
+        if recipe.is_kohya:
+            return [torch.arange(kohya_rank(sp.s, recipe)) for sp in self.spectra]
+        per_layer = []
+        for sp in self.spectra:
+            sc = scores(sp, recipe, self.base)
+            if sc is None:
+                self.unscored.append(sp.name)
+            per_layer.append(sc)
+        scored = [sc for sc in per_layer if sc is not None]
+        self.all_scores = torch.cat(scored) if scored else torch.empty(0, dtype=torch.float64)
+        full = [torch.arange(sp.s.numel()) for sp in self.spectra]
+        if recipe.thr is not None:
+            self.threshold = recipe.thr
+            return [f if sc is None else (sc >= recipe.thr).nonzero().flatten() for f, sc in zip(full, per_layer)]
+        return self._fit_size(per_layer, full)
+
+    def _fit_size(self, per_layer, full):
+        """Keep directions in score order while the exact file size stays within the target."""
+        target = int(self.recipe.size * 2**20)
+        order = []  # (score, layer, index)
+        for li, sc in enumerate(per_layer):
+            if sc is not None:
+                order.extend((float(v), li, i) for i, v in enumerate(sc.tolist()))
+        order.sort(key=lambda t: -t[0])
+
+        def keep_of(n_first):
+            chosen = [[] for _ in per_layer]
+            for _, li, i in order[:n_first]:
+                chosen[li].append(i)
+            return [f if sc is None else torch.tensor(sorted(c), dtype=torch.long)
+                    for f, sc, c in zip(full, per_layer, chosen)]
+
+        lo, hi = 0, len(order)  # largest prefix that fits: binary search on exact sizes
+        if self.size(keep_of(0)) > target:
+            raise LoraColabError(f"recipe {self.recipe.text!r}: even an empty LoRA (header, metadata, "
+                                 f"pass-through tensors) exceeds {self.recipe.size} MiB")
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.size(keep_of(mid)) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        keep = keep_of(lo)
+        # then every later direction that still fits, in score order
+        current = self.size(keep)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        for score, li, i in order[lo:]:
+            if current + self.spectra[li].unit_params * itemsize > target:
+                continue
+            trial = list(keep)
+            trial[li] = torch.tensor(sorted(trial[li].tolist() + [i]), dtype=torch.long)
+            size = self.size(trial)
+            if size <= target:
+                keep, current = trial, size
+        kept_scores = [sc[idx] for sc, idx in zip(per_layer, keep) if sc is not None and idx.numel()]
+        self.threshold = float(torch.cat(kept_scores).min()) if kept_scores else None
+        return keep
+
+
+# --- the API -------------------------------------------------------------------------------------
+
+def _split_merge(text):
+    """'a.safetensors:0.7,b.safetensors:0.3' -> [(path, weight)] (drive letters like C:\\ are kept)."""
+    parts = []
+    for item in str(text).split(","):
+        path, weight = item, 1.0
+        hit = re.fullmatch(r"(.+):([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)", item.strip())
+        if hit:
+            path, weight = hit.group(1), float(hit.group(2))
+        parts.append((path.strip(), weight))
+    return parts
+
+
+def _output_name(lora_path, recipe):
+    stem = Path(lora_path).stem if "," not in str(lora_path) else "merged"
+    return f"{stem}_{recipe.tag()}.safetensors"
+
+
+def _decompose_all(lora_arg, device):
+    """Spectra of a LoRA argument (one file, or a weighted merge), its pass-through tensors and metadata."""
+    parts = _split_merge(lora_arg)
+    spectra, passthrough, metadata, warnings = {}, {}, {}, []
+    for path, weight in parts:
+        with LoraFile(path) as lora:
+            metadata = metadata or dict(lora.metadata)
+            for key in lora.other_keys:
+                passthrough[key] = lora.ckpt.read(key)
+                warnings.append(f"{key}: not a LoRA layer this tool understands; copied unchanged")
+            for layer in lora.layers.values():
+                sp = decompose(lora, layer, device)
+                if sp.dora_key:
+                    passthrough[sp.dora_key] = lora.ckpt.read(sp.dora_key)
+                    warnings.append(f"{layer.name}: DoRA magnitude kept; the resized layer is approximate")
+                if layer.kind != "lora":
+                    warnings.append(f"{layer.name}: {layer.kind} layer rebuilt and written as a plain LoRA")
+                if len(parts) > 1:
+                    sp = _merge_into(spectra.get(layer.name), sp, weight)
+                spectra[layer.name] = sp
+    return list(spectra.values()), passthrough, metadata, warnings
+
+
+def _merge_into(existing, sp, weight):
+    """Σ weight·ΔW of LoRAs sharing a layer: concatenate factors, re-factor with the QR core."""
+    up = sp.u * (weight * sp.s)
+    down = sp.v.T
+    if existing is not None:
+        up = torch.cat([existing.u * existing.s, up], dim=1)
+        down = torch.cat([existing.v.T, down], dim=0)
+    u, s, v = qr_core(up, down)
+    keep = s > s[0] * 1e-7 if s.numel() else s.bool()
+    return Spectrum(sp.name, "lora", u[:, keep], s[keep], v[:, keep], sp.out_shape, sp.old_rank + (
+        existing.old_rank if existing else 0), True, 1.0, (".lora_down.weight", ".lora_up.weight"), sp.dora_key)
+
+
+def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2", dtype=None, device="auto",
+           verbose=0, progress=False):
+    """Resize each LoRA with each recipe; returns one ResizeReport per (LoRA, recipe).
+
+    checkpoint: the base model (any layout `open_checkpoint` reads), or None when no recipe needs it.
+    loras: paths, or "a.safetensors:0.7,b.safetensors:0.3" to merge with weights before resizing.
+    recipes: `:`-separated recipes (see README); dtype: "16", "32", "bf16" (default: the input's).
+    """
+    if isinstance(loras, (str, os.PathLike)):
+        loras = [loras]
+    recipe_list = parse_recipes(recipes) if isinstance(recipes, str) else list(recipes)
+    device = resolve_device(device)
+    base = None
+    if checkpoint is not None:
+        base = BaseReferences(checkpoint, device)
+    elif any(r.needs_checkpoint for r in recipe_list):
+        raise LoraColabError("a recipe uses spn_ckpt/fro_ckpt/subspace: give the base checkpoint")
+    reports = []
+    try:
+        for lora_arg in loras:
+            started = time.perf_counter()
+            spectra, passthrough, metadata, warnings = _decompose_all(lora_arg, device)
+            if base is not None:
+                for sp in spectra:
+                    attach_references(sp, base)
+            for recipe in recipe_list:
+                report = _apply(lora_arg, spectra, passthrough, metadata, recipe, base, dtype, output_folder)
+                report.warnings = warnings + report.warnings
+                report.seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                reports.append(report)
+                if verbose:
+                    print(report.summary(verbose))
+    finally:
+        if base is not None:
+            base.close()
+    return reports
+
+
+def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, dtype, output_folder):
+    first_path = _split_merge(lora_arg)[0][0]
+    out_dtype = parse_dtype(dtype) or _input_dtype(first_path)
+    folder = Path(output_folder) if output_folder else Path(first_path).parent
+    out = folder / _output_name(lora_arg if "," in str(lora_arg) else first_path, recipe)
+    pass_specs = [(k, t.dtype, tuple(t.shape)) for k, t in passthrough.items()]
+    report = ResizeReport(str(lora_arg), recipe.to_dict(), str(out))
+
+    def metadata_for(keep):
+        ranks = [idx.numel() for idx in keep if idx is not None and idx.numel()]
+        return _metadata(metadata, recipe, spectra, keep, ranks)
+
+    selection = _Selection(spectra, recipe, base, pass_specs, metadata_for, out_dtype)
+    keep = selection.choose()
+    for name in selection.unscored:
+        report.warnings.append(f"{name}: no base weight found for it; kept unchanged")
+    if len(selection.all_scores):
+        ordered = selection.all_scores.sort().values
+        last = ordered.numel() - 1
+        report.score_quantiles = {f"{int(q * 100)}%": float(ordered[round(q * last)])
+                                  for q in (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)}
+    report.threshold = selection.threshold
+    if recipe.size is not None:
+        report.size_target = int(recipe.size * 2**20)
+    inputs = [p for p, _ in _split_merge(lora_arg)]
+    writer = SpillWriter(out, protect=inputs)
+    try:
+        for key, tensor in passthrough.items():
+            writer.add(key, tensor)
+        for sp, idx in zip(spectra, keep):
+            total = float(sp.s.double().pow(2).sum()) or 1.0
+            kept = idx.numel()
+            report.layers.append(LayerChange(sp.name, sp.old_rank or sp.s.numel(), kept,
+                                             float(sp.s[idx].double().pow(2).sum()) / total))
+            if kept:
+                for name, tensor in layer_tensors(sp, idx, recipe, out_dtype).items():
+                    writer.add(name, tensor)
+        writer.finish(metadata_for(keep), kohya_hashes=True)
+    finally:
+        writer.abort()
+    report.size_bytes = out.stat().st_size
+    return report
+
+
+def _input_dtype(path):
+    from .checkpoint import open_checkpoint
+    with open_checkpoint(path) as ckpt:
+        for key in ckpt.keys():
+            if key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight")):
+                dtype = ckpt.dtype(key)
+                if dtype in (torch.float16, torch.bfloat16, torch.float32):
+                    return dtype
+    return torch.float16
+
+
+def _metadata(metadata, recipe, spectra, keep, ranks):
+    meta = {k: v for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
+    alphas = {round(sp.in_scale * idx.numel(), 6) for sp, idx in zip(spectra, keep) if idx.numel()}
+    same = len(set(ranks)) == 1 and len(alphas) == 1
+    meta["ss_network_dim"] = str(ranks[0]) if same else "Dynamic"
+    meta["ss_network_alpha"] = f"{next(iter(alphas)):g}" if same else "Dynamic"
+    if "ss_network_args" in meta:
+        try:
+            args = json.loads(meta["ss_network_args"])
+            if isinstance(args, dict) and "conv_dim" in args:
+                args["conv_dim"] = args["conv_alpha"] = "Dynamic"
+                meta["ss_network_args"] = json.dumps(args)
+        except ValueError:
+            pass
+    old = max((sp.old_rank or sp.s.numel() for sp in spectra), default=0)
+    line = f"resized by lora_colab from rank {old} with recipe {recipe.text}"
+    meta["ss_training_comment"] = line + ("; " + meta["ss_training_comment"] if meta.get("ss_training_comment")
+                                          else "")
+    meta["lora_colab.resize_recipe"] = json.dumps(recipe.to_dict())
+    return meta
