@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .canonical import open_canonical
+from .lowrank import spectral_norm
 from .raw_file import RawFile
 
 _FORMATS = ("kohya", "comfy", "diffusers")
@@ -90,12 +91,7 @@ class BaseReferences:
             w = self.weight(key, rows)
             self.norm_reads += 1
             fro = float(torch.linalg.vector_norm(w))
-            if min(w.shape) <= 256:
-                spn = float(torch.linalg.matrix_norm(w, ord=2))
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    spn = float(torch.svd_lowrank(w, q=4, niter=16)[1][0])
+            spn = float(torch.linalg.matrix_norm(w, ord=2)) if min(w.shape) <= 128 else spectral_norm(w)
             self._cache[cache_key] = (spn, fro)
             self._dirty = True
         spn, fro = self._cache[cache_key]

@@ -104,3 +104,26 @@ def clamped_residual_sq(delta, u, s, v, clamp, total_sq=None):
     pc_sq = float(torch.trace(xx @ yy))
     total_sq = norm_sq(delta) if total_sq is None else total_sq
     return total_sq - 2 * inner + pc_sq
+
+
+def spectral_norm(w, tol=1e-4, max_iter=64, seed=0):
+    """Largest singular value by power iteration on WᵀW, stopped when the estimate moves < tol (relative)
+    or after max_iter rounds (the budget of elias-gaeros/resize_lora: q=1, niter=64).
+
+    The estimate ‖W x‖ only ever rises towards σ₁ (Rayleigh quotient); its error is quadratic in the
+    vector's, so a flat spectrum costs iterations, not accuracy in the score's log10 terms.
+    """
+    x = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(seed)).to(w.device, w.dtype)
+    x /= x.norm()
+    sigma = 0.0
+    for _ in range(max_iter):
+        y = w @ x
+        new = float(y.norm())
+        if new == 0.0:
+            return 0.0
+        x = w.T @ y
+        x /= x.norm()
+        if abs(new - sigma) <= tol * new:
+            return new
+        sigma = new
+    return sigma
