@@ -33,8 +33,9 @@ def build(root):
         start = time.perf_counter()
         write_checkpoint(ckpt, entries, lambda k, s: torch.randn(s, generator=gen) * 0.02, torch.float16)
         print(f"checkpoint {ckpt.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
-    sdxl = arch.get("sdxl")
-    targets = sdxl.targets(dict(entries))
+    from lora_colab.canonical import open_canonical
+    with open_canonical(ckpt) as view:  # canonical names: CLIP-L keys gain `text_model.` as real files have
+        sdxl, targets = view.arch, view.arch.targets(view.shapes())
     for i in range(5):
         path = root / f"lora{i}.safetensors"
         if path.exists():
