@@ -16,7 +16,8 @@ from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError
 from .lora_format import build_metadata, module_tensors
 from .lowrank import clamp_outliers, clamped_residual_sq, low_rank, norm_sq, product_change
-from .memory import fmt_bytes, peak_rss_bytes, purge, rss_bytes, vram_bytes
+from .memory import peak_rss_bytes, purge, vram_bytes
+from .monitor import snapshot
 from .report import ExtractReport, LayerReport
 from .writer import SpillWriter
 
@@ -255,9 +256,5 @@ def _progress_bar(total, progress):
 def _advance(bar, layer):
     if bar is None:
         return
-    postfix = {"layer": layer.name[-40:], "RAM": fmt_bytes(rss_bytes())}
-    allocated, _ = vram_bytes()
-    if allocated:
-        postfix["VRAM"] = fmt_bytes(allocated)
-    bar.set_postfix(postfix, refresh=False)
+    bar.set_postfix_str(f"{layer.name[-40:]} | {snapshot(nvml=False).line()}", refresh=False)
     bar.update(1)

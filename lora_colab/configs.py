@@ -1,0 +1,63 @@
+"""Plain configuration objects that the notebook forms produce and the API consumes."""
+
+from dataclasses import asdict, dataclass, field
+
+# presets named after what they do: the effect at weight 1.0 is scale × the extracted difference
+PRESETS = {
+    "subtle (rank 32, alpha 16: half strength)": dict(rank=32, alpha=16.0, scale=0.5),
+    "strong (rank 32, alpha 32: full strength)": dict(rank=32, alpha=32.0, scale=1.0),
+    "detailed (rank 64, alpha 32: half strength, more detail)": dict(rank=64, alpha=32.0, scale=0.5),
+}
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `extract` needs besides the two models."""
+
+    rank: int = 32
+    alpha: float = 32.0
+    scale: float = 1.0
+    clamp_quantile: float = 0.99  # 1.0 = off
+    conv_rank: int = 0            # 0 = no LoCon
+    conv_alpha: float = 0.0       # 0 = conv_rank
+    text_encoders: bool = True
+    format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    output_name: str = "extracted_lora.safetensors"
+
+    def extract_kwargs(self):
+        """Keyword arguments for lora_colab.extract."""
+        return dict(rank=self.rank, alpha=self.alpha or None, scale=self.scale,
+                    clamp_quantile=None if self.clamp_quantile >= 1.0 else self.clamp_quantile,
+                    conv_rank=self.conv_rank or None, conv_alpha=self.conv_alpha or None,
+                    text_encoders=self.text_encoders, format=self.format,
+                    dtype=None if self.dtype == "auto" else self.dtype, device=self.device)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class ResizeConfig:
+    """Everything `resize` needs besides the checkpoint and the LoRAs."""
+
+    recipes: str = "spn_ckpt=1,thr=-1.2"
+    dtype: str = "auto"
+    device: str = "auto"
+    verbose: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def resize_kwargs(self):
+        return dict(recipes=self.recipes, dtype=None if self.dtype == "auto" else self.dtype, device=self.device)
+
+
+def build_recipe(weights, selection="thr", value=-1.2, rescale=1.0):
+    """A recipe string from score weights ({"spn_ckpt": 1.0, ...}), a selection ("thr"/"size") and its value."""
+    parts = [f"{key}={weight:g}" for key, weight in weights.items() if weight]
+    if not parts:
+        raise ValueError("give at least one score weight")
+    parts.append(f"{selection}={value:g}")
+    if rescale != 1.0:
+        parts.append(f"rescale={rescale:g}")
+    return ",".join(parts)

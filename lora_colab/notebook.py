@@ -1,0 +1,147 @@
+"""What the notebook cells call: one function per cell, so no logic lives only in a notebook."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .configs import ExtractConfig, ResizeConfig
+from .memory import fmt_bytes
+
+IN_COLAB = "google.colab" in sys.modules
+
+
+def workdir():
+    """Local working folder: $LORA_COLAB_WORKDIR, else /content/lora_colab in Colab, ./lora_colab_work."""
+    if os.environ.get("LORA_COLAB_WORKDIR"):
+        folder = Path(os.environ["LORA_COLAB_WORKDIR"])
+    else:
+        folder = Path("/content/lora_colab") if IN_COLAB else Path.cwd() / "lora_colab_work"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def prepare_models(base="", tuned="", folder=None, token=None):
+    """Local paths of the base and tuned models (Hub, URL, Drive or local); both empty -> the demo pair."""
+    from .sources import fetch
+    from .synthetic import DEMO_ZIMAGE, make_zimage_pair
+
+    folder = Path(folder or workdir())
+    if not base and not tuned:
+        demo = folder / "demo"
+        if not (demo / "tuned.safetensors").exists():
+            make_zimage_pair(demo, DEMO_ZIMAGE, rank=8, noise=0.0005)
+        print(f"no models given: using the built-in Z-Image-shaped demo pair in {demo}")
+        return demo / "base", demo / "tuned.safetensors"
+    if not base or not tuned:
+        raise ValueError("give both the base and the fine-tuned model (or neither, for the demo)")
+    return fetch(base, folder, token=token), fetch(tuned, folder, token=token)
+
+
+def run_extract(base, tuned, config=None, folder=None, monitor=True):
+    """Extract with a live RAM/VRAM line refreshed after every layer; returns the ExtractReport."""
+    from .extract import extract
+    from .monitor import LiveMonitor
+
+    config = config or ExtractConfig()
+    live = LiveMonitor() if monitor else None
+    out = Path(folder or workdir()) / config.output_name
+    report = extract(base, tuned, out, on_layer=live.update if live else None, **config.extract_kwargs())
+    print(report)
+    return report
+
+
+def prepare_resize_inputs(checkpoint="", loras="", folder=None, token=None):
+    """(checkpoint path, [LoRA paths]) from sources; `loras` is one per line (`a:0.7,b:0.3` merges).
+
+    Both empty -> the demo base and a rank-16 LoRA extracted from the demo pair.
+    """
+    from .demo import run_demo
+    from .sources import fetch
+
+    folder = Path(folder or workdir())
+    entries = [line.strip() for line in str(loras).splitlines() if line.strip()]
+    if not checkpoint and not entries:
+        report = run_demo(folder / "resize_demo", rank=16, progress=False)
+        print(f"no inputs given: using a rank-16 LoRA extracted from the demo pair, {report.output}")
+        return folder / "resize_demo" / "base", [report.output]
+    base = fetch(checkpoint, folder, token=token) if checkpoint else None
+    local = [entry if "," in entry else str(fetch(entry, folder, token=token)) for entry in entries]
+    return base, local
+
+
+def run_resize(checkpoint, loras, config=None, folder=None):
+    """Resize every LoRA with every recipe; prints a summary per output and returns the reports."""
+    from .resize import resize
+
+    config = config or ResizeConfig()
+    reports = resize(checkpoint, loras, folder or workdir(), **config.resize_kwargs())
+    for report in reports:
+        print(report.summary(config.verbose))
+    return reports
+
+
+def show_report(report, plot=True, top=12):
+    """A per-layer table (worst layers first) and, with matplotlib, ranks and energy per layer."""
+    from IPython.display import HTML, display
+
+    layers = sorted(report.extracted, key=lambda layer: layer.rel_error, reverse=True)[:top]
+    rows = "".join(f"<tr><td>{layer.name}</td><td>{layer.rank}</td><td>{layer.energy:.4f}</td>"
+                   f"<td>{layer.rel_error:.4f}</td><td>{layer.clamp_change:.2%}</td></tr>" for layer in layers)
+    display(HTML(f"<p>{len(report.extracted)} layers, output {report.output} ({fmt_bytes(report.output_bytes)})"
+                 f"</p><table><tr><th>layer (worst first)</th><th>rank</th><th>energy kept</th>"
+                 f"<th>relative error</th><th>clamp change</th></tr>{rows}</table>"))
+    if plot:
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        done = report.extracted
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3))
+        axes[0].bar(range(len(done)), [layer.rank for layer in done])
+        axes[0].set(title="rank per layer", xlabel="layer (file order)")
+        axes[1].plot([layer.energy for layer in done], ".")
+        axes[1].set(title="energy kept per layer", xlabel="layer (file order)", ylim=(0, 1.02))
+        plt.show()
+
+
+def save_results(paths, drive_folder="", hub_repo="", token=None):
+    """save_result for each path (a report, a path, or a list of either); returns every place."""
+    items = paths if isinstance(paths, (list, tuple)) else [paths]
+    places = []
+    for item in items:
+        places += save_result(getattr(item, "output", item), drive_folder, hub_repo, token)
+    return places
+
+
+def save_result(path, drive_folder="", hub_repo="", token=None):
+    """Copy a result to Drive, upload it to a Hub repo, and/or offer a download link; returns where it went."""
+    from .sources import DRIVE_ROOT, SourceError, hf_token
+
+    path = Path(path)
+    places = []
+    if drive_folder:
+        target = Path(drive_folder if os.path.isabs(drive_folder) else os.path.join(DRIVE_ROOT, "MyDrive",
+                                                                                     drive_folder))
+        if str(target).startswith(DRIVE_ROOT) and not os.path.isdir(os.path.join(DRIVE_ROOT, "MyDrive")):
+            raise SourceError(f"{target}: Google Drive is not mounted (lora_colab.sources.mount_drive())")
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / path.name)
+        places.append(str(target / path.name))
+    if hub_repo:
+        from huggingface_hub import HfApi
+        api = HfApi(token=token or hf_token())
+        api.create_repo(hub_repo, exist_ok=True)
+        api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=hub_repo)
+        places.append(f"https://huggingface.co/{hub_repo}/blob/main/{path.name}")
+    if not places:
+        from IPython.display import FileLink, display
+        if IN_COLAB:
+            from google.colab import files
+            files.download(str(path))
+        else:
+            display(FileLink(str(path)))
+        places.append(str(path))
+    for place in places:
+        print(f"saved: {place}")
+    return places

@@ -1,0 +1,85 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lora_colab import links
+from lora_colab.configs import PRESETS, ExtractConfig, build_recipe
+from lora_colab.monitor import LiveMonitor, snapshot
+from lora_colab.recipes import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+pytest.importorskip("ipywidgets")
+
+
+def test_extract_form_defaults_presets_and_config():
+    from lora_colab.widgets import ExtractForm
+    form = ExtractForm()
+    assert form.config() == ExtractConfig()
+    name = next(n for n in PRESETS if n.startswith("subtle"))
+    form.apply_preset(name)
+    config = form.config()
+    assert (config.rank, config.alpha, config.scale) == (32, 16.0, 0.5)
+    form.clamp.value, form.conv_rank.value, form.dtype.value = 1.0, 8, "fp16"
+    kwargs = form.config().extract_kwargs()
+    assert kwargs["clamp_quantile"] is None and kwargs["conv_rank"] == 8 and kwargs["dtype"] == "fp16"
+    assert kwargs["conv_alpha"] is None and kwargs["alpha"] == 16.0 and kwargs["scale"] == 0.5
+
+
+def test_resize_form_builds_recipes_and_rejects_bad_ones():
+    from lora_colab.widgets import ResizeForm
+    form = ResizeForm()
+    assert form.config().recipes == "spn_ckpt=1,thr=-1.2"
+    form.weights["spn_ckpt"].value, form.weights["params"].value = 2.0, 1.0
+    form.selection.value, form.value.value = "size", 50
+    form.add_recipe()
+    assert form.config().recipes == "spn_ckpt=1,thr=-1.2:spn_ckpt=2,params=1,size=50"
+    form.recipes.value += "\nbogus=1"
+    with pytest.raises(RecipeError, match="unknown key 'bogus'"):
+        form.config()
+    assert build_recipe({"fro_ckpt": 1.0, "spn_lora": 0.0}, "thr", -2, rescale=0.5) == "fro_ckpt=1,thr=-2,rescale=0.5"
+
+
+def test_snapshot_figures_match_proc_and_track_an_allocation():
+    import mmap
+    before = snapshot(nvml=False)
+    status = Path("/proc/self/status").read_text()
+    anon = int(re.search(r"RssAnon:\s+(\d+)", status).group(1)) * 1024
+    assert abs(before.rss_anon - anon) < 64 << 20
+    assert 0 < before.available <= before.total
+    block = mmap.mmap(-1, 64 << 20)  # a fresh anonymous mapping, every page touched
+    for offset in range(0, 64 << 20, 4096):
+        block[offset] = 1
+    after = snapshot(nvml=False)
+    assert after.rss_anon - before.rss_anon > 56 << 20
+    assert "RAM" in after.line() and "free" in after.line()
+    block.close()
+    monitor = LiveMonitor(every=0.0, display=False)
+    assert monitor.update() is not None and monitor.peak_anon > 0
+
+
+def test_readme_badges_and_notebook_installs_come_from_one_repository_address():
+    readme = (ROOT / "README.md").read_text()
+    for nb in NOTEBOOKS:
+        assert links.colab_badge(nb.name) in readme, nb.name
+        text = nb.read_text()
+        assert links.pip_spec() in text and links.colab_url(nb.name) in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_committed_clean(path):
+    nb = json.loads(path.read_text())
+    assert "widgets" not in nb["metadata"]
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+            source = "".join(cell["source"])
+            lines = [line for line in source.splitlines() if line.strip()]
+            code = [line for line in lines if not line.lstrip().startswith(("#", "%", "import", "from", "if "))
+                    and "#@param" not in line]
+            assert len(code) <= 1, f"{path.name}: a cell holds more than one call: {code}"
+        text = "".join(cell["source"])
+        assert not re.search(r"hf_[A-Za-z0-9]{20,}|/root/|/home/|/work/", text)
