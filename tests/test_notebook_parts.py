@@ -50,7 +50,7 @@ def test_snapshot_figures_match_proc_and_track_an_allocation():
     anon = int(re.search(r"RssAnon:\s+(\d+)", status).group(1)) * 1024
     assert abs(before.rss_anon - anon) < 64 << 20
     assert 0 < before.available <= before.total
-    block = mmap.mmap(-1, 64 << 20)  # a fresh anonymous mapping, every page touched
+    block = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # fresh, every page touched
     for offset in range(0, 64 << 20, 4096):
         block[offset] = 1
     after = snapshot(nvml=False)
