@@ -117,6 +117,7 @@ def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, l
     root = s.sqrt()
     up, down = u * root, root[:, None] * v.T
     layer.rank = r
+    layer.singular_values = [round(float(x), 8) for x in s]
     layer.energy = min(1.0, kept_sq / total_sq) if total_sq else 1.0
     res_sq = total_sq - kept_sq  # exact: the SVD's part is an orthogonal projection of the difference
     if clamp_quantile is not None and clamp_quantile < 1.0:

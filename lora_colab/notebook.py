@@ -97,11 +97,16 @@ def show_report(report, plot=True, top=12):
         except ImportError:
             return
         done = report.extracted
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 3))
         axes[0].bar(range(len(done)), [layer.rank for layer in done])
         axes[0].set(title="rank per layer", xlabel="layer (file order)")
         axes[1].plot([layer.energy for layer in done], ".")
         axes[1].set(title="energy kept per layer", xlabel="layer (file order)", ylim=(0, 1.02))
+        for layer in layers[:3]:  # the worst-reproduced layers' spectra
+            axes[2].semilogy(layer.singular_values, label=layer.name)
+        axes[2].set(title="singular values (worst layers)", xlabel="direction")
+        axes[2].legend(fontsize="small")
+        fig.tight_layout()
         plt.show()
 
 

@@ -19,6 +19,7 @@ class LayerReport:
     max_abs_diff: float = 0.0
     seconds: float = 0.0
     skipped: str = ""          # why the layer has no LoRA ("" when it has one)
+    singular_values: list = field(default_factory=list)  # the kept σ (of the difference)
 
 
 @dataclass
