@@ -48,7 +48,7 @@ def target_keys(base):
 # --- workers (each runs in its own process) ------------------------------------------------------
 
 def w_ours(base, tuned, out, rank, **_):
-    from lora_colab.extract import extract
+    from lora_colab.extractor import extract
     report = extract(base, tuned, out, rank=rank, progress=False, device="cpu")
     return {"layers": len(report.extracted), "read_wait": report.read_wait_seconds,
             "purge": report.purge_seconds, "bytes": report.output_bytes,
@@ -99,7 +99,7 @@ def w_compute_only(base, tuned, keys, rank, **_):
     """Everything but reading: the float32 difference, SVD and factor work, timed on tensors already read."""
     from lora_colab import open_checkpoint
     from lora_colab.checkpoint import cast
-    from lora_colab.extract import factor_layer, subtract_
+    from lora_colab.extractor import factor_layer, subtract_
     from lora_colab.report import LayerReport
     compute = 0.0
     with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
@@ -115,7 +115,7 @@ def w_compute_only(base, tuned, keys, rank, **_):
 
 def w_quality(base, tuned, keys, rank, full_svd, **_):
     """Per layer: residual of ours vs the optimal (exact SVD) one; time of ours vs kohya's call."""
-    from lora_colab.extract import factor_layer
+    from lora_colab.extractor import factor_layer
     from lora_colab.report import LayerReport
     rows = []
     for key, delta in _deltas(base, tuned, keys):

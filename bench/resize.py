@@ -58,7 +58,7 @@ def build(root):
 
 def w_ours(ckpt, loras, recipes, cache, out):
     os.environ["LORA_COLAB_CACHE"] = cache
-    from lora_colab.resize import resize
+    from lora_colab.resizer import resize
     reports = resize(ckpt, loras, out, recipes, device="cpu")
     return {"outputs": len(reports), "ranks": [r.total_rank for r in reports]}
 

@@ -6,8 +6,9 @@ from .errors import CheckpointError, LoraColabError
 from .checkpoint import Checkpoint, SafetensorsFile, open_checkpoint
 from .writer import SafetensorsWriter, save_file
 from .canonical import open_canonical
-from .extract import extract
+from .extractor import extract
 from .report import ExtractReport, LayerReport
+from .resizer import ResizeReport, resize
 
 __all__ = [
     "__version__",
@@ -19,7 +20,9 @@ __all__ = [
     "ExtractReport",
     "LayerReport",
     "extract",
+    "ResizeReport",
     "open_canonical",
+    "resize",
     "open_checkpoint",
     "save_file",
 ]

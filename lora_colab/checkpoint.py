@@ -222,6 +222,63 @@ class ShardedCheckpoint(Checkpoint):
         super().__init__(index_path, files, locations, metadata)
 
 
+class PickleCheckpoint(Checkpoint):
+    """A `.ckpt`/`.pt`/`.bin` file, loaded only with `torch.load(weights_only=True, mmap=True)`: plain
+    tensors in (nested) dicts; anything else in the pickle is refused, never executed."""
+
+    def __init__(self, path):
+        path = Path(path)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # UnpicklingError, RuntimeError (not a zip/torch file), ...
+            text = str(exc)
+            reason = ("it holds objects other than tensors" if "Weights only load failed" in text
+                      else text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__)
+            raise CheckpointError(path, f"refused: not a plain tensor pickle ({reason}); it is never loaded "
+                                        f"with code execution: convert it to .safetensors with a tool you trust") from None
+        tensors = {}
+        _flatten(data.get("state_dict", data) if isinstance(data, dict) else data, "", tensors, path)
+        if not tensors:
+            raise CheckpointError(path, "holds no tensors")
+        self._tensors = tensors
+        super().__init__(path, [], {}, {})
+        self._locations = {name: (None, None) for name in tensors}
+
+    def info(self, key):
+        from .dtypes import from_torch
+        from .safetensors_header import TensorInfo
+        tensor = self._tensor(key)
+        return TensorInfo(key, from_torch(tensor.dtype), tuple(tensor.shape), 0,
+                          tensor.numel() * tensor.element_size())
+
+    def _tensor(self, key):
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise CheckpointError(self.path, "no such tensor", key) from None
+
+    def read(self, key, dtype=None, device=None):
+        tensor = self._tensor(key).clone()
+        return tensor.to(device=device or "cpu", dtype=dtype or tensor.dtype)
+
+    def read_rows(self, key, start, stop, dtype=None, device=None):
+        tensor = self._tensor(key)
+        if not tensor.dim() or not 0 <= start <= stop <= tensor.shape[0]:
+            raise CheckpointError(self.path, f"row range {start}:{stop} is outside the tensor", key)
+        return tensor[start:stop].clone().to(device=device or "cpu", dtype=dtype or tensor.dtype)
+
+    def close(self):
+        self._tensors = {}
+
+
+def _flatten(obj, prefix, out, path):
+    if isinstance(obj, torch.Tensor):
+        out[prefix[:-1]] = obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _flatten(value, f"{prefix}{key}.", out, path)
+
+
 def _read_weight_map(index_path):
     try:
         with open(index_path, "rb") as f:
@@ -256,8 +313,7 @@ def open_checkpoint(path):
     if name.endswith(".index.json"):
         return ShardedCheckpoint(path)
     if name.endswith(PICKLE_SUFFIXES):
-        raise CheckpointError(path, "pickle checkpoints are not read (they can run code); "
-                                    "convert it to .safetensors first")
+        return PickleCheckpoint(path)
     if name.endswith(".gguf"):
         raise CheckpointError(path, "unsupported quantization: GGUF (use a .safetensors checkpoint)")
     return SafetensorsFile(path)

@@ -34,7 +34,7 @@ def _extract_options(args):
                 conv_alpha=args.conv_alpha, text_encoders=not args.no_text_encoders, min_diff=args.min_diff,
                 format=args.format, dtype=args.dtype, device=args.device, niter=args.niter,
                 oversample=args.oversample, energy=args.energy, scale=args.scale, groups=args.include,
-                progress=not args.quiet)
+                on_nonfinite=args.on_nonfinite, progress=not args.quiet)
 
 
 def _finish(report, as_json):
@@ -43,7 +43,7 @@ def _finish(report, as_json):
 
 
 def _cmd_extract(args):
-    from .extract import extract
+    from .extractor import extract
 
     return _finish(extract(args.base, args.tuned, args.output, **_extract_options(args)), args.json)
 
@@ -57,7 +57,7 @@ def _cmd_demo(args):
 
 
 def _cmd_resize(args):
-    from .resize import resize
+    from .resizer import resize
 
     checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
     reports = resize(checkpoint, args.loras, args.output_folder, args.recipes, dtype=args.dtype,
@@ -95,6 +95,8 @@ def _add_extract_options(p, rank_default):
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--niter", type=int, default=4, help="randomized-SVD power iterations (default %(default)s)")
     p.add_argument("--oversample", type=int, default=8, help="randomized-SVD oversampling (default %(default)s)")
+    p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                   help="a layer with NaN/Inf: stop with an error naming it (default) or skip it")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

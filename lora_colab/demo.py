@@ -3,7 +3,7 @@
 import tempfile
 from pathlib import Path
 
-from .extract import extract
+from .extractor import extract
 from .synthetic import DEMO_ZIMAGE, make_zimage_pair
 
 

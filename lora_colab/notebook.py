@@ -40,7 +40,7 @@ def prepare_models(base="", tuned="", folder=None, token=None):
 
 def run_extract(base, tuned, config=None, folder=None, monitor=True):
     """Extract with a live RAM/VRAM line refreshed after every layer; returns the ExtractReport."""
-    from .extract import extract
+    from .extractor import extract
     from .monitor import LiveMonitor
 
     config = config or ExtractConfig()
@@ -72,7 +72,7 @@ def prepare_resize_inputs(checkpoint="", loras="", folder=None, token=None):
 
 def run_resize(checkpoint, loras, config=None, folder=None):
     """Resize every LoRA with every recipe; prints a summary per output and returns the reports."""
-    from .resize import resize
+    from .resizer import resize
 
     config = config or ResizeConfig()
     reports = resize(checkpoint, loras, folder or workdir(), **config.resize_kwargs())

@@ -186,11 +186,33 @@ def test_folder_with_one_file_and_ambiguous_folder(tmp_path):
         open_checkpoint(tmp_path / "nope.safetensors")
 
 
-def test_pickles_are_refused_without_loading(tmp_path):
-    path = tmp_path / "model.ckpt"
-    path.write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(CheckpointError, match="model.ckpt: pickle checkpoints are not read"):
-        open_checkpoint(path)
+def test_pickles_load_only_plain_tensors(tmp_path):
+    torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.arange(12.0).reshape(4, 3)},
+                "global_step": 7}, tmp_path / "model.ckpt")
+    with open_checkpoint(tmp_path / "model.ckpt") as ckpt:
+        assert ckpt.keys() == ["model.diffusion_model.out.2.weight"]
+        assert torch.equal(ckpt.read_rows("model.diffusion_model.out.2.weight", 1, 3),
+                           torch.arange(3.0, 9.0).reshape(2, 3))
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match="garbage.ckpt: refused: not a plain tensor pickle"):
+        open_checkpoint(garbage)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if ever unpickled unsafely
+
+
+def test_pickles_with_code_are_refused_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.ones(2), "x": _Payload(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt: refused: .*holds objects other than tensors"):
+        open_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
 
 
 def test_writer_is_atomic_and_never_half_writes(tmp_path):

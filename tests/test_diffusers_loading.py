@@ -303,7 +303,7 @@ def truncated(delta, k):
 
 
 def test_resized_zimage_and_sdxl_loras_load_fully_in_diffusers(tmp_path, diffusers_warnings, monkeypatch):
-    from lora_colab.resize import resize
+    from lora_colab.resizer import resize
     monkeypatch.setenv("LORA_COLAB_CACHE", str(tmp_path / "cache"))
     z = arch.get("zimage")
     path, expected = write_lora(tmp_path, z, "kohya", z.targets(dict(zimage_specs(Z_CFG))))

@@ -9,7 +9,7 @@ from safetensors.torch import save_file as st_save_file
 from lora_colab import CheckpointError, arch
 from lora_colab.canonical import open_canonical
 from lora_colab.cli import main
-from lora_colab.extract import extract
+from lora_colab.extractor import extract
 from lora_colab.synthetic import ZImageConfig, make_zimage_pair, zimage_specs
 
 Z = ZImageConfig(dim=128, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
@@ -179,15 +179,21 @@ def test_unchanged_layers_are_skipped_and_identical_models_write_nothing(tmp_pat
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_nan_in_a_checkpoint_names_the_tensor_and_writes_nothing(tmp_path):
+def test_nan_in_a_checkpoint_names_file_and_tensor_and_stops_or_skips(tmp_path):
     gen = torch.Generator().manual_seed(4)
-    base, tuned = _generic_pair(tmp_path, {"a.fc.weight": _low_rank(32, 32, 2, 0, gen)})
+    base, tuned = _generic_pair(tmp_path, {"a.fc.weight": _low_rank(32, 32, 2, 0, gen),
+                                           "b.fc.weight": _low_rank(32, 32, 2, 0, gen)})
     broken = load_file(str(tuned))
     broken["a.fc.weight"][3, 3] = float("nan")
     st_save_file(broken, str(tuned))
-    with pytest.raises(CheckpointError, match=r"\[a\.fc\.weight\]: difference has NaN or Inf"):
+    with pytest.raises(CheckpointError, match=r"tuned\.safetensors \[a\.fc\.weight\]: has NaN or Inf values"):
         extract(base, tuned, tmp_path / "n.safetensors", progress=False)
     assert not (tmp_path / "n.safetensors").exists() and not list(tmp_path.glob("*.tmp"))
+    report = extract(base, tuned, tmp_path / "n.safetensors", progress=False, on_nonfinite="skip")
+    assert [layer.name for layer in report.skipped] == ["a.fc"] and "NaN" in report.skipped[0].skipped
+    assert set(load_file(str(tmp_path / "n.safetensors"))) == {"diffusion_model.b.fc.lora_down.weight",
+                                                               "diffusion_model.b.fc.lora_up.weight",
+                                                               "diffusion_model.b.fc.alpha"}
 
 
 def test_refuses_to_overwrite_an_input(tmp_path):
@@ -221,7 +227,7 @@ def test_cli_extract_and_demo(tmp_path, capsys):
 
 
 def test_subtract_matches_float_subtraction_for_every_input_dtype():
-    from lora_colab.extract import subtract_
+    from lora_colab.extractor import subtract_
     gen = torch.Generator().manual_seed(9)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         a, b = torch.randn(300, 70, generator=gen), torch.randn(300, 70, generator=gen).to(dtype)

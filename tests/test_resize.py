@@ -9,7 +9,7 @@ from safetensors.torch import save_file as st_save_file
 from lora_colab import LoraColabError, arch
 from lora_colab.cli import main
 from lora_colab.recipes import RecipeError, parse_recipes
-from lora_colab.resize import _split_merge, kohya_rank, qr_core, resize
+from lora_colab.resizer import _split_merge, kohya_rank, qr_core, resize
 from lora_colab.synthetic import ZImageConfig, write_checkpoint, zimage_specs
 from lora_colab.writer import planned_size
 
@@ -244,7 +244,7 @@ def test_norm_cache_is_keyed_by_content_and_reused(tmp_path):
 
 
 def test_many_recipes_reuse_one_decomposition(tmp_path, monkeypatch):
-    import lora_colab.resize as resize_module
+    import lora_colab.resizer as resize_module
     calls = []
     real = resize_module.decompose
     monkeypatch.setattr(resize_module, "decompose", lambda *a: calls.append(1) or real(*a))

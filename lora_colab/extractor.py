@@ -143,7 +143,7 @@ def _inputs_differ_in_precision(base, tuned, target):
 def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
             text_encoders=True, min_diff=0.0, format="auto", dtype=None, device="auto", niter=4, oversample=8,
             energy=None, scale=1.0, groups=(), arch=None, seed=0, progress=True, on_layer=None,
-            kohya_hashes=True, title=None):
+            kohya_hashes=True, title=None, on_nonfinite="stop"):
     """Extract a LoRA from two checkpoints of one architecture; returns an ExtractReport.
 
     base, tuned: anything `open_checkpoint` takes (layouts may differ). out: the .safetensors to write.
@@ -152,7 +152,9 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     convolutions (off when conv_rank is None). clamp_quantile: clamp |ΔW| at this quantile before the
     SVD (None or 1.0: off). energy: per-layer adaptive rank, the smallest rank ≤ `rank` keeping this
     fraction of ‖ΔW‖². min_diff: layers whose |ΔW| never exceeds it are skipped. groups: optional target
-    groups ("adaln", "modulation"). on_layer(LayerReport): called after each layer.
+    groups ("adaln", "modulation"). on_layer(LayerReport): called after each layer. on_nonfinite: "stop"
+    (default) raises on a layer with NaN/Inf, naming the file and tensor; "skip" leaves the layer out and
+    lists it in the report.
     """
     started = time.perf_counter()
     device = resolve_device(device)
@@ -162,6 +164,8 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
         raise LoraColabError(f"alpha must be > 0, got {alpha}")
     if clamp_quantile is not None and not 0.5 <= clamp_quantile <= 1.0:
         raise LoraColabError(f"clamp_quantile must be in [0.5, 1.0] (or None), got {clamp_quantile}")
+    if on_nonfinite not in ("stop", "skip"):
+        raise LoraColabError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise LoraColabError(f"energy must be in (0, 1], got {energy}")
     out = Path(os.fspath(out))
@@ -192,8 +196,14 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
                 is_conv = target.kind == "conv"
                 layer_rank = conv_rank if is_conv else rank
                 layer_alpha = (conv_alpha if is_conv else alpha) or None
-                layer.max_abs_diff = _max_abs(delta, b, target)
-                if layer.max_abs_diff <= min_diff:
+                layer.max_abs_diff = _max_abs(delta)
+                if not math.isfinite(layer.max_abs_diff):
+                    error = _nonfinite_error(b, t, target)
+                    if on_nonfinite != "skip":
+                        raise error
+                    layer.skipped = f"NaN/Inf: {error}"
+                    report.warnings.append(f"skipped, {error}")
+                elif layer.max_abs_diff <= min_diff:
                     layer.skipped = f"max |difference| {layer.max_abs_diff:.3g} <= min_diff {min_diff:g}"
                 else:
                     up, down = factor_layer(delta, layer_rank, clamp_quantile, niter, oversample, energy,
@@ -235,16 +245,20 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     return report
 
 
-def _max_abs(delta, ckpt, target):
-    """max |delta| in one pass without a temporary; NaN/Inf is an error naming the tensor."""
+def _max_abs(delta):
+    """max |delta| in one pass without a temporary (NaN or inf when the difference is not finite)."""
     if not delta.numel():
         return 0.0
     low, high = torch.aminmax(delta)
-    low, high = float(low), float(high)
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise CheckpointError(ckpt.path, "difference has NaN or Inf values (one of the checkpoints is broken)",
-                              target.key)
-    return max(-low, high)
+    return max(-float(low), float(high))
+
+
+def _nonfinite_error(base, tuned, target):
+    """The checkpoint holding NaN/Inf in this layer, as a CheckpointError naming file and tensor."""
+    for ckpt in (tuned, base):
+        if not bool(torch.isfinite(ckpt.read(target.key)).all()):
+            return CheckpointError(ckpt.path, "has NaN or Inf values", target.key)
+    return CheckpointError(tuned.path, "difference with the base overflows to Inf", target.key)
 
 
 def _progress_bar(total, progress):

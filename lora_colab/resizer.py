@@ -14,7 +14,7 @@ import torch
 from .base_refs import BaseReferences
 from .dtypes import from_torch, parse_dtype
 from .errors import CheckpointError, LoraColabError
-from .extract import resolve_device
+from .extractor import resolve_device
 from .lora_file import LoraFile
 from .lowrank import low_rank
 from .memory import fmt_bytes
