@@ -73,9 +73,20 @@ def scan_layers(keys):
         elif layer.kind == "unknown":
             layer.kind = ("loha" if "hada_w1_a" in roles else "lokr" if any(r.startswith("lokr") for r in roles)
                           else "diff" if "diff" in roles else "unknown")
+        if not _complete(layer.kind, roles):
+            layer.kind = "unknown"  # its tensors pass through unchanged
     unknown = [k for k in keys if k not in used]
     return {n: l for n, l in layers.items() if l.kind != "unknown"}, unknown + [
         k for l in layers.values() if l.kind == "unknown" for k in l.tensors.values()]
+
+
+def _complete(kind, roles):
+    if kind == "loha":
+        return {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= roles
+    if kind == "lokr":
+        return (("lokr_w1" in roles or {"lokr_w1_a", "lokr_w1_b"} <= roles)
+                and ("lokr_w2" in roles or {"lokr_w2_a", "lokr_w2_b"} <= roles))
+    return True
 
 
 class LoraFile:
@@ -105,8 +116,8 @@ class LoraFile:
         """(up [n, r], down [r, m], out_shape) with ΔW = up @ down, for plain LoRA layers."""
         down = self.read(layer.tensors["down"], device)
         up = self.read(layer.tensors["up"], device)
-        rank = down.shape[0]
-        if up.dim() < 2 or up.shape[1] != rank:
+        rank = down.shape[0] if down.dim() else 0
+        if down.dim() < 2 or up.dim() < 2 or up.shape[1] != rank or up[0].numel() != rank:
             raise CheckpointError(self.path, f"up {list(up.shape)} does not match down {list(down.shape)}",
                                   layer.tensors["up"])
         out_shape = (up.shape[0],) + tuple(down.shape[1:])
@@ -114,6 +125,13 @@ class LoraFile:
 
     def delta(self, layer, device=None):
         """Full ΔW (2-D, float32) and its weight shape, for any supported kind."""
+        try:
+            return self._delta(layer, device)
+        except RuntimeError as exc:  # factors whose shapes do not fit together
+            raise CheckpointError(self.path, f"{layer.kind} tensors do not fit together "
+                                             f"({str(exc).splitlines()[0][:120]})", layer.name) from None
+
+    def _delta(self, layer, device):
         kind, t = layer.kind, layer.tensors
         if kind == "lora":
             up, down, shape = self.factors(layer, device)
