@@ -215,10 +215,33 @@ def fetch(source, folder, token=None, allow_patterns=None, progress=True):
     return _from_hub(src, folder, token if token is not None else hf_token(), allow_patterns)
 
 
+def _hub_size(src, token, allow_patterns):
+    """Bytes a Hub download will take (None when the Hub does not say)."""
+    import fnmatch
+
+    from huggingface_hub import HfApi  # noqa: PLC0415
+    try:
+        if src.kind == "hub-file":
+            infos = HfApi(token=token or None).get_paths_info(src.location, [src.filename], revision=src.revision)
+        else:
+            infos = HfApi(token=token or None).model_info(src.location, revision=src.revision, files_metadata=True).siblings
+    except Exception:  # offline, gated, ...: the download itself reports it
+        return None
+    sizes = []
+    for info in infos or []:
+        name = getattr(info, "path", None) or getattr(info, "rfilename", "")
+        if allow_patterns and not any(fnmatch.fnmatch(name, p) for p in ([allow_patterns] if isinstance(
+                allow_patterns, str) else allow_patterns)):
+            continue
+        sizes.append(getattr(info, "size", None) or 0)
+    return sum(sizes) or None
+
+
 def _from_hub(src, folder, token, allow_patterns):
     from huggingface_hub import errors as hub_errors  # noqa: PLC0415
     from huggingface_hub import hf_hub_download, snapshot_download  # noqa: PLC0415
     try:
+        check_disk(folder, _hub_size(src, token, allow_patterns), f"{src.location}/{src.filename}".rstrip("/"))
         if src.kind == "hub-file":
             return Path(hf_hub_download(src.location, src.filename, revision=src.revision, token=token or None,
                                         local_dir=folder / src.location.replace("/", "__")))

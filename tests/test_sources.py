@@ -122,3 +122,24 @@ def test_hf_token_comes_from_the_environment(monkeypatch):
     assert sources.hf_token() == "hf_secret"
     monkeypatch.delenv("HF_TOKEN")
     assert sources.hf_token() is None
+
+
+def test_hub_downloads_check_disk_first(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    class Info:
+        path, size = "transformer/model.safetensors", 12 * 10**9
+
+    class Api:
+        def __init__(self, token=None):
+            pass
+
+        def get_paths_info(self, repo, paths, revision=None):
+            return [Info()]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("downloaded anyway"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda p: usage(10**11, 9 * 10**10, 5 * 10**9))
+    with pytest.raises(SourceError, match=r"owner/repo/transformer/model.safetensors: needs 12\.00 GB but .* 5\.00 GB"):
+        fetch("owner/repo:transformer/model.safetensors", tmp_path)
