@@ -96,7 +96,7 @@ class Checkpoint:
 
     @property
     def total_bytes(self):
-        return sum(info.nbytes for _, info in self._locations.values())
+        return sum(self.info(key).nbytes for key in self._locations)
 
     @property
     def files(self):
@@ -243,6 +243,10 @@ class PickleCheckpoint(Checkpoint):
         self._tensors = tensors
         super().__init__(path, [], {}, {})
         self._locations = {name: (None, None) for name in tensors}
+
+    @property
+    def files(self):
+        return [self.path]
 
     def info(self, key):
         from .dtypes import from_torch
