@@ -140,24 +140,7 @@ def _inputs_differ_in_precision(base, tuned, target):
     return bool(b & fp8) != bool(t & fp8)
 
 
-def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
-            text_encoders=True, min_diff=0.0, format="auto", dtype=None, device="auto", niter=4, oversample=8,
-            energy=None, scale=1.0, groups=(), arch=None, seed=0, progress=True, on_layer=None,
-            kohya_hashes=True, title=None, on_nonfinite="stop"):
-    """Extract a LoRA from two checkpoints of one architecture; returns an ExtractReport.
-
-    base, tuned: anything `open_checkpoint` takes (layouts may differ). out: the .safetensors to write.
-    rank/alpha: linear rank and alpha (alpha=None means alpha=rank); the factors are scaled so that
-    alpha/rank · up @ down equals `scale` × the rank-r difference. conv_rank/conv_alpha: LoCon for k×k
-    convolutions (off when conv_rank is None). clamp_quantile: clamp |ΔW| at this quantile before the
-    SVD (None or 1.0: off). energy: per-layer adaptive rank, the smallest rank ≤ `rank` keeping this
-    fraction of ‖ΔW‖². min_diff: layers whose |ΔW| never exceeds it are skipped. groups: optional target
-    groups ("adaln", "modulation"). on_layer(LayerReport): called after each layer. on_nonfinite: "stop"
-    (default) raises on a layer with NaN/Inf, naming the file and tensor; "skip" leaves the layer out and
-    lists it in the report.
-    """
-    started = time.perf_counter()
-    device = resolve_device(device)
+def _check_options(rank, alpha, clamp_quantile, energy, on_nonfinite):
     if not rank or rank < 1:
         raise LoraColabError(f"rank must be a positive integer, got {rank}")
     if alpha is not None and alpha <= 0:
@@ -168,6 +151,27 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
         raise LoraColabError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise LoraColabError(f"energy must be in (0, 1], got {energy}")
+
+
+def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
+            text_encoders=True, min_diff=0.0, format="auto", dtype=None, device="auto", niter=4, oversample=8,
+            energy=None, scale=1.0, groups=(), arch=None, seed=0, progress=True, on_layer=None,
+            kohya_hashes=True, title=None, on_nonfinite="stop"):
+    """Extract a LoRA from two checkpoints of one architecture; returns an ExtractReport.
+
+    base, tuned: anything `open_checkpoint` takes (layouts may differ). out: the .safetensors to write.
+    rank/alpha: linear rank and alpha (alpha=None means alpha=rank); the factors are scaled so that
+    alpha/rank · up @ down equals `scale` × the rank-r difference. conv_rank/conv_alpha: LoCon for k×k
+    convolutions (off when conv_rank is None). clamp_quantile: scale rows of up and columns of down whose
+    norm exceeds this quantile of their norms down to it (None or 1.0: off). energy: per-layer adaptive rank, the smallest rank ≤ `rank` keeping this
+    fraction of ‖ΔW‖². min_diff: layers whose |ΔW| never exceeds it are skipped. groups: optional target
+    groups ("adaln", "modulation"). on_layer(LayerReport): called after each layer. on_nonfinite: "stop"
+    (default) raises on a layer with NaN/Inf, naming the file and tensor; "skip" leaves the layer out and
+    lists it in the report.
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    _check_options(rank, alpha, clamp_quantile, energy, on_nonfinite)
     out = Path(os.fspath(out))
     with open_canonical(base) as b, open_canonical(tuned, b.arch.name) as t:
         targets = b.arch.targets(b.shapes(), groups=set(groups), conv=conv_rank is not None,
