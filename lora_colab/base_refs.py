@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .closeable import Closeable
 from .canonical import open_canonical
 from .lowrank import spectral_norm
 from .raw_file import RawFile
@@ -55,7 +56,7 @@ def lora_name_map(arch, shapes):
     return names
 
 
-class BaseReferences:
+class BaseReferences(Closeable):
     """Norms of the base layers a LoRA's modules patch."""
 
     def __init__(self, checkpoint, device=None):
@@ -120,9 +121,3 @@ class BaseReferences:
     def close(self):
         self.save()
         self.view.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

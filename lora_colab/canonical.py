@@ -2,13 +2,14 @@
 
 import torch
 
+from .closeable import Closeable
 from . import arch as arch_registry
 from .checkpoint import open_checkpoint
 from .errors import CheckpointError
 from .quant import Dequantizer, is_auxiliary
 
 
-class CanonicalCheckpoint:
+class CanonicalCheckpoint(Closeable):
     """Canonical weight keys of an open checkpoint, read by rows across fused or split storage."""
 
     def __init__(self, ckpt, arch=None):
@@ -96,12 +97,6 @@ class CanonicalCheckpoint:
 
     def close(self):
         self.ckpt.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def open_canonical(path, arch=None):

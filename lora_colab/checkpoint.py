@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .closeable import Closeable
 from .dtypes import ITEMSIZE, to_torch
 from .errors import CheckpointError
 from .raw_file import RawFile, byte_view, empty_bytes
@@ -51,7 +52,7 @@ class _PinnedStaging:
         self._event.record()
 
 
-class Checkpoint:
+class Checkpoint(Closeable):
     """A set of named tensors read lazily from one or more safetensors files.
 
     `read` and `read_rows` hold only the requested bytes in memory, read them with positional reads
@@ -167,12 +168,6 @@ class Checkpoint:
         for raw in self._files:
             raw.close()
         self._staging = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.path!r}: {len(self)} tensors, {self.total_bytes / 2**30:.2f} GiB>"

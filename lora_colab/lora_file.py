@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .closeable import Closeable
 from .checkpoint import open_checkpoint
 from .errors import CheckpointError
 
@@ -89,7 +90,7 @@ def _complete(kind, roles):
     return True
 
 
-class LoraFile:
+class LoraFile(Closeable):
     """An open LoRA file: its layers, metadata, and each layer's ΔW as factors or as a full matrix."""
 
     def __init__(self, path):
@@ -172,12 +173,6 @@ class LoraFile:
 
     def close(self):
         self.ckpt.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def rank_of(layer, ckpt):
