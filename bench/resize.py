@@ -23,7 +23,7 @@ RANK = 64
 
 
 def build(root):
-    from lora_colab import arch, save_file
+    from lora_colab import save_file
     from lora_colab.synthetic import write_checkpoint
     root.mkdir(parents=True, exist_ok=True)
     ckpt = root / "sdxl.safetensors"

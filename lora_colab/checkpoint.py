@@ -31,6 +31,14 @@ def cast(tensor, dtype):
     return out
 
 
+def _check_rows(path, key, shape, start, stop):
+    """A row range must lie inside the first dimension of a tensor that has one."""
+    if not shape:
+        raise CheckpointError(path, "read_rows needs a tensor with at least one dimension", key)
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= shape[0]):
+        raise CheckpointError(path, f"row range {start}:{stop} is outside 0:{shape[0]}", key)
+
+
 class _PinnedStaging:
     """One reusable page-locked host buffer for host-to-GPU copies."""
 
@@ -123,11 +131,7 @@ class Checkpoint(Closeable):
     def read_rows(self, key, start, stop, dtype=None, device=None):
         """Read rows `start:stop` of tensor `key` (first dimension), reading only those bytes."""
         raw, info = self._locate(key)
-        if not info.shape:
-            raise CheckpointError(raw.path, "read_rows needs a tensor with at least one dimension", key)
-        rows = info.shape[0]
-        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= rows):
-            raise CheckpointError(raw.path, f"row range {start}:{stop} is outside 0:{rows}", key)
+        _check_rows(raw.path, key, info.shape, start, stop)
         row_bytes = math.prod(info.shape[1:]) * ITEMSIZE[info.dtype]
         shape = (stop - start,) + tuple(info.shape[1:])
         return self._read_span(raw, info, info.start + start * row_bytes, (stop - start) * row_bytes,
@@ -262,8 +266,7 @@ class PickleCheckpoint(Checkpoint):
 
     def read_rows(self, key, start, stop, dtype=None, device=None):
         tensor = self._tensor(key)
-        if not tensor.dim() or not 0 <= start <= stop <= tensor.shape[0]:
-            raise CheckpointError(self.path, f"row range {start}:{stop} is outside the tensor", key)
+        _check_rows(self.path, key, tuple(tensor.shape), start, stop)
         return tensor[start:stop].clone().to(device=device or "cpu", dtype=dtype or tensor.dtype)
 
     def close(self):

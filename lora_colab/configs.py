@@ -1,6 +1,6 @@
 """Plain configuration objects that the notebook forms produce and the API consumes."""
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 # presets named after what they do: the effect at weight 1.0 is scale × the extracted difference
 PRESETS = {
@@ -46,7 +46,6 @@ class ResizeConfig:
     dtype: str = "auto"
     device: str = "auto"
     verbose: int = 1
-    extra: dict = field(default_factory=dict)
 
     def resize_kwargs(self):
         return dict(recipes=self.recipes, dtype=None if self.dtype == "auto" else self.dtype, device=self.device)

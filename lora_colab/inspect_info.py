@@ -43,7 +43,7 @@ def format_summary(summary, max_meta_chars=200):
         f"path:      {summary['path']}",
         f"storage:   {summary['storage']} ({summary['files']} file{'s' if summary['files'] != 1 else ''})",
         f"detected:  {summary['detected']}",
-        f"targets:   " + ", ".join(f"{n} {k}" for k, n in summary["lora_targets"].items()),
+        "targets:   " + ", ".join(f"{n} {k}" for k, n in summary["lora_targets"].items()),
         f"tensors:   {summary['tensors']}",
         f"dtypes:    {dtypes or '-'}",
         f"size:      {summary['total_bytes']:,} bytes ({gib:.2f} GiB)",

@@ -1,6 +1,5 @@
 """Read LoRA files: group tensors into layers, whatever the trainer's spelling (kohya, PEFT, LyCORIS)."""
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -174,12 +173,3 @@ class LoraFile(Closeable):
     def close(self):
         self.ckpt.close()
 
-
-def rank_of(layer, ckpt):
-    if "down" in layer.tensors:
-        return ckpt.shape(layer.tensors["down"])[0]
-    return 0
-
-
-def numel(shape):
-    return math.prod(shape)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .base_refs import BaseReferences
-from .dtypes import from_torch, parse_dtype
+from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError
 from .extractor import resolve_device
 from .lora_file import LoraFile
@@ -143,20 +143,16 @@ def layer_tensors(spectrum, keep, recipe, dtype):
     sigma = recipe.rescale * spectrum.s[keep]
     scale = spectrum.in_scale if spectrum.has_alpha else 1.0
     root = (sigma / scale).clamp_min(0).sqrt()
-    up = spectrum.u[:, keep] * root
-    down = root[:, None] * spectrum.v[:, keep].T
-    out = spectrum.out_shape
-    if len(out) == 4:
-        up = up.reshape(out[0], k, 1, 1)
-        down = down.reshape((k,) + tuple(out[1:]))
-    down_s, up_s = spectrum.suffixes
-    tensors = {spectrum.name + down_s: down.to(dtype).contiguous(), spectrum.name + up_s: up.to(dtype).contiguous()}
+    factors = (root[:, None] * spectrum.v[:, keep].T, spectrum.u[:, keep] * root)  # down, up
+    tensors = {name: factor.reshape(shape).to(dtype).contiguous()
+               for (name, _, shape), factor in zip(layer_specs(spectrum, k, dtype), factors)}
     if spectrum.has_alpha:
         tensors[spectrum.name + ".alpha"] = torch.tensor(scale * k, dtype=torch.float32)
     return tensors
 
 
 def layer_specs(spectrum, k, dtype):
+    """[(name, dtype, shape)] of one resized layer at rank k: down, up, then alpha when it has one."""
     down_s, up_s = spectrum.suffixes
     out = spectrum.out_shape
     if len(out) == 4:
@@ -385,8 +381,9 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
             if base is not None:
                 for sp in spectra:
                     attach_references(sp, base)
+            out_dtype = parse_dtype(dtype) or _input_dtype(_split_merge(lora_arg)[0][0])
             for recipe in recipe_list:
-                report = _apply(lora_arg, spectra, passthrough, metadata, recipe, base, dtype, output_folder)
+                report = _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder)
                 report.warnings = warnings + report.warnings
                 report.seconds = time.perf_counter() - started
                 started = time.perf_counter()
@@ -399,9 +396,9 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
     return reports
 
 
-def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, dtype, output_folder):
-    first_path = _split_merge(lora_arg)[0][0]
-    out_dtype = parse_dtype(dtype) or _input_dtype(first_path)
+def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder):
+    inputs = [p for p, _ in _split_merge(lora_arg)]
+    first_path = inputs[0]
     folder = Path(output_folder) if output_folder else Path(first_path).parent
     out = folder / _output_name(lora_arg if "," in str(lora_arg) else first_path, recipe)
     pass_specs = [(k, t.dtype, tuple(t.shape)) for k, t in passthrough.items()]
@@ -423,7 +420,6 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, dtype, output
     report.threshold = selection.threshold
     if recipe.size is not None:
         report.size_target = int(recipe.size * 2**20)
-    inputs = [p for p, _ in _split_merge(lora_arg)]
     writer = SpillWriter(out, protect=inputs)
     try:
         for key, tensor in passthrough.items():

@@ -10,7 +10,7 @@ from lora_colab import CheckpointError, arch
 from lora_colab.canonical import open_canonical
 from lora_colab.cli import main
 from lora_colab.extractor import extract
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair, zimage_specs
+from lora_colab.synthetic import ZImageConfig, make_zimage_pair
 
 Z = ZImageConfig(dim=128, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
 
@@ -77,7 +77,7 @@ def test_alpha_and_scale_semantics_and_metadata(tmp_path):
     base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=4, dtype=torch.float32)
     a = extract(base, tuned, tmp_path / "a.safetensors", rank=8, alpha=4, clamp_quantile=None, dtype="fp32",
                 progress=False)
-    b = extract(base, tuned, tmp_path / "b.safetensors", rank=8, clamp_quantile=None, dtype="fp32",
+    extract(base, tuned, tmp_path / "b.safetensors", rank=8, clamp_quantile=None, dtype="fp32",
                 scale=0.5, progress=False)
     architecture, targets, deltas = true_differences(base, tuned)
     pa = lora_products(tmp_path / "a.safetensors", architecture, targets)

@@ -1,6 +1,5 @@
 """The shared vocabulary of architectures: targets, layouts and output module names."""
 
-import re
 from dataclasses import dataclass, field
 
 # Prefixes checkpoints carry in front of the model's own names, longest first.
@@ -59,20 +58,12 @@ def kohya_name(prefix, module):
     return f"{prefix}_{module.replace('.', '_')}"
 
 
-def strip_prefix(key, prefix):
-    return key[len(prefix):] if prefix and key.startswith(prefix) else key
-
-
 def find_prefix(keys, probes):
     """The prefix under which all `probes` occur in `keys`, or None."""
     for prefix in ("",) + MODEL_PREFIXES:
         if all(prefix + probe in keys for probe in probes):
             return prefix
     return None
-
-
-def match(pattern, key):
-    return re.fullmatch(pattern, key)
 
 
 class NativeArchitecture:
