@@ -40,20 +40,28 @@ def fingerprint(files):
     return digest.hexdigest()[:32]
 
 
-def lora_name_map(arch, shapes):
-    """Every LoRA module name a client uses for this architecture -> (canonical key, rows or None)."""
-    names = {}
+def all_targets(arch, shapes):
+    """Every weight a LoRA of this architecture may patch (optional groups and convolutions included)."""
     groups = set(arch.optional_groups) | {"conv"}
-    for target in arch.targets(shapes, groups=groups, conv=True, text_encoders=True):
+    return arch.targets(shapes, groups=groups, conv=True, text_encoders=True)
+
+
+def lora_name_map(arch, shapes, targets=None):
+    """Every LoRA module name a client uses for this architecture -> (canonical key, rows or None), and
+    each format's own names: ({name: (key, rows)}, {format: set of names})."""
+    names, by_format = {}, {fmt: set() for fmt in _FORMATS}
+    for target in targets if targets is not None else all_targets(arch, shapes):
         for fmt in _FORMATS:
             for module in arch.lora_modules(target, fmt):
                 entry = (target.key, module.rows)
                 names.setdefault(module.name, entry)
+                by_format[fmt].add(module.name)
                 if fmt == "diffusers" and target.component == "model":
                     bare = module.name.split(".", 1)[1]
                     names.setdefault(bare, entry)
                     names.setdefault("lora_unet_" + bare.replace(".", "_"), entry)  # musubi-style
-    return names
+                    by_format[fmt].add(bare)
+    return names, by_format
 
 
 class BaseReferences(Closeable):
@@ -62,7 +70,9 @@ class BaseReferences(Closeable):
     def __init__(self, checkpoint, device=None):
         self.view = open_canonical(checkpoint)
         self.device = device
-        self.names = lora_name_map(self.view.arch, self.view.shapes())
+        targets = all_targets(self.view.arch, self.view.shapes())
+        self.targets = {target.key: target for target in targets}
+        self.names, self._format_names = lora_name_map(self.view.arch, self.view.shapes(), targets)
         self.cache_path = cache_dir() / f"norms_{fingerprint(self.view.ckpt.files)}.json"
         self._cache = self._load_cache()
         self._dirty = False
@@ -80,6 +90,14 @@ class BaseReferences(Closeable):
             if lora_name.startswith(prefix) and lora_name[len(prefix):] in self.names:
                 return self.names[lora_name[len(prefix):]]
         return None
+
+    def format_of(self, lora_names):
+        """The output format ("kohya", "comfy", "diffusers") whose names most of `lora_names` use."""
+        names = list(lora_names)
+        return max(_FORMATS, key=lambda fmt: sum(name in self._format_names[fmt] for name in names))
+
+    def describe(self):
+        return f"{self.view.path} ({self.view.detected.describe()})"
 
     def weight(self, key, rows):
         """The base weight (rows), 2-D float32."""

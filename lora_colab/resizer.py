@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .arch import guess_lora_arch
 from .base_refs import BaseReferences
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError
@@ -18,7 +19,7 @@ from .extractor import resolve_device
 from .lora_file import LoraFile
 from .lowrank import low_rank
 from .memory import fmt_bytes
-from .recipes import parse_recipes
+from .recipes import CHECKPOINT_KEYS, parse_recipes
 from .writer import SpillWriter, planned_size
 
 MAX_REBUILT_RANK = 512  # LoHa/LoKr/Tucker/diff layers are rebuilt as ΔW and factored up to this rank
@@ -320,16 +321,17 @@ def _output_name(lora_path, recipe):
     return f"{stem}_{recipe.tag()}.safetensors"
 
 
-def _decompose_all(lora_arg, device):
+def _decompose_all(lora_arg, device, base=None):
     """Spectra of a LoRA argument (one file, or a weighted merge), its pass-through tensors and metadata."""
     parts = _split_merge(lora_arg)
-    spectra, passthrough, metadata, warnings = {}, {}, {}, []
+    loaded, passthrough, metadata, warnings = [], {}, {}, []
     for path, weight in parts:
         with LoraFile(path) as lora:
             metadata = metadata or dict(lora.metadata)
             for key in lora.other_keys:
                 passthrough[key] = lora.ckpt.read(key)
                 warnings.append(f"{key}: not a LoRA layer this tool understands; copied unchanged")
+            spectra = {}
             for layer in lora.layers.values():
                 sp = decompose(lora, layer, device)
                 if sp.dora_key:
@@ -337,23 +339,120 @@ def _decompose_all(lora_arg, device):
                     warnings.append(f"{layer.name}: DoRA magnitude kept; the resized layer is approximate")
                 if layer.kind != "lora":
                     warnings.append(f"{layer.name}: {layer.kind} layer rebuilt and written as a plain LoRA")
-                if len(parts) > 1:
-                    sp = _merge_into(spectra.get(layer.name), sp, weight)
                 spectra[layer.name] = sp
-    return list(spectra.values()), passthrough, metadata, warnings
+            loaded.append((weight, spectra))
+    if len(loaded) == 1:
+        weight, spectra = loaded[0]
+        for sp in spectra.values():
+            _reweight(sp, weight)
+        return list(spectra.values()), passthrough, metadata, warnings
+    merged, note = merge_spectra(loaded, base)
+    if note:
+        warnings.append(note)
+    return merged, passthrough, metadata, warnings
 
 
-def _merge_into(existing, sp, weight):
-    """Σ weight·ΔW of LoRAs sharing a layer: concatenate factors, re-factor with the QR core."""
-    up = sp.u * (weight * sp.s)
-    down = sp.v.T
-    if existing is not None:
-        up = torch.cat([existing.u * existing.s, up], dim=1)
-        down = torch.cat([existing.v.T, down], dim=0)
+def _reweight(sp, weight):
+    """Scale a spectrum by a merge weight (a negative weight flips the left vectors)."""
+    if weight != 1.0:
+        sp.s = sp.s * abs(weight)
+        if weight < 0:
+            sp.u = -sp.u
+
+
+def _spelling_key(name):
+    """A module name with kohya's and ComfyUI's spellings made equal (used when no base is given)."""
+    if name.startswith("diffusion_model."):
+        name = "lora_unet_" + name[len("diffusion_model."):]
+    return name.replace(".", "_")
+
+
+def merge_spectra(loaded, base):
+    """Σ weight·ΔW over LoRAs [(weight, {name: Spectrum})], layer by canonical module.
+
+    With a base checkpoint every module name (kohya, ComfyUI, PEFT, musubi; fused or split) is mapped to
+    the base weight and rows it patches, so one module spelled three ways is one layer; the result is
+    spelled as the first LoRA is. Without a base, layers are matched by name (kohya = ComfyUI spelling).
+    Returns (spectra, a note or None).
+    """
+    if base is None:
+        return _merge_by_name(loaded)
+    fmt = base.format_of(loaded[0][1])
+    groups, unplaced = {}, []
+    for weight, spectra in loaded:
+        for name, sp in spectra.items():
+            found = base.locate(name)
+            if found is None:
+                unplaced.append((weight, sp))
+                continue
+            groups.setdefault(found[0], []).append((weight, sp, found[1]))
+    merged = []
+    for key, parts in groups.items():
+        target = base.targets[key]
+        rows_total = target.shape[0]
+        ups, downs, old_rank = [], [], 0
+        scale = _top((weight, sp) for weight, sp, _ in parts)
+        for weight, sp, rows in parts:
+            start, stop = rows or (0, rows_total)
+            up = torch.zeros(rows_total, sp.s.numel(), dtype=sp.u.dtype)
+            up[start:stop] = sp.u * (weight * sp.s)
+            ups.append(up)
+            downs.append(sp.v.T)
+            old_rank += sp.old_rank or sp.s.numel()
+        up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+        for module in base.arch.lora_modules(target, fmt):
+            start, stop = module.rows or (0, rows_total)
+            sp = _refactor(module.name, up[start:stop], down, (stop - start,) + tuple(target.shape[1:]), old_rank,
+                           module.alpha, module.factor_suffixes, scale)
+            if sp is not None:
+                merged.append(sp)
+    if not unplaced:
+        return merged, None
+    rest, _ = _merge_by_name([(weight, {sp.name: sp}) for weight, sp in unplaced])
+    return merged + rest, (f"{len(unplaced)} layers of the merged LoRAs patch no weight of the base "
+                           f"{base.describe()} (first: {unplaced[0][1].name}); they were matched by name only")
+
+
+def _merge_by_name(loaded):
+    groups, order = {}, []
+    for weight, spectra in loaded:
+        for name, sp in spectra.items():
+            key = _spelling_key(name)
+            if key not in groups:
+                order.append(key)
+            groups.setdefault(key, []).append((weight, sp))
+    merged = []
+    for key in order:
+        parts = groups[key]
+        first = parts[0][1]
+        up = torch.cat([sp.u * (weight * sp.s) for weight, sp in parts], dim=1)
+        down = torch.cat([sp.v.T for _, sp in parts], dim=0)
+        old_rank = sum(sp.old_rank or sp.s.numel() for _, sp in parts)
+        sp = _refactor(first.name, up, down, first.out_shape, old_rank, True, first.suffixes, _top(parts))
+        if sp is not None:
+            sp.dora_key = first.dora_key
+            merged.append(sp)
+    partial = sum(len(parts) < len(loaded) for parts in groups.values())
+    note = (f"{partial} layers are in only some of the merged LoRAs; without the base checkpoint layers are "
+            f"matched by name, so LoRAs spelled differently (ComfyUI/kohya vs diffusers) are not combined: give "
+            f"the base checkpoint" if partial and len(loaded) > 1 else None)
+    return merged, note
+
+
+def _top(parts):
+    """The largest weighted σ among merge contributions [(weight, Spectrum)]."""
+    return max((abs(weight) * float(sp.s[:1].sum()) for weight, sp in parts), default=0.0)
+
+
+def _refactor(name, up, down, out_shape, old_rank, has_alpha, suffixes, scale):
+    """A Spectrum of up @ down (QR core) without the directions below float32 rounding of `scale` (the
+    largest σ that went in), or None when nothing is left (contributions that cancel)."""
     u, s, v = qr_core(up, down)
-    keep = s > s[0] * 1e-7 if s.numel() else s.bool()
-    return Spectrum(sp.name, "lora", u[:, keep], s[keep], v[:, keep], sp.out_shape, sp.old_rank + (
-        existing.old_rank if existing else 0), True, 1.0, (".lora_down.weight", ".lora_up.weight"), sp.dora_key)
+    keep = s > scale * 1e-5
+    if not bool(keep.any()):
+        return None
+    return Spectrum(name, "lora", u[:, keep], s[keep], v[:, keep], tuple(out_shape), old_rank, has_alpha, 1.0,
+                    tuple(suffixes))
 
 
 def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2", dtype=None, device="auto",
@@ -377,10 +476,13 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
     try:
         for lora_arg in loras:
             started = time.perf_counter()
-            spectra, passthrough, metadata, warnings = _decompose_all(lora_arg, device)
+            spectra, passthrough, metadata, warnings = _decompose_all(lora_arg, device, base)
             if base is not None:
                 for sp in spectra:
                     attach_references(sp, base)
+                note = base_coverage(lora_arg, spectra, base, recipe_list, metadata)
+                if note:
+                    warnings.append(note)
             out_dtype = parse_dtype(dtype) or _input_dtype(_split_merge(lora_arg)[0][0])
             for recipe in recipe_list:
                 report = _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder)
@@ -394,6 +496,22 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
         if base is not None:
             base.close()
     return reports
+
+
+def base_coverage(lora_arg, spectra, base, recipes, metadata):
+    """A note when some layers patch no weight of the base (their base-relative terms cannot be computed);
+    an error naming both architectures when none does."""
+    missing = [sp.name for sp in spectra if sp.base is None]
+    terms = sorted({key for recipe in recipes for key in recipe.weights if key in CHECKPOINT_KEYS})
+    if not missing or not terms:
+        return None
+    if len(missing) == len(spectra):
+        guess = guess_lora_arch([sp.name for sp in spectra], metadata)
+        raise LoraColabError(f"{lora_arg}: none of its {len(spectra)} layers patches a weight of the base "
+                             f"{base.describe()}; the LoRA looks like a {guess} LoRA: give the checkpoint it was "
+                             f"trained on")
+    return (f"{len(missing)} of {len(spectra)} layers patch no weight of the base {base.describe()} (first: "
+            f"{missing[0]}): {', '.join(terms)} could not be computed for them; they are kept unchanged")
 
 
 def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder):
@@ -410,8 +528,6 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, ou
 
     selection = _Selection(spectra, recipe, base, pass_specs, metadata_for, out_dtype)
     keep = selection.choose()
-    for name in selection.unscored:
-        report.warnings.append(f"{name}: no base weight found for it; kept unchanged")
     if len(selection.all_scores):
         ordered = selection.all_scores.sort().values
         last = ordered.numel() - 1

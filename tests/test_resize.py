@@ -286,3 +286,91 @@ def test_cli_resize(tmp_path, capsys):
     assert "layers_0_attention_qkv: 3 ->" in out and "total rank 3 ->" in out
     t = load_file(str(tmp_path / "o" / "lora_rank1.safetensors"))
     assert t["lora_unet_layers_0_attention_qkv.lora_down.weight"].dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def three_spellings(tmp_path_factory):
+    """One Z-Image pair extracted three times: kohya, ComfyUI and diffusers (PEFT, split qkv) spellings."""
+    from lora_colab import extract
+    from lora_colab.synthetic import make_zimage_pair
+    folder = tmp_path_factory.mktemp("spellings")
+    base, tuned, _ = make_zimage_pair(folder, Z, rank=4)
+    paths = {}
+    for fmt in ("kohya", "comfy", "diffusers"):
+        paths[fmt] = folder / f"{fmt}.safetensors"
+        extract(base, tuned, paths[fmt], rank=4, format=fmt, clamp_quantile=None, progress=False, dtype="fp32")
+    return base, paths
+
+
+def _deltas(path, base):
+    """{canonical key: ΔW} of a LoRA file in any spelling, assembled over split modules."""
+    from lora_colab.base_refs import BaseReferences
+    from lora_colab.lora_file import LoraFile
+    out = {}
+    with BaseReferences(base) as refs, LoraFile(path) as lora:
+        for layer in lora.layers.values():
+            key, rows = refs.locate(layer.name)
+            delta, _ = lora.delta(layer)
+            full = out.setdefault(key, torch.zeros(refs.view.shape(key)[0], delta.shape[1]))
+            start, stop = rows or (0, full.shape[0])
+            full[start:stop] += delta
+    return out
+
+
+@pytest.mark.parametrize("second", ["comfy", "diffusers"])
+def test_merging_one_model_in_different_spellings_combines_layers(tmp_path, three_spellings, second):
+    base, paths = three_spellings
+    kohya_keys = set(load_file(str(paths["kohya"])))
+    report = resize(base, [f"{paths['kohya']}:0.5,{paths[second]}:0.5"], tmp_path, "rank=64")[0]
+    merged = load_file(report.output)
+    assert set(merged) == kohya_keys  # one spelling: the first LoRA's, one module per layer
+    got, want = _deltas(report.output, base), _deltas(paths["kohya"], base)
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-5)
+
+
+def test_merge_spelled_as_the_first_lora_even_when_it_is_diffusers(tmp_path, three_spellings):
+    base, paths = three_spellings
+    report = resize(base, [f"{paths['diffusers']}:1,{paths['comfy']}:-1"], tmp_path, "rank=64")[0]
+    # the two cancel: nothing remains
+    assert not [k for k in load_file(report.output) if "lora" in k]
+    report = resize(base, [f"{paths['diffusers']}:0.25,{paths['comfy']}:0.75"], tmp_path, "rank=64")[0]
+    assert set(load_file(report.output)) == set(load_file(str(paths["diffusers"])))
+    got, want = _deltas(report.output, base), _deltas(paths["comfy"], base)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-5)
+
+
+def test_single_lora_weight_scales_it(tmp_path, three_spellings):
+    base, paths = three_spellings
+    report = resize(None, [f"{paths['kohya']}:0.5"], tmp_path, "rank=64")[0]
+    got, want = _deltas(report.output, base), _deltas(paths["kohya"], base)
+    for key in want:
+        torch.testing.assert_close(got[key], 0.5 * want[key], rtol=1e-3, atol=1e-5)
+
+
+def test_base_of_another_architecture_is_one_line_naming_both(tmp_path, three_spellings, capsys):
+    from lora_colab.synthetic import write_checkpoint
+    _, paths = three_spellings
+    flux = [("double_blocks.0.img_attn.qkv.weight", (96, 32)), ("double_blocks.0.img_attn.proj.weight", (32, 32))]
+    other = write_checkpoint(tmp_path / "flux.safetensors", flux, lambda k, s: torch.randn(s))
+    assert main(["resize", str(other), str(paths["kohya"]), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "Flux.1" in err and "looks like a Z-Image LoRA" in err and "none of its" in err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_base_covering_some_layers_says_how_many_and_which_terms(tmp_path, three_spellings):
+    base, paths = three_spellings
+    tensors = load_file(str(paths["kohya"]))
+    tensors.update({"lora_unet_not_a_layer.lora_down.weight": torch.randn(2, 8),
+                    "lora_unet_not_a_layer.lora_up.weight": torch.randn(8, 2),
+                    "lora_unet_not_a_layer.alpha": torch.tensor(2.0)})
+    extra = tmp_path / "extra.safetensors"
+    st_save_file(tensors, str(extra))
+    report = resize(base, [extra], tmp_path / "o", "spn_ckpt=1,fro_ckpt=1,thr=-9")[0]
+    notes = [w for w in report.warnings if "patch no weight of the base" in w]
+    assert len(notes) == 1 and notes[0].startswith("1 of ") and "fro_ckpt, spn_ckpt could not be computed" in notes[0]
+    assert kept_ranks(report.output)["lora_unet_not_a_layer"] == 2

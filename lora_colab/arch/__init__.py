@@ -36,6 +36,24 @@ def detect(keys):
     return Detected(GENERIC, *GENERIC.detect(keyset))
 
 
+def guess_lora_arch(names, metadata=None):
+    """Title of the architecture a LoRA was made for, from its metadata or its module names ("unknown").
+
+    Module names are compared flattened (`.` as `_`, prefixes kept), against each architecture's
+    `lora_hint` pattern; metadata (`modelspec.architecture`, `ss_base_model_version`) wins when it names one.
+    """
+    metadata = metadata or {}
+    said = " ".join(str(metadata.get(k, "")) for k in ("modelspec.architecture", "ss_base_model_version")).lower()
+    for arch in ARCHITECTURES.values():
+        if said.strip() and any(tag in said for tag in arch.metadata_tags):
+            return arch.title
+    flat = [name.replace(".", "_") for name in names]
+    counts = {arch.title: sum(bool(arch.lora_hint.search(name)) for name in flat)
+              for arch in ARCHITECTURES.values()}
+    best = max(counts, key=counts.get) if counts else None
+    return best if best and counts[best] else "unknown"
+
+
 def get(name):
     """The architecture object called `name` ('sdxl', 'sd15', 'zimage', 'flux', 'generic')."""
     if name == "generic":
@@ -55,4 +73,4 @@ def resolve_format(arch, fmt):
 
 
 __all__ = ["ARCHITECTURES", "FORMATS", "GENERIC", "Detected", "LoraModule", "MODEL_PREFIXES", "Target",
-           "detect", "get", "resolve_format", "sgm_to_diffusers"]
+           "detect", "get", "guess_lora_arch", "resolve_format", "sgm_to_diffusers"]

@@ -67,6 +67,8 @@ class Flux(NativeArchitecture):
     base_model_version = "flux1"
     modelspec_architecture = "flux-1-dev/lora"
     implementation = "https://github.com/black-forest-labs/flux"
+    lora_hint = re.compile(r"(?:^|_)(?:double_blocks_\d+_(?:img|txt)_|single_blocks_\d+_linear)|single_transformer_blocks_\d+_(?:proj_mlp|attn_to_q)")
+    metadata_tags = ("flux-1", "flux1", "flux.1")
     optional_groups = {"modulation": "img_mod/txt_mod/modulation linears"}
 
     def detect(self, keys):

@@ -15,6 +15,8 @@ class Generic(NativeArchitecture):
     base_model_version = "unknown"
     modelspec_architecture = "unknown/lora"
     implementation = ""
+    lora_hint = re.compile(r"$^")
+    metadata_tags = ()
 
     def detect(self, keys):
         for prefix in MODEL_PREFIXES:

@@ -147,6 +147,9 @@ class SDXL(_StableDiffusion):
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     implementation = "https://github.com/Stability-AI/generative-models"
     te_prefixes = {"te1": "conditioner.embedders.0.transformer.", "te2": "conditioner.embedders.1.model."}
+    lora_hint = re.compile(r"(?:^|_)(?:input_blocks|output_blocks|middle_block)_\d+_|^lora_te[12]_|add_embedding|"
+                           r"text_encoder_2_")
+    metadata_tags = ("sdxl", "stable-diffusion-xl")
 
     def detect(self, keys):
         if UNET + "label_emb.0.0.weight" in keys or (
@@ -165,6 +168,8 @@ class SD15(_StableDiffusion):
     modelspec_architecture = "stable-diffusion-v1/lora"
     implementation = "diffusers"
     te_prefixes = {"te": "cond_stage_model.transformer."}
+    lora_hint = re.compile(r"^lora_te_text_model|^lora_unet_(?:down|up|mid)_blocks?_")
+    metadata_tags = ("sd_v1", "stable-diffusion-v1")
 
     def detect(self, keys):
         if UNET + "input_blocks.0.0.weight" in keys:

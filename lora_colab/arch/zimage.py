@@ -24,6 +24,8 @@ class ZImage(NativeArchitecture):
     base_model_version = "zimage"
     modelspec_architecture = "Z-Image/lora"
     implementation = "https://github.com/Tongyi-MAI/Z-Image"
+    lora_hint = re.compile(r"(?:^|_)(?:layers|noise_refiner|context_refiner)_\d+_(?:attention|feed_forward)_")
+    metadata_tags = ("z-image", "zimage", "lumina2")
     optional_groups = {"adaln": "adaLN_modulation.0 of each block"}
 
     def detect(self, keys):
