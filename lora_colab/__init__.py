@@ -1,28 +1,34 @@
-"""lora_colab: memory-safe LoRA extraction and resizing for diffusion models."""
+"""lora_colab: memory-safe LoRA extraction and resizing for diffusion models.
+
+The public names are imported on first use, so `lora-colab --help` and `import lora_colab.errors` do not
+load torch.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .errors import CheckpointError, LoraColabError
-from .checkpoint import Checkpoint, SafetensorsFile, open_checkpoint
-from .writer import SafetensorsWriter, save_file
-from .canonical import open_canonical
-from .extractor import extract
-from .report import ExtractReport, LayerReport
-from .resizer import ResizeReport, resize
+_EXPORTS = {
+    "CheckpointError": "errors", "LoraColabError": "errors", "OptionError": "errors",
+    "Checkpoint": "checkpoint", "SafetensorsFile": "checkpoint", "open_checkpoint": "checkpoint",
+    "SafetensorsWriter": "writer", "save_file": "writer",
+    "open_canonical": "canonical",
+    "extract": "extractor",
+    "ExtractReport": "report", "LayerReport": "report",
+    "ResizeReport": "resizer", "resize": "resizer",
+}
 
-__all__ = [
-    "__version__",
-    "Checkpoint",
-    "CheckpointError",
-    "LoraColabError",
-    "SafetensorsFile",
-    "SafetensorsWriter",
-    "ExtractReport",
-    "LayerReport",
-    "extract",
-    "ResizeReport",
-    "open_canonical",
-    "resize",
-    "open_checkpoint",
-    "save_file",
-]
+__all__ = ["__version__"] + sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_colab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

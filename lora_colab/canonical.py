@@ -6,6 +6,7 @@ from .closeable import Closeable
 from . import arch as arch_registry
 from .checkpoint import open_checkpoint
 from .errors import CheckpointError
+from .lora_file import looks_like_lora
 from .quant import Dequantizer, is_auxiliary
 
 
@@ -15,6 +16,9 @@ class CanonicalCheckpoint(Closeable):
     def __init__(self, ckpt, arch=None):
         self.ckpt = ckpt
         keys = [k for k in ckpt.keys() if not is_auxiliary(k)]
+        if looks_like_lora(keys):
+            raise CheckpointError(ckpt.path, "is a LoRA file, not a model checkpoint: give the full base and "
+                                             "fine-tuned models (lora-colab inspect shows what a file is)")
         detected = arch_registry.detect(keys)
         if arch is not None and detected.arch.name != arch:
             wanted = arch_registry.get(arch)

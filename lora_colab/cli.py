@@ -8,6 +8,20 @@ from . import __version__
 from .errors import LoraColabError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `lora-colab extract: error: argument --dtype: ...`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _optional_groups():
+    from .arch import ARCHITECTURES
+
+    return "; ".join(f"{arch.title}: {', '.join(arch.optional_groups)}" for arch in ARCHITECTURES.values()
+                     if arch.optional_groups)
+
+
 def _cmd_inspect(args):
     from .checkpoint import open_checkpoint
     from .inspect_info import format_summary, summarize
@@ -24,9 +38,37 @@ def _cmd_inspect(args):
     return 0
 
 
+def _number(kind, check, what):
+    """An argparse type: `kind(text)` that passes `check`, else an error saying `what` it must be."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+    return convert
+
+
 def _clamp_value(text):
-    value = float(text)
+    value = _number(float, lambda v: 0.5 <= v <= 1.0, "in [0.5, 1] (1 turns the clamp off)")(text)
     return None if value >= 1.0 else value
+
+
+def _dtype_value(text):
+    _DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "f16": "fp16", "float16": "fp16",
+               "half": "fp16", "16": "fp16", "fp32": "fp32", "f32": "fp32", "float32": "fp32", "float": "fp32",
+               "32": "fp32"}
+    try:
+        return _DTYPES[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use bf16, fp16 (or 16) or fp32 (or 32)") from None
+
+
+_POSITIVE_INT = _number(int, lambda v: v >= 1, "a positive integer")
+_COUNT = _number(int, lambda v: v >= 0, "0 or more")
+_POSITIVE = _number(float, lambda v: v > 0 and v != float("inf"), "> 0")
 
 
 def _extract_options(args):
@@ -71,30 +113,30 @@ def _cmd_resize(args):
 
 
 def _add_extract_options(p, rank_default):
-    p.add_argument("--rank", type=int, default=rank_default, help="LoRA rank (default %(default)s)")
-    p.add_argument("--alpha", type=float, default=None, help="alpha (default: = rank); only the factors' "
+    p.add_argument("--rank", type=_POSITIVE_INT, default=rank_default, help="LoRA rank (default %(default)s)")
+    p.add_argument("--alpha", type=_POSITIVE, default=None, help="alpha (default: = rank); only the factors' "
                    "scale depends on it: alpha/rank · up @ down always equals the extracted difference")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the extracted difference (0.5 = half "
+    p.add_argument("--scale", type=_POSITIVE, default=1.0, help="multiply the extracted difference (0.5 = half "
                    "strength at weight 1.0; default %(default)s)")
     p.add_argument("--clamp-quantile", type=_clamp_value, default=0.99, metavar="Q",
                    help="cut outlier rows/columns of the factors at this quantile of their norms "
                         "(default %(default)s; 1 turns it off)")
-    p.add_argument("--conv-rank", type=int, default=None, help="LoCon: also extract k×k convolutions at this rank")
-    p.add_argument("--conv-alpha", type=float, default=None, help="alpha for conv layers (default: = conv rank)")
+    p.add_argument("--conv-rank", type=_POSITIVE_INT, default=None, help="LoCon: also extract k×k convolutions at this rank")
+    p.add_argument("--conv-alpha", type=_POSITIVE, default=None, help="alpha for conv layers (default: = conv rank)")
     p.add_argument("--no-text-encoders", action="store_true", help="UNet/transformer only (SD1.5/SDXL)")
     p.add_argument("--include", action="append", default=[], metavar="GROUP",
-                   help="optional targets: adaln (Z-Image), modulation (Flux); repeatable")
-    p.add_argument("--energy", type=float, default=None, metavar="F",
+                   help=f"optional targets, repeatable: {_optional_groups()}")
+    p.add_argument("--energy", type=_number(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=None, metavar="F",
                    help="adaptive rank: per layer the smallest rank <= --rank keeping this fraction of ‖ΔW‖²")
-    p.add_argument("--min-diff", type=float, default=0.0,
+    p.add_argument("--min-diff", type=_number(float, lambda v: v >= 0, ">= 0"), default=0.0,
                    help="skip layers whose |difference| never exceeds this (default %(default)s)")
     p.add_argument("--format", default="auto", choices=("auto", "kohya", "comfy", "diffusers"),
                    help="key naming (default auto: what loads in the most clients for the architecture)")
-    p.add_argument("--dtype", default=None, help="factor dtype: bf16, fp16 or fp32 (default bf16 for DiTs, "
-                   "fp16 for SD/SDXL)")
+    p.add_argument("-t", "--dtype", type=_dtype_value, default=None,
+                   help="factor dtype: bf16, fp16 (or 16) or fp32 (or 32) (default bf16 for DiTs, fp16 for SD/SDXL)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--niter", type=int, default=4, help="randomized-SVD power iterations (default %(default)s)")
-    p.add_argument("--oversample", type=int, default=8, help="randomized-SVD oversampling (default %(default)s)")
+    p.add_argument("--niter", type=_COUNT, default=4, help="randomized-SVD power iterations (default %(default)s)")
+    p.add_argument("--oversample", type=_COUNT, default=8, help="randomized-SVD oversampling (default %(default)s)")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                    help="a layer with NaN/Inf: stop with an error naming it (default) or skip it")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -102,13 +144,13 @@ def _add_extract_options(p, rank_default):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lora-colab",
         description="Extract LoRAs from checkpoint pairs and resize LoRAs, in bounded memory.",
         epilog="Run 'lora-colab COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"lora-colab {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     inspect = commands.add_parser(
         "inspect", help="show tensors, dtypes, size, metadata and detected layout of a checkpoint",
@@ -126,7 +168,8 @@ def build_parser():
                     "differ.")
     ext.add_argument("base", metavar="BASE")
     ext.add_argument("tuned", metavar="TUNED")
-    ext.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    ext.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
+                     help="the LoRA file to write (a file, not a folder; written atomically)")
     _add_extract_options(ext, 32)
     ext.set_defaults(func=_cmd_extract)
 
@@ -150,10 +193,12 @@ def build_parser():
     res.add_argument("checkpoint", metavar="CHECKPOINT",
                      help="base model the LoRAs were trained on ('none' when no recipe uses *_ckpt/subspace)")
     res.add_argument("loras", nargs="+", metavar="LORA")
-    res.add_argument("-o", "--output-folder", default=None, metavar="FOLDER", help="default: each LoRA's folder")
+    res.add_argument("-o", "--output-folder", default=None, metavar="FOLDER",
+                     help="the folder to write into (a folder, not a file: one file per LoRA and recipe, named "
+                          "after the recipe); default: each LoRA's own folder")
     res.add_argument("-r", "--recipes", default="spn_ckpt=1,thr=-1.2", help="default: %(default)s")
-    res.add_argument("-t", "--dtype", default=None, choices=("16", "32", "bf16"),
-                     help="output precision (default: the input's)")
+    res.add_argument("-t", "--dtype", type=_dtype_value, default=None,
+                     help="output precision: bf16, fp16 (or 16) or fp32 (or 32) (default: the input's)")
     res.add_argument("-d", "--device", default="auto", help="cpu, cuda or auto (default)")
     res.add_argument("-v", "--verbose", action="count", default=0,
                      help="-v: totals, threshold, size and score quantiles; -vv: every layer's old -> new rank")
@@ -165,7 +210,10 @@ def build_parser():
 def main(argv=None):
     """Entry point of `lora-colab` and `python -m lora_colab`; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -177,6 +225,18 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("lora-colab: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lora-colab inspect --json | head`: the reader left, nothing to report
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout():
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    import os
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 import torch
 
+from .errors import OptionError
+
 # Every whole-byte dtype the safetensors format defines, with its item size.
 ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
@@ -57,4 +59,4 @@ def parse_dtype(value):
         return aliases[key]
     if value in TO_TORCH:
         return TO_TORCH[value]
-    raise ValueError(f"unknown dtype {value!r}: use bf16, fp16 or fp32")
+    raise OptionError(f"unknown dtype {value!r}: use bf16, fp16 or fp32")

@@ -18,3 +18,7 @@ class CheckpointError(LoraColabError, ValueError):
         if tensor is not None:
             where += f" [{tensor}]"
         super().__init__(f"{where}: {message}")
+
+
+class OptionError(LoraColabError, ValueError):
+    """An option value that cannot be used; the message names the option."""

@@ -13,7 +13,7 @@ from .arch import resolve_format
 from .canonical import open_canonical, pair
 from .checkpoint import cast
 from .dtypes import parse_dtype
-from .errors import CheckpointError, LoraColabError
+from .errors import CheckpointError, LoraColabError, OptionError
 from .lora_format import build_metadata, module_tensors
 from .lowrank import clamp_outliers, clamped_residual_sq, low_rank, norm_sq, product_change
 from .memory import peak_rss_bytes, purge, vram_bytes
@@ -140,17 +140,62 @@ def _inputs_differ_in_precision(base, tuned, target):
     return bool(b & fp8) != bool(t & fp8)
 
 
-def _check_options(rank, alpha, clamp_quantile, energy, on_nonfinite):
-    if not rank or rank < 1:
-        raise LoraColabError(f"rank must be a positive integer, got {rank}")
-    if alpha is not None and alpha <= 0:
-        raise LoraColabError(f"alpha must be > 0, got {alpha}")
+def _check_options(rank, alpha, clamp_quantile, energy, on_nonfinite, scale, conv_rank, conv_alpha, min_diff,
+                   niter, oversample):
+    """Refuse option values that would crash later or write a useless file; one line naming the option."""
+    def positive_int(name, value, zero=False):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
+            raise OptionError(f"{name} must be a {'non-negative' if zero else 'positive'} integer, got {value!r}")
+
+    positive_int("rank", rank)
+    if conv_rank is not None:
+        positive_int("conv_rank", conv_rank)
+    positive_int("niter", niter, zero=True)
+    positive_int("oversample", oversample, zero=True)
+    for name, value in (("alpha", alpha), ("conv_alpha", conv_alpha)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise OptionError(f"{name} must be > 0, got {value}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise OptionError(f"scale must be > 0 (1 = the full difference, 0.5 = half strength), got {scale}")
     if clamp_quantile is not None and not 0.5 <= clamp_quantile <= 1.0:
-        raise LoraColabError(f"clamp_quantile must be in [0.5, 1.0] (or None), got {clamp_quantile}")
+        raise OptionError(f"clamp_quantile must be in [0.5, 1.0] (or None), got {clamp_quantile}")
     if on_nonfinite not in ("stop", "skip"):
-        raise LoraColabError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        raise OptionError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     if energy is not None and not 0.0 < energy <= 1.0:
-        raise LoraColabError(f"energy must be in (0, 1], got {energy}")
+        raise OptionError(f"energy must be in (0, 1], got {energy}")
+    if not (math.isfinite(min_diff) and min_diff >= 0):
+        raise OptionError(f"min_diff must be >= 0, got {min_diff}")
+
+
+def check_output_file(out, what="output"):
+    """The path to write a file at: refused at once (before any input is read) when it is a folder or
+    lies under a file."""
+    out = Path(os.fspath(out)).expanduser()
+    if out.is_dir():
+        raise OptionError(f"{out}: is a folder; the {what} is a file, e.g. {out / 'lora.safetensors'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OptionError(f"{out}: {parent} is a file, not a folder")
+    return out
+
+
+def _check_groups(arch, groups):
+    for group in groups:
+        if group not in arch.optional_groups:
+            have = ", ".join(f"{g} ({what})" for g, what in arch.optional_groups.items()) or "none"
+            raise OptionError(f"--include {group}: not an optional target group of {arch.title}; its groups: {have}")
+
+
+def _notices(arch, targets, rank, conv_rank):
+    """One-line notices for options that cannot do what they say on this model."""
+    notes = []
+    if conv_rank is not None and not any(t.kind == "conv" for t in targets):
+        notes.append(f"conv_rank {conv_rank} ignored: this {arch.title} model has no k×k convolutions to extract")
+    full = max((min(t.shape[0], math.prod(t.shape[1:])) for t in targets if t.kind != "conv"), default=0)
+    if full and rank > full:
+        notes.append(f"rank {rank} is above every layer's full rank (at most {full}): each layer keeps its full "
+                     f"rank, the file is as large as it can be")
+    return notes
 
 
 def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
@@ -170,20 +215,24 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     lists it in the report.
     """
     started = time.perf_counter()
+    _check_options(rank, alpha, clamp_quantile, energy, on_nonfinite, scale, conv_rank, conv_alpha, min_diff,
+                   niter, oversample)
+    out_dtype = parse_dtype(dtype)
+    out = check_output_file(out)
     device = resolve_device(device)
-    _check_options(rank, alpha, clamp_quantile, energy, on_nonfinite)
-    out = Path(os.fspath(out))
     with open_canonical(base) as b, open_canonical(tuned, b.arch.name) as t:
+        _check_groups(b.arch, groups)
+        fmt = resolve_format(b.arch, format)
         targets = b.arch.targets(b.shapes(), groups=set(groups), conv=conv_rank is not None,
                                  text_encoders=text_encoders)
         if not targets:
             raise LoraColabError(f"{b.path}: no LoRA targets found in this {b.detected.describe()} checkpoint")
         pair(b, t, targets)
-        fmt = resolve_format(b.arch, format)
-        out_dtype = parse_dtype(dtype) or _default_dtype(b.arch)
+        out_dtype = out_dtype or _default_dtype(b.arch)
         report = ExtractReport(base=b.path, tuned=t.path, architecture=b.detected.describe()
                                + (f" / {t.detected.layout}" if t.detected.layout != b.detected.layout else ""),
                                format=fmt, dtype=str(out_dtype).replace("torch.", ""), device=str(device))
+        report.warnings.extend(_notices(b.arch, targets, rank, conv_rank))
         if any(_inputs_differ_in_precision(b, t, target) for target in targets[:8]):
             report.warnings.append("one checkpoint is fp8 and the other is not: fp8 rounding shows up as a "
                                    "full-rank difference; prefer a pair of the same precision")
@@ -206,7 +255,6 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
                     if on_nonfinite != "skip":
                         raise error
                     layer.skipped = f"NaN/Inf: {error}"
-                    report.warnings.append(f"skipped, {error}")
                 elif layer.max_abs_diff <= min_diff:
                     layer.skipped = f"max |difference| {layer.max_abs_diff:.3g} <= min_diff {min_diff:g}"
                 else:
@@ -254,7 +302,7 @@ def _max_abs(delta):
     if not delta.numel():
         return 0.0
     low, high = torch.aminmax(delta)
-    return max(-float(low), float(high))
+    return max(abs(float(low)), abs(float(high))) if not (low.isnan() or high.isnan()) else math.nan
 
 
 def _nonfinite_error(base, tuned, target):

@@ -18,12 +18,71 @@ def _target_counts(ckpt):
     return view.detected.describe(), counts
 
 
+def lora_spelling(names):
+    """How a LoRA names its modules: kohya, ComfyUI, diffusers (PEFT), musubi-tuner or mixed."""
+    kinds = Counter()
+    for name in names:
+        if name.startswith(("lora_unet_", "lora_te")):
+            kinds["kohya (lora_unet_/lora_te_)"] += 1
+        elif name.startswith("diffusion_model."):
+            kinds["ComfyUI (diffusion_model.)"] += 1
+        elif name.startswith(("transformer.", "unet.", "text_encoder")):
+            kinds["diffusers/PEFT (transformer./unet./text_encoder.)"] += 1
+        elif name.startswith("lycoris_"):
+            kinds["LyCORIS (lycoris_)"] += 1
+        else:
+            kinds["bare module names"] += 1
+    return " + ".join(kind for kind, _ in kinds.most_common()) or "-"
+
+
+def summarize_lora(ckpt):
+    """A dict describing a LoRA file: spelling, module count, kinds, ranks, alphas, the base it names."""
+    from .arch import guess_lora_arch
+    from .lora_file import scan_layers
+
+    layers, other = scan_layers(ckpt.keys())
+    ranks, alphas = Counter(), Counter()
+    for layer in layers.values():
+        for role in ("down", "hada_w1_b", "lokr_w2_b"):
+            if role in layer.tensors and ckpt.shape(layer.tensors[role]):
+                ranks[ckpt.shape(layer.tensors[role])[0]] += 1
+                break
+        if "alpha" in layer.tensors:
+            alphas[f"{float(ckpt.read(layer.tensors['alpha']).float().reshape(-1)[0]):g}"] += 1
+    meta = ckpt.metadata
+    named = {k: meta[k] for k in ("ss_base_model_version", "modelspec.architecture", "ss_sd_model_name",
+                                  "ss_output_name", "modelspec.title") if meta.get(k)}
+    return {
+        "path": ckpt.path,
+        "kind": "LoRA",
+        "files": len(ckpt.files),
+        "tensors": len(ckpt),
+        "dtypes": dict(Counter(ckpt.st_dtype(k) for k in ckpt.keys()).most_common()),
+        "total_bytes": ckpt.total_bytes,
+        "spelling": lora_spelling(layers),
+        "modules": len(layers),
+        "layer_kinds": dict(Counter(layer.kind for layer in layers.values()).most_common()),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "alphas": dict(alphas.most_common()) if alphas else {"none (scale 1, PEFT)": len(layers)},
+        "other_tensors": len(other),
+        "architecture": guess_lora_arch(list(layers), meta),
+        "base_model": named,
+        "metadata": dict(meta),
+    }
+
+
 def summarize(ckpt):
-    """A dict describing `ckpt`: tensors, dtypes, size, metadata, files, detected layout and LoRA targets."""
+    """A dict describing `ckpt`: tensors, dtypes, size, metadata, files, detected layout and LoRA targets
+    (for a LoRA file: see summarize_lora)."""
+    from .lora_file import looks_like_lora
+
+    if looks_like_lora(ckpt.keys()):
+        return summarize_lora(ckpt)
     dtypes = Counter(ckpt.st_dtype(k) for k in ckpt.keys())
     detected, targets = _target_counts(ckpt)
     return {
         "path": ckpt.path,
+        "kind": "checkpoint",
         "files": len(ckpt.files),
         "storage": "sharded index" if isinstance(ckpt, ShardedCheckpoint) else "single file",
         "tensors": len(ckpt),
@@ -35,10 +94,29 @@ def summarize(ckpt):
     }
 
 
+def _counts(counts):
+    return ", ".join(f"{value} x{n}" for value, n in counts.items()) or "-"
+
+
 def format_summary(summary, max_meta_chars=200):
     """Human-readable lines for a summary dict."""
     gib = summary["total_bytes"] / 2**30
     dtypes = ", ".join(f"{name} x{count}" for name, count in summary["dtypes"].items())
+    if summary.get("kind") == "LoRA":
+        lines = [
+            f"path:      {summary['path']}",
+            f"kind:      LoRA for {summary['architecture']}, {summary['modules']} modules "
+            f"({_counts(summary['layer_kinds'])})",
+            f"spelling:  {summary['spelling']}",
+            f"ranks:     {_counts(summary['ranks'])}",
+            f"alphas:    {_counts(summary['alphas'])}",
+            f"base:      " + (", ".join(f"{k}={v}" for k, v in summary["base_model"].items()) or "not named in metadata"),
+            f"tensors:   {summary['tensors']}" + (f" ({summary['other_tensors']} not LoRA layers)"
+                                                  if summary["other_tensors"] else ""),
+            f"dtypes:    {dtypes or '-'}",
+            f"size:      {summary['total_bytes']:,} bytes ({gib:.2f} GiB)",
+        ]
+        return lines + _metadata_lines(summary, max_meta_chars)
     lines = [
         f"path:      {summary['path']}",
         f"storage:   {summary['storage']} ({summary['files']} file{'s' if summary['files'] != 1 else ''})",
@@ -48,6 +126,11 @@ def format_summary(summary, max_meta_chars=200):
         f"dtypes:    {dtypes or '-'}",
         f"size:      {summary['total_bytes']:,} bytes ({gib:.2f} GiB)",
     ]
+    return lines + _metadata_lines(summary, max_meta_chars)
+
+
+def _metadata_lines(summary, max_meta_chars):
+    lines = []
     if summary["metadata"]:
         lines.append("metadata:")
         for key, value in sorted(summary["metadata"].items()):

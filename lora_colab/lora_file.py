@@ -35,6 +35,17 @@ class LoraLayer:
         return "alpha" in self.tensors
 
 
+def is_lora_key(key):
+    """True for a tensor name that only a LoRA file holds (factors, alpha, LyCORIS parts)."""
+    return key.endswith(tuple(s for pair in FACTOR_SUFFIXES for s in pair)) or bool(_LYCORIS.fullmatch(key))
+
+
+def looks_like_lora(keys):
+    """True when most tensors of a file are LoRA tensors: it is a LoRA, not a checkpoint."""
+    keys = list(keys)
+    return bool(keys) and sum(map(is_lora_key, keys)) * 2 > len(keys)
+
+
 def scan_layers(keys):
     """Group LoRA tensor names into layers; returns (layers by name, keys that belong to no layer)."""
     layers, used = {}, set()

@@ -75,10 +75,12 @@ class ExtractReport:
             if changed.clamp_change:
                 lines.append(f"clamp: largest change {changed.clamp_change:.2%} ({changed.name}), "
                              f"rows/columns cut up to {max(layer.clipped for layer in done):.2%}")
-        if self.skipped:
-            names = ", ".join(layer.name for layer in self.skipped[:3])
-            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
-            lines.append(f"skipped: {names}{more} ({self.skipped[0].skipped})")
+        for nonfinite in (True, False):
+            group = [layer for layer in self.skipped if layer.skipped.startswith("NaN/Inf") == nonfinite]
+            if group:
+                names = ", ".join(layer.name for layer in group[:3])
+                more = f" and {len(group) - 3} more" if len(group) > 3 else ""
+                lines.append(f"skipped: {names}{more} ({group[0].skipped})")
         if self.output:
             lines.append(f"wrote {self.output} ({fmt_bytes(self.output_bytes)})")
         elif self.identical:

@@ -14,7 +14,7 @@ import torch
 from .arch import guess_lora_arch
 from .base_refs import BaseReferences
 from .dtypes import parse_dtype
-from .errors import CheckpointError, LoraColabError
+from .errors import CheckpointError, LoraColabError, OptionError
 from .extractor import resolve_device
 from .lora_file import LoraFile
 from .lowrank import low_rank
@@ -216,6 +216,16 @@ class ResizeReport:
 
     def __str__(self):
         return self.summary(1)
+
+
+class ResizeReports(list):
+    """The ResizeReports of one resize run; `print()` shows one summary per output."""
+
+    def __str__(self):
+        return "\n".join(report.summary(1) for report in self)
+
+    def _repr_pretty_(self, printer, cycle):
+        printer.text(str(self))
 
 
 # --- selection -----------------------------------------------------------------------------------
@@ -466,13 +476,17 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
     if isinstance(loras, (str, os.PathLike)):
         loras = [loras]
     recipe_list = parse_recipes(recipes) if isinstance(recipes, str) else list(recipes)
+    parse_dtype(dtype)
+    if output_folder is not None and Path(output_folder).exists() and not Path(output_folder).is_dir():
+        raise OptionError(f"{output_folder}: is a file; the resize output is a folder (one file per LoRA and "
+                          f"recipe is written into it)")
     device = resolve_device(device)
     base = None
     if checkpoint is not None:
         base = BaseReferences(checkpoint, device)
     elif any(r.needs_checkpoint for r in recipe_list):
         raise LoraColabError("a recipe uses spn_ckpt/fro_ckpt/subspace: give the base checkpoint")
-    reports = []
+    reports = ResizeReports()
     try:
         for lora_arg in loras:
             started = time.perf_counter()

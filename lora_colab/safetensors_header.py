@@ -41,12 +41,31 @@ def read_header(raw_file, path):
     if file_size < 8:
         raise CheckpointError(path, f"file is {file_size} bytes, too short for a safetensors header")
     n = int.from_bytes(raw_file.pread(8, 0), "little")
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        _not_safetensors(raw_file, path, n, file_size)
     if n > MAX_HEADER_BYTES:
         raise CheckpointError(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + n > file_size:
         raise CheckpointError(path, f"header length {n} runs past the end of the {file_size}-byte file")
     raw = raw_file.pread(n, 8)
     return parse_header(raw, file_size, path)
+
+
+_SIGNATURES = ((b"version https://git-lfs", "a Git LFS pointer, not the file itself (download the real file)"),
+               (b"<!doctype html", "an HTML page (a login or error page? check the address)"),
+               (b"<html", "an HTML page (a login or error page? check the address)"),
+               (b"GGUF", "a GGUF file"), (b"PK\x03\x04", "a zip archive (a PyTorch .pt/.ckpt pickle?)"),
+               (b"\x80", "a Python pickle (.ckpt/.pt)"), (b"{", "JSON text (a config or index file?)"))
+
+
+def _not_safetensors(raw_file, path, n, file_size):
+    """Raise naming what the file looks like, when its first bytes cannot start a safetensors header."""
+    head = raw_file.pread(min(64, file_size), 0)
+    for signature, what in _SIGNATURES:
+        if head.lstrip().lower().startswith(signature.lower()):
+            raise CheckpointError(path, f"is not a safetensors file: it looks like {what}")
+    if sum(32 <= b < 127 or b in (9, 10, 13) for b in head) == len(head):
+        raise CheckpointError(path, f"is not a safetensors file: it starts with text {head[:24]!r}")
 
 
 def parse_header(raw, file_size, path):

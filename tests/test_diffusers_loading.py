@@ -38,8 +38,21 @@ def diffusers_warnings():
         lg.removeHandler(catcher)
 
 
+class LowRank:
+    """An expected delta kept as factors (scale · up @ down), so full-width models need no full matrices."""
+
+    def __init__(self, up, down, scale, shape):
+        self.up, self.down, self.scale, self.shape = up, down, scale, shape
+
+    def full(self):
+        return (self.scale * self.up @ self.down).reshape(self.shape)
+
+    def probe(self, x):
+        return self.scale * self.up @ (self.down @ x)
+
+
 def write_lora(tmp_path, architecture, fmt, targets, seed=0):
-    """A LoRA file with random factors for `targets`; returns path and {diffusers module: expected delta}."""
+    """A LoRA file with random factors for `targets`; returns path and {diffusers module: expected LowRank}."""
     gen = torch.Generator().manual_seed(seed)
     tensors, expected = {}, {}
     for target in targets:
@@ -50,11 +63,11 @@ def write_lora(tmp_path, architecture, fmt, targets, seed=0):
         down = torch.randn(RANK, in_features, generator=gen) / in_features ** 0.5
         up = torch.randn(out_features, RANK, generator=gen) / RANK ** 0.5
         tensors.update(module_tensors(architecture, fmt, target, down, up, ALPHA, torch.float32))
-        delta = ALPHA / RANK * up @ down
         for module in architecture.lora_modules(target, "diffusers"):
             rows = module.rows or (0, out_features)
             component, _, name = module.name.partition(".")
-            expected[(component, name)] = delta[rows[0]:rows[1]]
+            expected[(component, name)] = LowRank(up[rows[0]:rows[1]], down, ALPHA / RANK,
+                                                  (rows[1] - rows[0],) + tuple(target.shape[1:]))
     path = tmp_path / f"lora_{fmt}.safetensors"
     save_file(tensors, path)
     return path, expected
@@ -65,11 +78,31 @@ def lora_deltas(model, adapter):
             if isinstance(module, LoraLayer) and adapter in module.lora_A}
 
 
+def lora_probes(model, adapter, x_of):
+    """{module: scaling · B @ (A @ X)} from each patched module's own LoRA factors (no full delta)."""
+    got = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            a = module.lora_A[adapter].weight.float().flatten(1)
+            b = module.lora_B[adapter].weight.float().flatten(1)
+            got[name] = module.scaling[adapter] * b @ (a @ x_of(a.shape[1]))
+    return got
+
+
 def assert_deltas(model, adapter, expected):
-    got = lora_deltas(model, adapter)
+    """Every expected module is patched, nothing else is, and each delta equals the expected one on a
+    random probe (8 vectors: a different delta passes with probability 0)."""
+    gen = torch.Generator().manual_seed(1)
+    probes = {}
+
+    def x_of(n):
+        return probes.setdefault(n, torch.randn(n, 8, generator=gen))
+
+    got = lora_probes(model, adapter, x_of)
     assert set(got) == set(expected), (sorted(set(expected) - set(got))[:5], sorted(set(got) - set(expected))[:5])
     for name, delta in expected.items():
-        torch.testing.assert_close(got[name].reshape(delta.shape).float(), delta, rtol=1e-4, atol=1e-6,
+        want = delta.probe(x_of(delta.down.shape[1]))
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()),
                                    msg=lambda m: f"{name}: {m}")
 
 
@@ -194,11 +227,13 @@ def test_sdxl_lora_loads_fully_in_diffusers(tmp_path, fmt, diffusers_warnings):
 
 @pytest.fixture(scope="module")
 def flux_one_block():
-    torch.manual_seed(0)
-    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+    from accelerate import init_empty_weights
+    with init_empty_weights():  # the real width; to_empty leaves the weights' pages untouched (not resident)
+        model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=32,
                                             pooled_projection_dim=32, guidance_embeds=True,
                                             axes_dims_rope=(16, 56, 56))
+    return model.to_empty(device="cpu")
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
@@ -315,7 +350,7 @@ def test_resized_zimage_and_sdxl_loras_load_fully_in_diffusers(tmp_path, diffuse
     got = lora_deltas(model, "x")
     for name in [n for (_, n) in expected if n.endswith("to_q")]:
         block = name[: -len(".to_q")]
-        fused = torch.cat([expected[("transformer", f"{block}.to_{p}")] for p in "qkv"])
+        fused = torch.cat([expected[("transformer", f"{block}.to_{p}")].full() for p in "qkv"])
         ours = torch.cat([got[f"{block}.to_{p}"] for p in "qkv"])
         torch.testing.assert_close(ours, truncated(fused, 2), rtol=1e-3, atol=1e-5)
     assert len(got) == len(expected)
@@ -333,5 +368,5 @@ def test_resized_zimage_and_sdxl_loras_load_fully_in_diffusers(tmp_path, diffuse
     unet_expected = {n: d for (c, n), d in expected.items() if c == "unet"}
     assert set(got) == set(unet_expected)
     for name, delta in unet_expected.items():
-        torch.testing.assert_close(got[name].reshape(delta.shape), truncated(delta, 2), rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(got[name].reshape(delta.shape), truncated(delta.full(), 2), rtol=1e-3, atol=1e-5)
     assert not [m for m in diffusers_warnings if "unexpected" in m.lower() or "missing" in m.lower()]

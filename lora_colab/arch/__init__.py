@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from ..errors import OptionError
 from .common import MODEL_PREFIXES, LoraModule, Target
 from .flux import Flux
 from .generic import Generic
@@ -61,14 +62,14 @@ def get(name):
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}: choose one of "
+        raise OptionError(f"unknown architecture {name!r}: choose one of "
                          f"{', '.join(list(ARCHITECTURES) + ['generic'])}") from None
 
 
 def resolve_format(arch, fmt):
     """The concrete output format for `fmt` ('auto' picks what loads in the most clients for `arch`)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise OptionError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     return arch.auto_format if fmt == "auto" else fmt
 
 
