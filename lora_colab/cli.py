@@ -91,11 +91,15 @@ def _cmd_extract(args):
 
 
 def _cmd_demo(args):
-    from .demo import run_demo
+    from .demo import next_steps, run_demo
 
     options = _extract_options(args)
     rank = options.pop("rank")
-    return _finish(run_demo(args.output_dir, rank=rank, **options), args.json)
+    report = run_demo(args.output_dir, rank=rank, **options)
+    status = _finish(report, args.json)
+    if not args.json and report.output:
+        print("\n".join(next_steps(report)))
+    return status
 
 
 def _cmd_resize(args):
@@ -178,7 +182,8 @@ def build_parser():
         description="Writes a base (diffusers layout) and a tuned model (ComfyUI single file) with a planted "
                     "low-rank change, then runs the extractor on them and prints the report.")
     demo.add_argument("-o", "--output-dir", default=None, metavar="DIR",
-                      help="where to write the pair and the LoRA (default: a new temporary folder)")
+                      help="where to write the pair and the LoRA (default: lora_colab_demo in the temporary "
+                           "folder, replaced by each run)")
     _add_extract_options(demo, 16)
     demo.set_defaults(func=_cmd_demo)
 

@@ -37,6 +37,13 @@ class ExtractConfig:
     def to_dict(self):
         return asdict(self)
 
+    def describe(self):
+        """The settings in one line, as a person reads them."""
+        clamp = "off" if self.clamp_quantile >= 1.0 else f"{self.clamp_quantile:g}"
+        conv = f", conv rank {self.conv_rank}" if self.conv_rank else ""
+        return (f"rank {self.rank}, alpha {self.alpha:g}, strength {self.scale:g}, clamp {clamp}{conv}, "
+                f"format {self.format}, dtype {self.dtype}, device {self.device}")
+
 
 @dataclass
 class ResizeConfig:
@@ -46,6 +53,9 @@ class ResizeConfig:
     dtype: str = "auto"
     device: str = "auto"
     verbose: int = 1
+
+    def describe(self):
+        return f"recipes {self.recipes}, dtype {self.dtype}, device {self.device}"
 
     def resize_kwargs(self):
         return dict(recipes=self.recipes, dtype=None if self.dtype == "auto" else self.dtype, device=self.device)

@@ -314,8 +314,11 @@ def _nonfinite_error(base, tuned, target):
 
 
 def _progress_bar(total, progress):
+    """None (progress=False), tqdm.auto's bar (True), or `progress(**kwargs)` (a tqdm-like factory)."""
     if not progress:
         return None
+    if callable(progress):
+        return progress(total=total, desc="extract", unit="layer")
     from tqdm.auto import tqdm
     return tqdm(total=total, desc="extract", unit="layer", dynamic_ncols=True)
 
@@ -323,5 +326,5 @@ def _progress_bar(total, progress):
 def _advance(bar, layer):
     if bar is None:
         return
-    bar.set_postfix_str(f"{layer.name[-40:]} | {snapshot(nvml=False).line()}", refresh=False)
+    bar.set_postfix_str(snapshot(nvml=False).line(short=True), refresh=False)
     bar.update(1)

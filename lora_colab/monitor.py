@@ -49,13 +49,18 @@ class Snapshot:
     vram_nvml: int = None
     when: float = field(default_factory=time.time)
 
-    def line(self):
-        """One short line for a progress-bar postfix or a status display."""
+    def line(self, short=False):
+        """One line for a status display: this process's own memory, the model-file pages it holds (the
+        OS can drop them), the system's available memory, and VRAM when a GPU is in use. short=True: for a
+        progress bar."""
         parts = []
         if self.rss_anon is not None:
-            parts.append(f"RAM {fmt_bytes(self.rss_anon)} (+{fmt_bytes(self.rss_file or 0)} file)")
+            file_pages = fmt_bytes(self.rss_file or 0)
+            parts.append(f"RAM {fmt_bytes(self.rss_anon)}" + (f" (+{file_pages} file pages)" if short else
+                                                              f" used by this run (+{file_pages} of file pages "
+                                                              f"the OS can drop)"))
         if self.available is not None:
-            parts.append(f"free {fmt_bytes(self.available)}")
+            parts.append(f"{fmt_bytes(self.available)} free")
         if self.vram_reserved or self.vram_nvml:
             parts.append(f"VRAM {fmt_bytes(self.vram_allocated)}/{fmt_bytes(self.vram_reserved)}"
                          + (f" (GPU {fmt_bytes(self.vram_nvml)})" if self.vram_nvml else ""))

@@ -12,11 +12,12 @@ IN_COLAB = "google.colab" in sys.modules
 
 
 def workdir():
-    """Local working folder: $LORA_COLAB_WORKDIR, else /content/lora_colab in Colab, ./lora_colab_work."""
+    """Working folder for downloads and results: $LORA_COLAB_WORKDIR, else /content/lora_colab in Colab,
+    else ~/lora_colab_work (never inside the repository the notebook sits in)."""
     if os.environ.get("LORA_COLAB_WORKDIR"):
         folder = Path(os.environ["LORA_COLAB_WORKDIR"])
     else:
-        folder = Path("/content/lora_colab") if IN_COLAB else Path.cwd() / "lora_colab_work"
+        folder = Path("/content/lora_colab") if IN_COLAB else Path.home() / "lora_colab_work"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -38,35 +39,51 @@ def prepare_models(base="", tuned="", folder=None, token=None):
     return fetch(base, folder, token=token), fetch(tuned, folder, token=token)
 
 
+def text_progress(**kwargs):
+    """A tqdm bar written as text to the cell's output: it shows in Colab, JupyterLab and the classic
+    notebook alike, and a saved notebook keeps its final state (a widget bar is saved at 0)."""
+    from tqdm.std import tqdm
+
+    return tqdm(file=sys.stdout, ascii=False, ncols=100, mininterval=0.5, **kwargs)
+
+
 def run_extract(base, tuned, config=None, folder=None, monitor=True):
-    """Extract with a live RAM/VRAM line refreshed after every layer; returns the ExtractReport."""
+    """Extract with a live RAM/VRAM line refreshed after every layer; returns the ExtractReport.
+
+    Prints the settings it uses first: a "Run all" takes the form's values as they are when this runs."""
     from .extractor import extract
     from .monitor import LiveMonitor
 
     config = config or ExtractConfig()
+    print(f"settings: {config.describe()}  (to change them: edit the form above and run this cell again)")
     live = LiveMonitor() if monitor else None
     out = Path(folder or workdir()) / config.output_name
-    report = extract(base, tuned, out, on_layer=live.update if live else None, **config.extract_kwargs())
+    report = extract(base, tuned, out, on_layer=live.update if live else None, progress=text_progress,
+                     **config.extract_kwargs())
     print(report)
     return report
 
 
 def prepare_resize_inputs(checkpoint="", loras="", folder=None, token=None):
-    """(checkpoint path, [LoRA paths]) from sources; `loras` is one per line (`a:0.7,b:0.3` merges).
+    """(checkpoint path, [LoRA entries]) from sources. `loras` holds entries separated by `;` or new lines;
+    an entry is one LoRA (`lora.safetensors`, `lora.safetensors:0.5`) or a weighted merge
+    (`a.safetensors:0.7,b.safetensors:0.3`); every file of it is fetched (Hub, URL, Drive or local).
 
     Both empty -> the demo base and a rank-16 LoRA extracted from the demo pair.
     """
     from .demo import run_demo
+    from .resizer import _split_merge
     from .sources import fetch
 
     folder = Path(folder or workdir())
-    entries = [line.strip() for line in str(loras).splitlines() if line.strip()]
+    entries = [part.strip() for line in str(loras).splitlines() for part in line.split(";") if part.strip()]
     if not checkpoint and not entries:
         report = run_demo(folder / "resize_demo", rank=16, progress=False)
         print(f"no inputs given: using a rank-16 LoRA extracted from the demo pair, {report.output}")
         return folder / "resize_demo" / "base", [report.output]
     base = fetch(checkpoint, folder, token=token) if checkpoint else None
-    local = [entry if "," in entry else str(fetch(entry, folder, token=token)) for entry in entries]
+    local = [",".join(f"{fetch(path, folder, token=token)}" + (f":{weight:g}" if weight != 1.0 else "")
+                      for path, weight in _split_merge(entry)) for entry in entries]
     return base, local
 
 
@@ -75,6 +92,7 @@ def run_resize(checkpoint, loras, config=None, folder=None):
     from .resizer import resize
 
     config = config or ResizeConfig()
+    print(f"settings: {config.describe()}  (to change them: edit the form above and run this cell again)")
     reports = resize(checkpoint, loras, folder or workdir(), **config.resize_kwargs())
     for report in reports:
         print(report.summary(config.verbose))

@@ -65,7 +65,8 @@ def _not_safetensors(raw_file, path, n, file_size):
         if head.lstrip().lower().startswith(signature.lower()):
             raise CheckpointError(path, f"is not a safetensors file: it looks like {what}")
     if sum(32 <= b < 127 or b in (9, 10, 13) for b in head) == len(head):
-        raise CheckpointError(path, f"is not a safetensors file: it starts with text {head[:24]!r}")
+        text = head[:40].decode("ascii").splitlines()[0] if head.strip() else ""
+        raise CheckpointError(path, f"is not a safetensors file: it starts with text {text!r}")
 
 
 def parse_header(raw, file_size, path):

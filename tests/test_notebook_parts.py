@@ -83,3 +83,34 @@ def test_notebooks_are_committed_clean(path):
             assert len(code) <= 1, f"{path.name}: a cell holds more than one call: {code}"
         text = "".join(cell["source"])
         assert not re.search(r"hf_[A-Za-z0-9]{20,}|/root/|/home/|/work/", text)
+
+
+def test_resize_inputs_take_several_loras_on_one_line_and_fetch_every_merge_part(tmp_path, monkeypatch):
+    import lora_colab.sources as sources
+    from lora_colab import notebook
+    fetched = []
+
+    def fake_fetch(source, folder, token=None, **_):
+        fetched.append(source)
+        return Path(folder) / Path(source.split(":")[-1]).name
+
+    monkeypatch.setattr(sources, "fetch", fake_fetch)
+    base, loras = notebook.prepare_resize_inputs(
+        "owner/base:model.safetensors", "owner/a:a.safetensors:0.7,drive:MyDrive/b.safetensors:0.3; c.safetensors:0.5;"
+        "d.safetensors", folder=tmp_path)
+    assert fetched == ["owner/base:model.safetensors", "owner/a:a.safetensors", "drive:MyDrive/b.safetensors",
+                       "c.safetensors", "d.safetensors"]
+    assert loras == [f"{tmp_path}/a.safetensors:0.7,{tmp_path}/b.safetensors:0.3", f"{tmp_path}/c.safetensors:0.5",
+                     f"{tmp_path}/d.safetensors"]
+
+
+def test_run_cells_say_which_settings_they_used(tmp_path, capsys):
+    from lora_colab import notebook
+    from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+    base, tuned, _ = make_zimage_pair(tmp_path, ZImageConfig(dim=64, n_layers=1, n_refiner_layers=1, n_heads=4,
+                                                             cap_feat_dim=32), rank=2)
+    report = notebook.run_extract(base, tuned, ExtractConfig(rank=4, alpha=2.0), folder=tmp_path, monitor=False)
+    out = capsys.readouterr().out
+    assert out.startswith("settings: rank 4, alpha 2, strength 1, clamp 0.99, format auto, dtype auto, device auto")
+    assert "edit the form above and run this cell again" in out
+    assert "extract: 100%" in out and f"{len(report.layers)}/{len(report.layers)}" in out  # a text bar, finished

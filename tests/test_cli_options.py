@@ -1,0 +1,179 @@
+"""What a newcomer meets on the command line: bad options, wrong inputs, notices, and small frictions."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_colab import LoraColabError, extract, resize
+from lora_colab.cli import main
+from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+
+Z = ZImageConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    base, tuned, _ = make_zimage_pair(folder, Z, rank=4)
+    lora = folder / "lora.safetensors"
+    extract(base, tuned, lora, rank=4, progress=False)
+    return base, tuned, lora
+
+
+def one_error_line(capsys):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("options,says", [
+    (["--scale", "-1"], "--scale: '-1': must be > 0"),
+    (["--scale", "0"], "--scale: '0': must be > 0"),
+    (["--dtype", "fp8"], "--dtype: 'fp8': use bf16, fp16"),
+    (["--rank", "0"], "--rank: '0': must be a positive integer"),
+    (["--rank", "x"], "--rank: 'x' is not a number"),
+    (["--clamp-quantile", "2"], "--clamp-quantile: '2': must be in [0.5, 1]"),
+    (["--alpha", "-3"], "--alpha: '-3': must be > 0"),
+    (["--energy", "1.5"], "--energy: '1.5': must be in (0, 1]"),
+    (["--include", "foo"], "--include foo: not an optional target group of Z-Image; its groups: adaln"),
+    (["--include", "modulation"], "--include modulation: not an optional target group of Z-Image"),
+    (["--format", "peft"], "argument --format: invalid choice"),
+])
+def test_bad_options_are_one_line_and_exit_2(demo, tmp_path, capsys, options, says):
+    base, tuned, _ = demo
+    out = tmp_path / "out.safetensors"
+    assert main(["extract", str(base), str(tuned), "-o", str(out), "-q"] + options) == 2
+    assert says in one_error_line(capsys)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    (dict(scale=-1), "scale must be > 0"), (dict(scale=0), "scale must be > 0"),
+    (dict(dtype="fp8"), "unknown dtype 'fp8'"), (dict(rank=2.5), "rank must be a positive integer"),
+    (dict(groups=["modulation"]), "not an optional target group of Z-Image"),
+])
+def test_bad_options_in_the_api_are_errors_not_tracebacks(demo, tmp_path, kwargs, says):
+    base, tuned, _ = demo
+    with pytest.raises(LoraColabError, match=says):
+        extract(base, tuned, tmp_path / "x.safetensors", progress=False, **kwargs)
+
+
+def test_options_that_cannot_apply_get_a_one_line_notice(demo, tmp_path):
+    base, tuned, _ = demo
+    report = extract(base, tuned, tmp_path / "a.safetensors", rank=100000, conv_rank=8, progress=False)
+    notes = "\n".join(report.warnings)
+    assert "conv_rank 8 ignored: this Z-Image model has no k×k convolutions" in notes
+    assert "rank 100000 is above every layer's full rank (at most 64)" in notes
+    assert "warning: conv_rank 8 ignored" in str(report)
+
+
+def test_output_folder_is_refused_before_reading_anything(demo, tmp_path, capsys, monkeypatch):
+    import lora_colab.extractor as extractor
+    base, tuned, _ = demo
+    monkeypatch.setattr(extractor, "open_canonical", lambda *a, **k: pytest.fail("read an input first"))
+    assert main(["extract", str(base), str(tuned), "-o", str(tmp_path), "-q"]) == 2
+    assert one_error_line(capsys).endswith(f"{tmp_path}: is a folder; the output is a file, e.g. "
+                                           f"{tmp_path / 'lora.safetensors'}")
+
+
+def test_resize_output_must_be_a_folder_and_dtype_spellings_match_extract(demo, tmp_path, capsys):
+    base, tuned, lora = demo
+    a_file = tmp_path / "taken.safetensors"
+    a_file.write_bytes(b"x")
+    assert main(["resize", str(base), str(lora), "-o", str(a_file), "-r", "rank=2"]) == 2
+    assert "is a file; the resize output is a folder" in one_error_line(capsys)
+    for spelling, dtype in (("fp16", torch.float16), ("16", torch.float16), ("bf16", torch.bfloat16),
+                            ("fp32", torch.float32), ("32", torch.float32)):
+        assert main(["resize", str(base), str(lora), "-o", str(tmp_path / spelling), "-r", "rank=2",
+                     "-t", spelling]) == 0
+        out = load_file(str(tmp_path / spelling / "lora_rank2.safetensors"))
+        assert out["lora_unet_layers_0_attention_qkv.lora_down.weight"].dtype == dtype
+    assert main(["extract", str(base), str(tuned), "-o", str(tmp_path / "e.safetensors"), "-q", "-t", "16"]) == 0
+    assert load_file(str(tmp_path / "e.safetensors"))["lora_unet_layers_0_attention_qkv.lora_up.weight"].dtype == \
+        torch.float16
+    help_text = subprocess.run([sys.executable, "-m", "lora_colab", "resize", "--help"], capture_output=True,
+                               text=True).stdout
+    assert "a folder, not a file" in help_text
+    help_text = subprocess.run([sys.executable, "-m", "lora_colab", "extract", "--help"], capture_output=True,
+                               text=True).stdout
+    assert "a file, not a folder" in help_text and "Z-Image: adaln" in help_text
+
+
+def test_a_lora_where_a_checkpoint_belongs_says_so(demo, tmp_path, capsys):
+    base, _, lora = demo
+    for args in (["extract", str(base), str(lora), "-o", str(tmp_path / "x.safetensors"), "-q"],
+                 ["resize", str(lora), str(lora), "-o", str(tmp_path / "r")]):
+        assert main(args) == 2
+        assert f"{lora}: is a LoRA file, not a model checkpoint" in one_error_line(capsys)
+
+
+def test_inspect_recognises_lora_files(demo, capsys):
+    _, _, lora = demo
+    assert main(["inspect", str(lora)]) == 0
+    out = capsys.readouterr().out
+    assert "kind:      LoRA for Z-Image, 20 modules (lora x20)" in out
+    assert "spelling:  kohya (lora_unet_/lora_te_)" in out
+    assert "ranks:     4 x20" in out and "alphas:    4 x20" in out
+    assert "ss_base_model_version=zimage" in out
+    assert main(["inspect", "--json", str(lora)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kind"] == "LoRA" and summary["modules"] == 20 and summary["ranks"] == {"4": 20}
+
+
+def test_text_renamed_safetensors_and_lfs_pointers_are_named(tmp_path, capsys):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("these are some notes, not a model\n" * 3)
+    assert main(["inspect", str(text)]) == 2
+    assert one_error_line(capsys).endswith("is not a safetensors file: it starts with text 'these are some "
+                                           "notes, not a model'")
+    pointer = tmp_path / "model.safetensors"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    assert main(["inspect", str(pointer)]) == 2
+    assert "it looks like a Git LFS pointer, not the file itself" in one_error_line(capsys)
+
+
+def test_identical_models_and_skipped_nan_layers_read_cleanly(demo, tmp_path):
+    base, _, _ = demo
+    report = extract(base, base, tmp_path / "same.safetensors", progress=False)
+    assert "max |difference| 0 <= min_diff 0" in str(report) and "-0" not in str(report)
+    assert not (tmp_path / "same.safetensors").exists()
+
+
+def test_nan_skip_is_reported_once(tmp_path):
+    from lora_colab.synthetic import write_checkpoint
+    specs = [("layers.0.attention.qkv.weight", (24, 8)), ("layers.0.attention.out.weight", (8, 8)),
+             ("cap_embedder.1.weight", (8, 4))]
+    base = write_checkpoint(tmp_path / "b.safetensors", specs, lambda k, s: torch.ones(s), torch.float32)
+    tuned = write_checkpoint(tmp_path / "t.safetensors", specs,
+                             lambda k, s: torch.full(s, float("nan")) if "qkv" in k else torch.ones(s) * 2,
+                             torch.float32)
+    report = extract(base, tuned, tmp_path / "x.safetensors", on_nonfinite="skip", progress=False)
+    assert str(report).count("has NaN or Inf values") == 1
+
+
+def test_inspect_into_a_closed_pipe_has_no_traceback(demo):
+    _, _, lora = demo
+    shell = subprocess.run(f'"{sys.executable}" -m lora_colab inspect --json "{lora}" | head -1', shell=True,
+                           capture_output=True, text=True)
+    assert shell.stdout.strip() == "{" and "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr
+
+
+def test_resize_reports_print_as_summaries(demo, tmp_path):
+    base, _, lora = demo
+    reports = resize(base, [lora], tmp_path, "rank=2:spn_ckpt=1,thr=-9")
+    text = str(reports)
+    assert "ResizeReport(" not in text and len(text.splitlines()) >= 2
+    assert "lora.safetensors [rank=2] ->" in text and "total rank 80 -> 40" in text
+
+
+def test_help_does_not_load_torch():
+    code = ("import sys, contextlib, io\nfrom lora_colab.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    main(['extract', '--help'])\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
