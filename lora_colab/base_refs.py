@@ -14,7 +14,7 @@ from .lowrank import spectral_norm
 from .raw_file import RawFile
 
 _FORMATS = ("kohya", "comfy", "diffusers")
-_COMPONENT_PREFIXES = ("transformer.", "unet.", "diffusion_model.")
+_COMPONENT_PREFIXES = ("transformer.", "unet.", "diffusion_model.", "base_model.model.")
 
 
 def cache_dir():
@@ -51,6 +51,8 @@ def lora_name_map(arch, shapes, targets=None):
     each format's own names: ({name: (key, rows)}, {format: set of names})."""
     names, by_format = {}, {fmt: set() for fmt in _FORMATS}
     for target in targets if targets is not None else all_targets(arch, shapes):
+        if target.component == "model":
+            names.setdefault(target.module, (target.key, None))  # native names (ai-toolkit, OneTrainer)
         for fmt in _FORMATS:
             for module in arch.lora_modules(target, fmt):
                 entry = (target.key, module.rows)
@@ -73,6 +75,7 @@ class BaseReferences(Closeable):
         targets = all_targets(self.view.arch, self.view.shapes())
         self.targets = {target.key: target for target in targets}
         self.names, self._format_names = lora_name_map(self.view.arch, self.view.shapes(), targets)
+        self._flat_names = None
         self.cache_path = cache_dir() / f"norms_{fingerprint(self.view.ckpt.files)}.json"
         self._cache = self._load_cache()
         self._dirty = False
@@ -83,13 +86,27 @@ class BaseReferences(Closeable):
         return self.view.arch
 
     def locate(self, lora_name):
-        """(canonical key, rows) of the base weight a LoRA module patches, or None."""
+        """(canonical key, rows) of the base weight a LoRA module patches, or None.
+
+        Takes every spelling the map knows (kohya, ComfyUI, PEFT, musubi-tuner), behind `transformer.`,
+        `unet.`, `diffusion_model.` or `base_model.model.` (PEFT, ai-toolkit), and SimpleTuner's `lycoris_`."""
         if lora_name in self.names:
             return self.names[lora_name]
         for prefix in _COMPONENT_PREFIXES:
             if lora_name.startswith(prefix) and lora_name[len(prefix):] in self.names:
                 return self.names[lora_name[len(prefix):]]
+        if lora_name.startswith("lycoris_"):
+            return self._flat().get(lora_name[len("lycoris_"):])
         return None
+
+    def _flat(self):
+        """Module names with `.` as `_` (SimpleTuner's lycoris_ spelling), built on first use."""
+        if self._flat_names is None:
+            self._flat_names = {}
+            for name, entry in self.names.items():
+                if not name.startswith(("lora_", "diffusion_model.", "transformer.")):
+                    self._flat_names.setdefault(name.replace(".", "_"), entry)
+        return self._flat_names
 
     def format_of(self, lora_names):
         """The output format ("kohya", "comfy", "diffusers") whose names most of `lora_names` use."""

@@ -113,14 +113,26 @@ def open_canonical(path, arch=None):
         raise
 
 
+def variant(view, targets):
+    """What a checkpoint is, for messages: architecture, layout, width and number of target layers."""
+    width = next((t.shape[1] for t in targets if t.kind == "linear" and t.component == "model"), None)
+    size = f", width {width}" if width else ""
+    return f"{view.detected.describe()}{size}, {len(targets)} target layers"
+
+
 def pair(base, tuned, targets):
-    """Check that `tuned` holds every target of `base` with the same shape; raise naming the first miss."""
+    """Check that `tuned` holds every target of `base` with the same shape; raise naming both files."""
     if base.arch.name != tuned.arch.name:
         raise CheckpointError(tuned.path, f"is {tuned.detected.describe()} but the base "
                                           f"{base.path} is {base.detected.describe()}")
+    mismatched = [t for t in targets if t.key in tuned and tuple(tuned.shape(t.key)) != tuple(t.shape)]
+    if mismatched:
+        tuned_targets = tuned.arch.targets(tuned.shapes(), groups={t.group for t in targets} - {""})
+        first = mismatched[0]
+        raise CheckpointError(tuned.path, f"is {variant(tuned, tuned_targets)} but the base {base.path} is "
+                                          f"{variant(base, targets)}: another variant of the model "
+                                          f"({len(mismatched)} layers differ in shape, first {first.key} "
+                                          f"{list(tuned.shape(first.key))} vs {list(first.shape)})")
     for target in targets:
         if target.key not in tuned:
             raise CheckpointError(tuned.path, "missing: the base has this layer", target.key)
-        if tuple(tuned.shape(target.key)) != tuple(target.shape):
-            raise CheckpointError(tuned.path, f"shape {list(tuned.shape(target.key))} differs from the base's "
-                                              f"{list(target.shape)}", target.key)

@@ -21,7 +21,6 @@ from .monitor import snapshot
 from .report import ExtractReport, LayerReport
 from .writer import SpillWriter
 
-_DIT = ("zimage", "flux")
 _PURGE_BYTES = 32 << 20  # after a difference this large, purge (gc, malloc_trim, CUDA cache); else once a second
 
 
@@ -130,10 +129,6 @@ def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, l
     return up, down
 
 
-def _default_dtype(arch):
-    return torch.bfloat16 if arch.name in _DIT else torch.float16
-
-
 def _inputs_differ_in_precision(base, tuned, target):
     b, t = base.source_dtypes(target.key), tuned.source_dtypes(target.key)
     fp8 = {"F8_E4M3", "F8_E5M2"}
@@ -189,6 +184,9 @@ def _check_groups(arch, groups):
 def _notices(arch, targets, rank, conv_rank):
     """One-line notices for options that cannot do what they say on this model."""
     notes = []
+    if arch.name == "generic":
+        notes.append(f"architecture not recognised: the generic fallback took {len(targets)} weights (every 2-D "
+                     f"weight outside norms and embeddings) and names them as ComfyUI does")
     if conv_rank is not None and not any(t.kind == "conv" for t in targets):
         notes.append(f"conv_rank {conv_rank} ignored: this {arch.title} model has no k×k convolutions to extract")
     full = max((min(t.shape[0], math.prod(t.shape[1:])) for t in targets if t.kind != "conv"), default=0)
@@ -228,11 +226,12 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
         if not targets:
             raise LoraColabError(f"{b.path}: no LoRA targets found in this {b.detected.describe()} checkpoint")
         pair(b, t, targets)
-        out_dtype = out_dtype or _default_dtype(b.arch)
+        out_dtype = out_dtype or parse_dtype(b.arch.default_dtype)
         report = ExtractReport(base=b.path, tuned=t.path, architecture=b.detected.describe()
                                + (f" / {t.detected.layout}" if t.detected.layout != b.detected.layout else ""),
                                format=fmt, dtype=str(out_dtype).replace("torch.", ""), device=str(device))
         report.warnings.extend(_notices(b.arch, targets, rank, conv_rank))
+        report.warnings.extend(b.arch.format_notes(fmt, groups))
         if any(_inputs_differ_in_precision(b, t, target) for target in targets[:8]):
             report.warnings.append("one checkpoint is fp8 and the other is not: fp8 rounding shows up as a "
                                    "full-rank difference; prefer a pair of the same precision")

@@ -9,8 +9,6 @@ import torch
 from . import __version__
 from .arch import resolve_format
 
-RESOLUTION = {"sdxl": "1024x1024", "sd15": "512x512", "flux": "1024x1024", "zimage": "1024x1024"}
-
 
 def factor_shapes(target, rank):
     """(down shape, up shape) for a target: 2-D for linears, 4-D for 1×1 and k×k convolutions."""
@@ -85,8 +83,8 @@ def build_metadata(arch, fmt, ranks, alphas, title, conv_ranks=(), conv_alphas=(
     }
     if arch.implementation:
         meta["modelspec.implementation"] = arch.implementation
-    if arch.name in RESOLUTION:
-        meta["modelspec.resolution"] = RESOLUTION[arch.name]
+    if arch.resolution:
+        meta["modelspec.resolution"] = arch.resolution
     if conv_ranks:
         conv_same = len(set(conv_ranks)) <= 1 and len(set(conv_alphas)) <= 1
         meta["ss_network_args"] = json.dumps({

@@ -239,8 +239,10 @@ def test_pairing_errors_name_the_tensor(tmp_path):
     st_save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(flux))
     with open_canonical(base) as a:
         targets = a.arch.targets(a.shapes())
-        with open_canonical(other) as b, pytest.raises(CheckpointError, match=r"b\.safetensors \[noise_refiner\.0"
-                                                                              r"\.attention\.qkv\.weight\]: shape"):
+        with open_canonical(other) as b, pytest.raises(CheckpointError, match=(
+                r"b\.safetensors: is Z-Image \(single-file\), width 48, 20 target layers but the base \S*a\.safetensors "
+                r"is Z-Image \(single-file\), width 32, 20 target layers: another variant of the model \(20 layers "
+                r"differ in shape, first noise_refiner\.0\.attention\.qkv\.weight \[144, 48\] vs \[96, 32\]\)")):
             pair(a, b, targets)
         with open_canonical(short) as c, pytest.raises(CheckpointError, match=r"\[layers\.1\.attention\.qkv\.weight"
                                                                               r"\]: missing"):

@@ -3,13 +3,21 @@
 from dataclasses import dataclass
 
 from ..errors import OptionError
+from .chroma import Chroma
 from .common import MODEL_PREFIXES, LoraModule, Target
 from .flux import Flux
+from .flux2 import Flux2
 from .generic import Generic
+from .krea2 import Krea2
+from .ltx2 import LTX2
+from .qwen_image import QwenImage, QwenImage21
 from .stable_diffusion import SD15, SDXL, sgm_to_diffusers
+from .wan import Wan
 from .zimage import ZImage
 
-ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), ZImage(), Flux())}
+# Detection order matters where layouts share names: FLUX.2 and Chroma reuse Flux.1's block names.
+ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), ZImage(), Flux2(), Chroma(), Flux(), QwenImage21(),
+                                               QwenImage(), Wan(), Krea2(), LTX2())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
 

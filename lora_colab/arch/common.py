@@ -72,6 +72,12 @@ class NativeArchitecture:
     `from_layout` (other layouts -> canonical) and `diffusers_modules`."""
 
     optional_groups = {}
+    default_dtype = "bf16"       # factor dtype when the user gives none
+    resolution = "1024x1024"     # modelspec.resolution
+
+    def format_notes(self, fmt, groups):
+        """Lines for the report about which clients load `fmt` for this architecture (none by default)."""
+        return []
 
     def from_layout(self, native, layout):
         """(canonical key, part index, part count) for a prefix-stripped key of `layout`, or None to skip."""

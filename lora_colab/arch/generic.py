@@ -12,6 +12,8 @@ class Generic(NativeArchitecture):
     name = "generic"
     title = "generic"
     auto_format = "comfy"
+    default_dtype = "fp16"
+    resolution = None
     base_model_version = "unknown"
     modelspec_architecture = "unknown/lora"
     implementation = ""

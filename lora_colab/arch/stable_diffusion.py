@@ -53,6 +53,11 @@ def _inner(block, rest):
 class _StableDiffusion:
     auto_format = "kohya"
     optional_groups = {}
+    default_dtype = "fp16"
+    resolution = "1024x1024"
+
+    def format_notes(self, fmt, groups):
+        return []
 
     te_prefixes = {}  # component -> key prefix in the single file
 
@@ -168,6 +173,7 @@ class SD15(_StableDiffusion):
     modelspec_architecture = "stable-diffusion-v1/lora"
     implementation = "diffusers"
     te_prefixes = {"te": "cond_stage_model.transformer."}
+    resolution = "512x512"
     lora_hint = re.compile(r"^lora_te_text_model|^lora_unet_(?:down|up|mid)_blocks?_")
     metadata_tags = ("sd_v1", "stable-diffusion-v1")
 

@@ -1,0 +1,41 @@
+"""LTX-2: Lightricks' single file (video and audio streams, every key under model.diffusion_model.) and
+diffusers layout (same block names; embedders renamed)."""
+
+import re
+
+from .table import Rule, TableArchitecture
+
+_B = "transformer_blocks.{i}"
+_ATTENTIONS = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
+_ADALN = {"adaln_single": "time_embed", "audio_adaln_single": "audio_time_embed",
+          "av_ca_video_scale_shift_adaln_single": "av_cross_attn_video_scale_shift",
+          "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
+          "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
+          "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate"}
+
+
+class LTX2(TableArchitecture):
+    name = "ltx2"
+    title = "LTX-2"
+    base_model_version = "ltx2"
+    modelspec_architecture = "ltx-2/lora"
+    implementation = "https://github.com/Lightricks/LTX-2"
+    metadata_tags = ("ltx-2", "ltx2", "ltxv2")
+    lora_hint = re.compile(r"audio_attn1|audio_to_video_attn|video_to_audio_attn|audio_ff")
+    auto_format = "comfy"
+    comfy_peft = True  # diffusers passes LTX-2 keys through unconverted: PEFT names without alpha load in both
+    native_probes = ("transformer_blocks.0.audio_attn1.to_q.weight", "transformer_blocks.0.attn1.q_norm.weight")
+    diffusers_probes = ("transformer_blocks.0.audio_attn1.to_q.weight", "transformer_blocks.0.attn1.norm_q.weight")
+    rules = tuple([Rule("patchify_proj", "proj_in"), Rule("audio_patchify_proj", "audio_proj_in")]
+                  + [Rule(f"{_B}.{a}.{n}_norm", f"{_B}.{a}.norm_{n}") for a in _ATTENTIONS for n in "qk"]
+                  + [Rule(f"{n}.linear", f"{d}.linear") for n, d in _ADALN.items()])
+    default_targets = tuple([f"{_B}.{a}.{p}" for a in _ATTENTIONS for p in ("to_q", "to_k", "to_v", "to_out.0")]
+                            + [f"{_B}.{f}.{p}" for f in ("ff", "audio_ff") for p in ("net.0.proj", "net.2")])
+    optional = {
+        "modulation": ("the adaln_single linears (video, audio and cross-modal)", [f"{n}.linear" for n in _ADALN]),
+        "embedders": ("patchify and caption projections",
+                      ["patchify_proj", "audio_patchify_proj", "caption_projection.linear_1",
+                       "caption_projection.linear_2", "audio_caption_projection.linear_1",
+                       "audio_caption_projection.linear_2"]),
+        "final": ("proj_out and audio_proj_out", ["proj_out", "audio_proj_out"]),
+    }

@@ -1,0 +1,126 @@
+"""Architectures described by tables: module-name templates that map the diffusers layout onto the native
+(canonical) one, the default and optional LoRA targets, and how each format names a target.
+
+A template is a module path with `{i}`-style fields for block indices, e.g. `blocks.{i}.self_attn.q`. A
+`Rule(native, diffusers, part, parts)` says that the diffusers module is rows part/parts of the native one
+(parts > 1: the native weight fuses several diffusers weights, in that order, of equal height).
+"""
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .common import PEFT_SUFFIXES, LoraModule, NativeArchitecture, Target, find_prefix
+
+
+@lru_cache(maxsize=None)
+def _compile(template):
+    pattern = re.escape(template)
+    pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\d+)", pattern)
+    return re.compile(pattern)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Native module `native` is (or holds, as rows part/parts) the diffusers module `diffusers`."""
+
+    native: str
+    diffusers: str
+    part: int = 0
+    parts: int = 1
+
+    def from_diffusers(self, module):
+        hit = _compile(self.diffusers).fullmatch(module)
+        return self.native.format(**hit.groupdict()) if hit else None
+
+    def to_diffusers(self, module):
+        hit = _compile(self.native).fullmatch(module)
+        return self.diffusers.format(**hit.groupdict()) if hit else None
+
+
+def fused(native, diffusers_parts):
+    """Rules for a native module that fuses `diffusers_parts` (in row order, equal heights)."""
+    return [Rule(native, d, i, len(diffusers_parts)) for i, d in enumerate(diffusers_parts)]
+
+
+class TableArchitecture(NativeArchitecture):
+    """A NativeArchitecture whose layouts, targets and names come from class-level tables."""
+
+    native_probes = ()         # keys (no prefix) that all occur in the native layout
+    diffusers_probes = ()      # ... in the diffusers layout
+    rules = ()                 # Rule(...) for every module whose diffusers name differs
+    default_targets = ()       # native module templates (regex-free, `{i}` fields)
+    optional = {}              # group -> (description, [native module templates])
+    comfy_peft = False         # the comfy format uses lora_A/lora_B without alpha (what both clients load)
+    auto_format = "kohya"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.optional_groups = {group: what for group, (what, _) in cls.optional.items()}
+        cls._default = [_compile(t) for t in cls.default_targets]
+        cls._groups = {group: [_compile(t) for t in templates] for group, (_, templates) in cls.optional.items()}
+
+    # -- layouts ----------------------------------------------------------------------------------
+    def detect(self, keys):
+        for layout, probes in (("native", self.native_probes), ("diffusers", self.diffusers_probes)):
+            if probes:
+                prefix = find_prefix(keys, list(probes))
+                if prefix is not None:
+                    return layout, prefix
+        return None
+
+    def from_layout(self, native, layout):
+        if layout != "diffusers":
+            return native, 0, 1
+        module, _, param = native.rpartition(".")
+        for rule in self.rules:
+            mapped = rule.from_diffusers(module)
+            if mapped is not None:
+                return f"{mapped}.{param}", rule.part, rule.parts
+        return native, 0, 1
+
+    # -- targets ----------------------------------------------------------------------------------
+    def targets(self, shapes, groups=frozenset(), conv=False, text_encoders=True):
+        found = []
+        for key, shape in shapes.items():
+            if not key.endswith(".weight") or len(shape) != 2:
+                continue
+            module = key[: -len(".weight")]
+            group = self._group_of(module, groups)
+            if group is None:
+                continue
+            found.append(Target(key, module, tuple(shape), splits=self._splits(module, shape[0]), group=group))
+        return found
+
+    def _group_of(self, module, groups):
+        """"" for a default target, the optional group's name when it is asked for, else None."""
+        if any(p.fullmatch(module) for p in self._default):
+            return ""
+        for group in groups:
+            if any(p.fullmatch(module) for p in self._groups.get(group, ())):
+                return group
+        return None
+
+    def _splits(self, module, rows):
+        parts = self._diffusers_parts(module)
+        if len(parts) < 2:
+            return ()
+        height = rows // len(parts)
+        return tuple((name, i * height, (i + 1) * height) for i, name in enumerate(parts))
+
+    def _diffusers_parts(self, module):
+        """The diffusers modules a native module is stored as, in row order ([itself] when unrenamed)."""
+        parts = sorted(((rule.part, rule.to_diffusers(module)) for rule in self.rules
+                        if rule.to_diffusers(module) is not None))
+        return [name for _, name in parts] or [module]
+
+    # -- output names -----------------------------------------------------------------------------
+    def lora_modules(self, target, fmt):
+        if fmt == "comfy" and self.comfy_peft:
+            return [LoraModule("diffusion_model." + target.module, None, PEFT_SUFFIXES, False)]
+        return super().lora_modules(target, fmt)
+
+    def diffusers_modules(self, target):
+        if target.splits:
+            return [LoraModule(f"transformer.{name}", (a, b), PEFT_SUFFIXES, False) for name, a, b in target.splits]
+        return [LoraModule("transformer." + self._diffusers_parts(target.module)[0], None, PEFT_SUFFIXES, False)]

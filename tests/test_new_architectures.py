@@ -1,0 +1,335 @@
+"""Qwen-Image, Qwen-Image 2.1, Wan, FLUX.2, Chroma, Krea 2 and LTX-2: detection and pairing on the full real
+layouts; LoRA files loaded by diffusers' own pipeline loaders into tiny models of its real classes; ComfyUI's
+key rules; and extraction end to end (a planted fine-tune, native and diffusers layouts, the layers' outputs)."""
+
+import inspect
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save_file as st_save_file
+
+from lora_colab import arch, extract
+from lora_colab.lora_format import module_tensors
+
+from comfy_rules import unet_key_map
+from conftest import LAYOUTS
+from test_diffusers_loading import ALPHA, RANK, LowRank, assert_deltas, diffusers_warnings  # noqa: F401
+
+diffusers = pytest.importorskip("diffusers")
+
+# name -> (full native layout, full diffusers layout, default targets, optional targets)
+FULL = {
+    "qwen_image": ("qwen-image-diffusers", None, 720, 126),
+    "qwen_image_2_1": ("qwen-image-2.1-native", "qwen-image-2.1-diffusers", 192, 8),
+    "wan": ("wan2.2-t2v-a14b-native", "wan2.2-t2v-a14b-diffusers", 400, 6),
+    "flux2": ("flux2-dev-native", "flux2-dev-diffusers", 160, 10),
+    "chroma": ("chroma1-hd-native", "chroma1-hd-diffusers", 228, 12),
+    "krea2": ("krea2-native", "krea2-diffusers", 256, 7),
+    "ltx2": ("ltx2-native", "ltx2-diffusers", 1344, 14),
+}
+EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
+         "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8)}
+
+
+def layout(name):
+    return {k: tuple(s) for k, s, _ in json.loads((LAYOUTS / f"{name}.json").read_text())["tensors"]}
+
+
+def canonical(shapes_or_tensors, prefix_ok=True):
+    """(Detected, {canonical key: shape or tensor}) of a key -> shape/tensor dict, fused parts concatenated."""
+    detected = arch.detect(set(shapes_or_tensors))
+    cmap = detected.arch.canonical_map(list(shapes_or_tensors), detected.layout, detected.prefix)
+    out = {}
+    for key, sources in cmap.sources.items():
+        if None in sources:
+            continue
+        parts = [shapes_or_tensors[s] for s in sources]
+        if isinstance(parts[0], torch.Tensor):
+            out[key] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        else:
+            out[key] = (sum(p[0] for p in parts),) + tuple(parts[0][1:]) if len(parts) > 1 else parts[0]
+    return detected, out
+
+
+@pytest.mark.parametrize("name", sorted(FULL) + [f"{k}-extra" for k in EXTRA])
+def test_full_layouts_detect_and_pair_across_layouts(name):
+    key = name.removesuffix("-extra")
+    native_name, diffusers_name, n_default, n_optional = (EXTRA if name.endswith("-extra") else FULL)[key]
+    native = layout(native_name)
+    detected, shapes = canonical(native)
+    assert detected.arch.name == key
+    every = detected.arch.targets(shapes, groups=set(detected.arch.optional_groups))
+    default = detected.arch.targets(shapes)
+    assert (len(default), len(every) - len(default)) == (n_default, n_optional)
+    stripped = {k.removeprefix("model.diffusion_model."): v for k, v in native.items()}
+    prefixed = {"model.diffusion_model." + k: v for k, v in stripped.items()}
+    for variant in (stripped, prefixed):
+        assert arch.detect(set(variant)).arch.name == key
+    if diffusers_name:
+        d_detected, d_shapes = canonical(layout(diffusers_name))
+        assert (d_detected.arch.name, d_detected.layout) == (key, "diffusers")
+        d_every = d_detected.arch.targets(d_shapes, groups=set(d_detected.arch.optional_groups))
+        assert {t.key: t.shape for t in d_every} == {t.key: t.shape for t in every}
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_comfyui_rules_consume_every_tensor_of_the_default_output(name):
+    native, _, _, _ = FULL[name]
+    detected, shapes = canonical(layout(native))
+    a = detected.arch
+    fmt = arch.resolve_format(a, "auto")
+    key_map = unet_key_map(a.name, {k: v for k, v in shapes.items()})
+    tensors = 0
+    for target in a.targets(shapes):
+        for module in a.lora_modules(target, fmt):
+            assert module.name in key_map, module.name
+            weight, piece = key_map[module.name]
+            assert weight == target.key and piece is None and module.rows is None
+            tensors += 3 if module.alpha else 2
+    assert tensors >= 2 * len(a.targets(shapes))
+
+
+# --- tiny models of diffusers' classes ------------------------------------------------------------
+
+TINY = {
+    "qwen_image": ("QwenImageTransformer2DModel", "QwenImagePipeline",
+                   dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                        in_channels=16, out_channels=4, axes_dims_rope=(4, 6, 6))),
+    "qwen_image_2_1": ("QwenImage21Transformer2DModel", "QwenImage21Pipeline",
+                       dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, context_in_dim=32,
+                            in_channels=16, out_channels=16, axes_dims_rope=(4, 6, 6))),
+    "wan": ("WanTransformer3DModel", "WanPipeline",
+            dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
+                 freq_dim=32, ffn_dim=64, num_layers=2)),
+    "flux2": ("Flux2Transformer2DModel", "Flux2Pipeline",
+              dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                   joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4))),
+    "chroma": ("ChromaTransformer2DModel", "ChromaPipeline",
+               dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                    joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=8,
+                    approximator_hidden_dim=32, approximator_layers=2)),
+    "krea2": ("Krea2Transformer2DModel", "Krea2Pipeline",
+              dict(in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4, num_key_value_heads=1,
+                   intermediate_size=64, timestep_embed_dim=32, text_hidden_dim=32, num_text_layers=2,
+                   text_num_attention_heads=2, text_num_key_value_heads=2, text_intermediate_size=48,
+                   num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6))),
+    "ltx2": ("LTX2VideoTransformer3DModel", "LTX2Pipeline",
+             dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                  audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=8,
+                  audio_cross_attention_dim=16, num_layers=1, caption_channels=16)),
+}
+
+
+# diffusers' Flux-family converters for kohya/ComfyUI spellings assume Flux.1's real 3072 width
+FULL_WIDTH = {"chroma": dict(attention_head_dim=128, num_attention_heads=24)}
+
+
+def tiny(name, seed=0):
+    cls, _, kwargs = TINY[name]
+    torch.manual_seed(seed)
+    return getattr(diffusers, cls)(**kwargs).eval()
+
+
+def full_width(name):
+    """The tiny model at the real width, its weights allocated but never touched (not resident)."""
+    from accelerate import init_empty_weights
+    cls, _, kwargs = TINY[name]
+    with init_empty_weights():
+        model = getattr(diffusers, cls)(**{**kwargs, **FULL_WIDTH[name]})
+    return model.to_empty(device="cpu").eval()
+
+
+def load_into(name, model, folder, weight_name):
+    pipeline = getattr(diffusers, TINY[name][1])
+    state_dict = pipeline.lora_state_dict(str(folder), weight_name=weight_name)
+    if isinstance(state_dict, tuple):
+        state_dict = state_dict[0]
+    params = inspect.signature(pipeline.load_lora_into_transformer).parameters
+    extra = {"network_alphas": None} if "network_alphas" in params else {}
+    pipeline.load_lora_into_transformer(state_dict, transformer=model, adapter_name="x", **extra)
+    return model
+
+
+def write_random_lora(folder, a, fmt, targets, seed=0):
+    """A LoRA of random factors for `targets` in `fmt`; returns its file name and {diffusers module: LowRank}."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors, expected = {}, {}
+    for t in targets:
+        down = torch.randn(RANK, t.shape[1], generator=gen) / t.shape[1] ** 0.5
+        up = torch.randn(t.shape[0], RANK, generator=gen) / RANK ** 0.5
+        tensors.update(module_tensors(a, fmt, t, down, up, ALPHA, torch.float32))
+        for module in a.lora_modules(t, "diffusers"):
+            rows = module.rows or (0, t.shape[0])
+            expected[module.name.removeprefix("transformer.")] = LowRank(up[rows[0]:rows[1]], down, ALPHA / RANK,
+                                                                        (rows[1] - rows[0], t.shape[1]))
+    name = f"lora_{fmt}.safetensors"
+    st_save_file(tensors, str(folder / name))
+    return name, expected
+
+
+# (architecture, format) pairs that diffusers' loader must take fully: `auto` wherever one spelling loads
+# in both clients, `diffusers` always
+LOADS = [(n, "auto") for n in TINY if n != "qwen_image_2_1"] + [(n, "diffusers") for n in TINY]
+
+
+@pytest.mark.parametrize("name,fmt", LOADS)
+def test_lora_loads_fully_through_the_pipeline_loader(tmp_path, name, fmt, diffusers_warnings):
+    model = full_width(name) if name in FULL_WIDTH and fmt != "diffusers" else tiny(name)
+    detected, shapes = canonical({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    a = detected.arch
+    assert a.name == name
+    groups = set(a.optional_groups) if fmt == "diffusers" else set()
+    targets = a.targets(shapes, groups=groups)
+    weight_name, expected = write_random_lora(tmp_path, a, arch.resolve_format(a, fmt), targets)
+    load_into(name, model, tmp_path, weight_name)
+    assert_deltas(model, "x", expected)
+    bad = [m for m in diffusers_warnings if any(w in m.lower() for w in ("unexpected", "missing", "not loaded",
+                                                                          "unsupported"))]
+    assert not bad, bad[:3]
+
+
+def test_qwen_image_2_1_auto_is_comfyui_spelling_and_the_report_says_so(tmp_path):
+    model = tiny("qwen_image_2_1")
+    a = arch.get("qwen_image_2_1")
+    assert arch.resolve_format(a, "auto") == "kohya"
+    notes = a.format_notes("kohya", [])
+    assert len(notes) == 1 and "--format diffusers" in notes[0]
+    # the diffusers spelling splits the fused gate_up into gate_layer and proj, gate rows first
+    _, shapes = canonical({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    gate_up = next(t for t in a.targets(shapes) if t.module.endswith("gate_up"))
+    names = [(m.name, m.rows) for m in a.lora_modules(gate_up, "diffusers")]
+    h = gate_up.shape[0] // 2
+    assert names == [("transformer.transformer_blocks.0.img_mlp.gate_layer", (0, h)),
+                     ("transformer.transformer_blocks.0.img_mlp.proj", (h, 2 * h))]
+
+
+# --- extraction end to end ---------------------------------------------------------------------
+
+def planted_pair(model, gen, rank=3, scale=0.05):
+    """Canonical base tensors of a model and a tuned copy with a low-rank change on every default target."""
+    detected, base = canonical({k: v.detach().clone() for k, v in model.state_dict().items()})
+    tuned = dict(base)
+    for t in detected.arch.targets({k: tuple(v.shape) for k, v in base.items()}):
+        d = torch.randn(t.shape[0], rank, generator=gen) @ torch.randn(rank, t.shape[1], generator=gen)
+        tuned[t.key] = base[t.key] + d * (scale * base[t.key].std() / d.std())
+    return detected.arch, base, tuned
+
+
+def to_diffusers(a, canonical_tensors, shapes):
+    """diffusers state dict ({name: shape} `shapes`) from canonical tensors, fused parts cut by rows."""
+    located = {key: a.from_layout(key, "diffusers") for key in shapes}
+    out = {}
+    for key, (ckey, part, parts) in located.items():
+        start = sum(shapes[k][0] for k, (c, p, _) in located.items() if c == ckey and p < part)
+        out[key] = canonical_tensors[ckey][start:start + shapes[key][0]] if parts > 1 else canonical_tensors[ckey]
+    return out
+
+
+def linear_outputs(model, gen):
+    """Outputs of every nn.Linear of a model (LoRA-wrapped ones included) on fixed random inputs."""
+    outs = {}
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, torch.nn.Linear) and not name.endswith(("base_layer", "lora_A.x", "lora_B.x")) \
+                and ".lora_" not in name:
+            x = torch.randn(2, base.in_features, generator=torch.Generator().manual_seed(len(name)))
+            with torch.no_grad():
+                outs[name] = module(x)
+    return outs
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_extracted_lora_reproduces_the_tuned_layers_through_diffusers(tmp_path, name):
+    gen = torch.Generator().manual_seed(1)
+    base_model = tiny(name)
+    a, base, tuned = planted_pair(base_model, gen)
+    keys = {k: tuple(v.shape) for k, v in base_model.state_dict().items()}
+    (tmp_path / "base" / "transformer").mkdir(parents=True)
+    st_save_file(to_diffusers(a, base, keys), str(tmp_path / "base" / "transformer" /
+                                                 "diffusion_pytorch_model.safetensors"))
+    st_save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp_path / "tuned.safetensors"))
+    st_save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "base_native.safetensors"))
+    tuned_model = tiny(name)
+    tuned_model.load_state_dict(to_diffusers(a, tuned, keys))
+    want = linear_outputs(tuned_model, gen)
+    was = linear_outputs(base_model, gen)
+    change = sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5
+    assert change > 0
+
+    # the PEFT spelling where diffusers' other route needs the full width (tested above, on its own)
+    fmt = "diffusers" if name in ("qwen_image_2_1", *FULL_WIDTH) else "auto"
+    for label, base_path in (("cross-layout", tmp_path / "base"), ("native", tmp_path / "base_native.safetensors")):
+        out = tmp_path / f"{label}.safetensors"
+        report = extract(base_path, tmp_path / "tuned.safetensors", out, rank=4, format=fmt, progress=False)
+        assert report.architecture.startswith(a.title) and len(report.extracted) == len(a.targets(
+            {k: tuple(v.shape) for k, v in base.items()}))
+        assert report.dtype == "bfloat16"
+        if label == "cross-layout" and a.name != "qwen_image":  # Qwen-Image has one layout
+            assert report.architecture.endswith(" / native") and "(diffusers" in report.architecture
+        factors = {v.dtype for k, v in load_file(str(out)).items() if not k.endswith(".alpha")}
+        assert factors == {torch.bfloat16}
+        model = load_into(name, tiny(name), tmp_path, out.name)
+        got = linear_outputs(model, gen)
+        gap = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
+        assert gap <= 0.05 * change, (label, gap / change)
+
+
+# --- resizing LoRAs of these models, in every common spelling ---------------------------------------
+
+def spellings(a, targets):
+    """{spelling: {module name: (target key, rows)}} as kohya, ComfyUI, PEFT (with and without
+    `transformer.`), ai-toolkit (`diffusion_model.`/`base_model.model.` + native) and musubi-tuner name them."""
+    out = {"kohya": {}, "comfy": {}, "diffusers": {}, "peft-bare": {}, "ai-toolkit": {}, "musubi": {}}
+    for t in targets:
+        for fmt in ("kohya", "comfy", "diffusers"):
+            for m in a.lora_modules(t, fmt):
+                out[fmt][m.name] = (t.key, m.rows)
+                if fmt == "diffusers":
+                    bare = m.name.removeprefix("transformer.")
+                    out["peft-bare"][bare] = (t.key, m.rows)
+                    out["musubi"]["lora_unet_" + bare.replace(".", "_")] = (t.key, m.rows)
+        out["ai-toolkit"]["base_model.model." + t.module] = (t.key, None)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_resize_finds_base_weights_in_either_layout_for_every_spelling(tmp_path, name):
+    from lora_colab.base_refs import BaseReferences
+    from lora_colab.resizer import resize
+    model = tiny(name)
+    a, base, _ = planted_pair(model, torch.Generator().manual_seed(2))
+    keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    (tmp_path / "d" / "transformer").mkdir(parents=True)
+    st_save_file(to_diffusers(a, base, keys), str(tmp_path / "d" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    st_save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "native.safetensors"))
+    targets = a.targets({k: tuple(v.shape) for k, v in base.items()}, groups=set(a.optional_groups))
+    names = spellings(a, targets)
+    for base_path in (tmp_path / "d", tmp_path / "native.safetensors"):
+        with BaseReferences(base_path) as refs:
+            for spelling, expected in names.items():
+                for module, (key, rows) in expected.items():
+                    assert refs.locate(module) == (key, rows), (spelling, module)
+            key, rows = next(iter(names["diffusers"].values()))
+            w = base[key][rows[0]:rows[1]] if rows else base[key]
+            assert refs.norms(key, rows)[0] == pytest.approx(float(torch.linalg.matrix_norm(w.float(), 2)), rel=1e-3)
+    weight_name, _ = write_random_lora(tmp_path, a, arch.resolve_format(a, "auto"), targets)
+    report = resize(tmp_path / "d", [tmp_path / weight_name], tmp_path / "out", "spn_ckpt=1,thr=-20")[0]
+    assert not [w for w in report.warnings if "patch no weight" in w]
+    assert report.total_rank == RANK * sum(len(a.lora_modules(t, arch.resolve_format(a, "auto"))) for t in targets)
+
+
+def test_two_wan_variants_are_one_line_naming_both(tmp_path, capsys):
+    from lora_colab.cli import main
+    for label, heads in (("a14b", 2), ("ti2v", 3)):
+        cls, _, kwargs = TINY["wan"]
+        model = getattr(diffusers, cls)(**{**kwargs, "num_attention_heads": heads})
+        st_save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / f"{label}.safetensors"))
+    assert main(["extract", str(tmp_path / "a14b.safetensors"), str(tmp_path / "ti2v.safetensors"), "-o",
+                 str(tmp_path / "x.safetensors"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "ti2v.safetensors: is Wan (diffusers), width 48, 20 target layers but the base" in err
+    assert "a14b.safetensors is Wan (diffusers), width 32, 20 target layers: another variant" in err
+    assert not (tmp_path / "x.safetensors").exists()
