@@ -15,13 +15,14 @@ from .checkpoint import cast
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError, OptionError
 from .lora_format import build_metadata, module_tensors
-from .lowrank import clamp_outliers, clamped_residual_sq, low_rank, norm_sq, product_change
-from .memory import peak_rss_bytes, purge, vram_bytes
+from .lowrank import BlockedDelta, clamp_outliers, clamped_residual_sq, low_rank, norm_sq, product_change
+from .memory import bound_heap, peak_rss_bytes, purge, vram_bytes
 from .monitor import snapshot
 from .report import ExtractReport, LayerReport
 from .writer import SpillWriter
 
 _PURGE_BYTES = 32 << 20  # after a difference this large, purge (gc, malloc_trim, CUDA cache); else once a second
+BLOCKED_BYTES = 256 << 20  # on the CPU, a larger float32 difference is built by rows into bf16 (BlockedDelta)
 
 
 def resolve_device(device):
@@ -41,13 +42,30 @@ def _layer_seed(seed, key):
 class _Differences:
     """Yields (target, tuned − base) for each target. The raw tensors of the next layer are read on a
     background thread while this one is factored; that thread only reads (no torch compute, which would
-    fight the SVD's threads for the cores), the cast and subtraction happen here."""
+    fight the SVD's threads for the cores), the cast and subtraction happen here. Layers whose float32
+    difference exceeds BLOCKED_BYTES (FLUX.2's fused linear1: 1.4 GB) are read here by row blocks into a
+    bf16 BlockedDelta instead, so memory stays bounded by the largest small layer, not the largest layer."""
 
     def __init__(self, base, tuned, targets, device):
         self._base, self._tuned, self._device = base, tuned, device
         self._targets = targets
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-colab-read")
         self.wait_seconds = 0.0
+
+    def _blocked(self, target):
+        return self._device.type == "cpu" and math.prod(target.shape) * 4 > BLOCKED_BYTES
+
+    def _submit(self, i):
+        if i < len(self._targets) and not self._blocked(self._targets[i]):
+            return self._pool.submit(self._load, self._targets[i])
+        return None
+
+    def _build_blocked(self, target):
+        rows, cols = target.shape[0], math.prod(target.shape[1:])
+
+        def reader(view):
+            return lambda a, b: view.read(target.key, rows=(a, b)).reshape(b - a, cols)
+        return BlockedDelta.build(reader(self._tuned), reader(self._base), (rows, cols))
 
     def _load(self, target):
         # to a GPU the bytes go through the reader's pinned buffer, asynchronously
@@ -63,14 +81,19 @@ class _Differences:
         return delta
 
     def __iter__(self):
-        future = self._pool.submit(self._load, self._targets[0]) if self._targets else None
+        future = self._submit(0)
         for i, target in enumerate(self._targets):
             start = time.perf_counter()
-            tuned, base = future.result()
-            self.wait_seconds += time.perf_counter() - start
-            future = self._pool.submit(self._load, self._targets[i + 1]) if i + 1 < len(self._targets) else None
-            delta = self._difference(tuned, base)
-            del tuned, base
+            if self._blocked(target):
+                delta = self._build_blocked(target)
+                self.wait_seconds += time.perf_counter() - start
+                future = self._submit(i + 1)
+            else:
+                tuned, base = future.result() if future is not None else self._load(target)
+                self.wait_seconds += time.perf_counter() - start
+                future = self._submit(i + 1)
+                delta = self._difference(tuned, base)
+                del tuned, base
             yield target, delta
             del delta
 
@@ -108,7 +131,7 @@ def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, l
     up and columns of down are scaled down (see lowrank.clamp_outliers).
     """
     flat = delta.reshape(delta.shape[0], -1)
-    total_sq = norm_sq(flat)
+    total_sq = flat.norm_sq if isinstance(flat, BlockedDelta) else norm_sq(flat)
     u, s, v = low_rank(flat, rank, niter=niter, oversample=oversample, generator_seed=seed)
     r = _choose_rank(s, total_sq, s.numel(), energy)
     u, s, v = u[:, :r], s[:r], v[:, :r]
@@ -218,6 +241,7 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     out_dtype = parse_dtype(dtype)
     out = check_output_file(out)
     device = resolve_device(device)
+    bound_heap()
     with open_canonical(base) as b, open_canonical(tuned, b.arch.name) as t:
         _check_groups(b.arch, groups)
         fmt = resolve_format(b.arch, format)
@@ -298,6 +322,8 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
 
 def _max_abs(delta):
     """max |delta| in one pass without a temporary (NaN or inf when the difference is not finite)."""
+    if isinstance(delta, BlockedDelta):
+        return delta.max_abs
     if not delta.numel():
         return 0.0
     low, high = torch.aminmax(delta)

@@ -16,6 +16,10 @@ def low_rank(delta, rank, niter=4, oversample=8, generator_seed=0):
     m, n = delta.shape
     rank = min(rank, m, n)
     q = min(rank + oversample, m, n)
+    if isinstance(delta, BlockedDelta):
+        if min(m, n) > max(64, 2 * q):
+            return low_rank_blocked(delta, rank, niter, oversample, generator_seed)
+        delta = delta.data.float()
     if min(m, n) <= max(64, 2 * q):
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank].T
@@ -97,13 +101,27 @@ def clamped_residual_sq(delta, u, s, v, clamp, total_sq=None):
     if cols.numel():  # remaining rows, columns j with e_j < 1: (P_c − P)[i, j] = x_i·y_j (e_j − 1)
         keep = torch.ones(x.shape[0], dtype=torch.bool)
         keep[rows] = False
-        block = delta.index_select(1, cols.to(delta.device)).double()[keep.to(delta.device)]
-        inner += float((x[keep] * (block @ ((e[cols] - 1)[:, None] * y[cols]))).sum())
+        w = (e[cols] - 1)[:, None] * y[cols]
+        cols_on = cols.to(delta.device)
+        step = max(1, (4 << 20) // max(1, cols.numel() * 8))  # row chunks: no m × |cols| double copy
+        for start in range(0, x.shape[0], step):
+            stop = min(x.shape[0], start + step)
+            part = keep[start:stop]
+            if part.any():
+                block = _column_block(delta, start, stop, cols_on).double()[part.to(delta.device)]
+                inner += float((x[start:stop][part] * (block @ w)).sum())
     xx = x.T @ ((d * d)[:, None] * x)
     yy = y.T @ ((e * e)[:, None] * y)
     pc_sq = float(torch.trace(xx @ yy))
     total_sq = norm_sq(delta) if total_sq is None else total_sq
     return total_sq - 2 * inner + pc_sq
+
+
+def _column_block(delta, start, stop, cols):
+    """Rows start:stop, columns `cols` of a tensor or BlockedDelta, float32."""
+    if isinstance(delta, BlockedDelta):
+        return delta.data[start:stop].index_select(1, cols).float()
+    return delta[start:stop].index_select(1, cols)
 
 
 def spectral_norm(w, tol=1e-4, max_iter=64, seed=0):
@@ -127,3 +145,86 @@ def spectral_norm(w, tol=1e-4, max_iter=64, seed=0):
             return new
         sigma = new
     return sigma
+
+
+class BlockedDelta:
+    """A large difference held in bf16 (half the float32 memory) and used in float32 row blocks.
+
+    Built row block by row block from the two checkpoints, so neither model's whole tensor is ever in
+    memory; max |entry| and finiteness come from the float32 blocks, the norm from the stored bf16 matrix
+    (the one factored, so that ‖Δ‖² − ‖S‖² stays exact; bf16 storage moves entries by at most 2⁻⁹ relative,
+    below the bf16 factors' own rounding).
+    Quacks like the 2-D float32 tensor the factorisation needs: shape, matmuls, index_select.
+    """
+
+    def __init__(self, data, norm_sq, max_abs):
+        self.data = data            # [m, n] bfloat16
+        self.norm_sq = norm_sq      # ‖Δ‖² of the stored matrix
+        self.max_abs = max_abs      # max |Δ| (nan/inf when not finite)
+        self.shape = tuple(data.shape)
+        self.device = data.device
+        self._rows = max(1, (8 << 20) // max(1, self.shape[1] * 4))
+
+    @classmethod
+    def build(cls, read_tuned, read_base, shape, block_bytes=8 << 20):
+        """From `read_x(start, stop)` (rows as float32 2-D) of a [m, n] weight."""
+        from .raw_file import empty_bytes
+
+        m, n = shape
+        data = empty_bytes(m * n * 2).view(torch.bfloat16).reshape(m, n)
+        rows = max(1, block_bytes // max(1, n * 4))
+        norm, peak = 0.0, 0.0
+        for start in range(0, m, rows):
+            stop = min(m, start + rows)
+            block = read_tuned(start, stop)
+            block.sub_(read_base(start, stop))
+            low, high = torch.aminmax(block)
+            peak = max(peak, abs(float(low)), abs(float(high))) if not (low.isnan() or high.isnan()) else math.nan
+            data[start:stop].copy_(block)
+            norm += float(torch.linalg.vector_norm(data[start:stop].float(), dim=1).double().pow(2).sum())
+            del block
+        return cls(data, norm, peak)
+
+    def numel(self):
+        return self.data.numel()
+
+    def element_size(self):
+        return self.data.element_size()
+
+    def reshape(self, *shape):
+        return self
+
+    def _blocks(self):
+        for start in range(0, self.shape[0], self._rows):
+            yield start, self.data[start:start + self._rows].float()
+
+    def matmul(self, x):
+        """Δ @ x, float32."""
+        return torch.cat([block @ x for _, block in self._blocks()])
+
+    def rmatmul(self, y):
+        """Δᵀ @ y, float32."""
+        out = torch.zeros(self.shape[1], y.shape[1])
+        for start, block in self._blocks():
+            out.addmm_(block.T, y[start:start + block.shape[0]])
+        return out
+
+    def index_select(self, dim, index):
+        if dim == 0:
+            return self.data.index_select(0, index).float()
+        return torch.cat([block.index_select(1, index) for _, block in self._blocks()])
+
+
+def low_rank_blocked(delta, rank, niter=4, oversample=8, generator_seed=0):
+    """Randomized SVD of a BlockedDelta (the algorithm of torch.svd_lowrank: range finder with QR between
+    power iterations), one row block in float32 at a time. Returns (U [m,r], S [r], V [n,r])."""
+    m, n = delta.shape
+    rank = min(rank, m, n)
+    q = min(rank + oversample, m, n)
+    omega = torch.randn(n, q, generator=torch.Generator().manual_seed(generator_seed))
+    basis = torch.linalg.qr(delta.matmul(omega)).Q
+    for _ in range(niter):
+        back = torch.linalg.qr(delta.rmatmul(basis)).Q
+        basis = torch.linalg.qr(delta.matmul(back)).Q
+    u_small, s, vh = torch.linalg.svd(delta.rmatmul(basis).T, full_matrices=False)
+    return (basis @ u_small)[:, :rank], s[:rank], vh[:rank].T

@@ -71,6 +71,25 @@ def _malloc_trim():
         pass
 
 
+_MMAP_THRESHOLD = 4 << 20
+_heap_bounded = False
+
+
+def bound_heap():
+    """Make glibc serve every allocation of 4 MiB or more with its own mapping, returned to the OS when
+    freed. By default glibc raises that threshold after the first large free (up to 32 MiB), after which
+    the row blocks of large layers pile up in the heap: +0.5 GiB on a FLUX.2 [dev] layer. Process-wide;
+    a no-op off glibc."""
+    global _heap_bounded
+    if _heap_bounded or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixes it: no dynamic raise)
+    except (OSError, AttributeError):
+        pass
+    _heap_bounded = True
+
+
 def purge(full=True):
     """gc, glibc malloc_trim and the CUDA cache: hand freed memory back to the OS; reports what it freed.
 

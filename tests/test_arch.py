@@ -291,3 +291,22 @@ def test_gguf_is_refused(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(CheckpointError, match="unsupported quantization: GGUF"):
         open_canonical(tmp_path / "m.gguf")
+
+
+def test_sdxl_clip_l_with_and_without_text_model_level_give_the_same_targets():
+    """shared/layouts' SDXL file spells CLIP-L `...transformer.text_model.encoder...` as real files do;
+    some older files drop `text_model.`. Both map to the same canonical targets and kohya names."""
+    entries = {k: tuple(s) for k, s, _ in load_layout("sdxl-single-file")}
+    with_level = [k for k in entries if k.startswith("conditioner.embedders.0.transformer.text_model.")]
+    assert len(with_level) > 190
+    without = {k.replace("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.0.transformer."): s
+               for k, s in entries.items()}
+    results = []
+    for shapes in (entries, without):
+        sdxl = arch.detect(set(shapes))
+        cmap = sdxl.arch.canonical_map(list(shapes), sdxl.layout, sdxl.prefix)
+        canonical = {key: shapes[sources[0]] for key, sources in cmap.sources.items()}
+        targets = sdxl.arch.targets(canonical)
+        results.append(sorted((t.key, t.shape, m.name) for t in targets if t.component == "te1"
+                              for m in sdxl.arch.lora_modules(t, "kohya")))
+    assert results[0] == results[1] and len(results[0]) == 72

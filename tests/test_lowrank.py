@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lora_colab.lowrank import clamp_outliers, clamped_residual_sq, low_rank, product_change, quantile
@@ -63,3 +64,53 @@ def test_spectral_norm_by_power_iteration():
     assert abs(spectral_norm(w) - 3.0) < 6e-3  # 0.2%: moves a log10 score by 0.0009
     flat = torch.randn(400, 300, generator=gen)  # no gap: slow vector convergence, estimate still close
     assert abs(spectral_norm(flat) / float(torch.linalg.matrix_norm(flat, ord=2)) - 1) < 0.01
+
+
+def test_blocked_delta_factors_like_the_full_difference(monkeypatch):
+    """A difference built by row blocks into bf16 gives the same top singular values as the float32 one
+    (to bf16 storage precision), with exact float32 norms, and the extractor takes that path for big layers."""
+    from lora_colab.lowrank import BlockedDelta, clamped_residual_sq, clamp_outliers, low_rank
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(300, 120, generator=gen)
+    planted = (torch.randn(300, 6, generator=gen) * torch.logspace(0, -1, 6)) @ torch.randn(6, 120, generator=gen)
+    tuned = base + 0.1 * planted + 1e-4 * torch.randn(300, 120, generator=gen)
+    delta = tuned - base
+    blocked = BlockedDelta.build(lambda a, b: tuned[a:b].clone(), lambda a, b: base[a:b].clone(), (300, 120),
+                                 block_bytes=120 * 4 * 7)
+    assert blocked.data.dtype == torch.bfloat16 and blocked.shape == (300, 120)
+    assert blocked.norm_sq == pytest.approx(float(blocked.data.double().pow(2).sum()), rel=1e-6)
+    assert blocked.norm_sq == pytest.approx(float(delta.double().pow(2).sum()), rel=1e-4)
+    assert blocked.max_abs == pytest.approx(float(delta.abs().max()), rel=1e-6)
+    _, s_ref, _ = torch.linalg.svd(delta)
+    u, s, v = low_rank(blocked, 6, niter=4, oversample=8)
+    torch.testing.assert_close(s, s_ref[:6], rtol=5e-3, atol=0)
+    residual = float((delta - (u * s) @ v.T).norm() / delta.norm())
+    optimal = float(s_ref[6:].norm() / s_ref.norm())
+    assert residual <= 1.01 * optimal + 2e-3
+    up, down, clamp = clamp_outliers(u * s.sqrt(), s.sqrt()[:, None] * v.T, 0.9)
+    exact = float((delta - up @ down).double().pow(2).sum())
+    assert clamped_residual_sq(blocked, u, s, v, clamp, blocked.norm_sq) == pytest.approx(exact, rel=2e-2)
+
+
+def test_extractor_takes_the_blocked_path_for_big_layers_with_the_same_result(tmp_path, monkeypatch):
+    import lora_colab.extractor as extractor
+    from safetensors.torch import load_file
+    from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+    cfg = ZImageConfig(dim=64, n_layers=1, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
+    base, tuned, _ = make_zimage_pair(tmp_path, cfg, rank=4, noise=1e-4)
+    plain = extractor.extract(base, tuned, tmp_path / "plain.safetensors", rank=8, dtype="fp32", progress=False)
+    built = []
+    real = extractor.BlockedDelta.build
+    monkeypatch.setattr(extractor, "BLOCKED_BYTES", 0)
+    monkeypatch.setattr(extractor.BlockedDelta, "build", classmethod(lambda cls, *a, **k: built.append(1) or
+                                                                      real(*a, **k)))
+    blocked = extractor.extract(base, tuned, tmp_path / "blocked.safetensors", rank=8, dtype="fp32", progress=False)
+    assert len(built) == len(plain.layers) == len(blocked.layers)
+    a, b = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "blocked.safetensors"))
+    for key in [k for k in a if k.endswith("lora_down.weight")]:
+        up = key.replace("lora_down", "lora_up")
+        pa, pb = a[up] @ a[key], b[up] @ b[key]
+        assert float((pa - pb).norm() / pa.norm()) < 1e-2, key
+    for la, lb in zip(plain.layers, blocked.layers):
+        assert lb.rel_error == pytest.approx(la.rel_error, abs=2e-3)
+        assert lb.max_abs_diff == pytest.approx(la.max_abs_diff, rel=1e-6)

@@ -1,0 +1,148 @@
+"""Peak memory of extraction on full-width subsets (real widths, the first few blocks) of the 2025-26
+architectures, each pair in its shipped dtypes and across layouts, each run in its own process with the
+files evicted from the page cache first. The baseline is the same process after importing torch and
+lora_colab, before reading anything.
+
+    python bench/arch_memory.py [--dir /tmp/lc_arch] [--only flux2] [--keep]
+
+Goal (issue 11): peak RSS (VmHWM: file pages included) <= 1 GiB for each pair.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import evict, layout, mib  # noqa: E402
+
+import torch  # noqa: E402
+
+from lora_colab import arch  # noqa: E402
+from lora_colab.synthetic import PlantedPair, write_checkpoint  # noqa: E402
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# name -> (base layout file, tuned layout file, blocks kept per block kind)
+PAIRS = {
+    "qwen_image": ("qwen-image-diffusers", "qwen-image-diffusers", 2),
+    "flux2": ("flux2-dev-diffusers", "flux2-dev-native", 1),
+    "wan": ("wan2.2-t2v-a14b-diffusers", "wan2.2-t2v-a14b-native", 2),
+}
+_BLOCK = re.compile(r"(?:^|\.)(?:blocks|double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)"
+                    r"\.(\d+)\.")
+
+
+def subset(name, blocks):
+    return [(k, tuple(s), d) for k, s, d in layout(name)
+            if not (_BLOCK.search(k) and int(_BLOCK.search(k).group(1)) >= blocks)]
+
+
+def canonical_index(entries):
+    """Detected arch and {key: (canonical key, rows)} of a layout's entries."""
+    keys = {k: s for k, s, _ in entries}
+    detected = arch.detect(set(keys))
+    located = {}
+    for key in keys:
+        local = key[len(detected.prefix):] if key.startswith(detected.prefix) else key
+        mapped = detected.arch.from_layout(local, detected.layout)
+        if mapped is not None:
+            located[key] = mapped
+    index = {}
+    for key, (ckey, part, parts) in located.items():
+        start = sum(keys[k][0] for k, (c, p, _) in located.items() if c == ckey and p < part)
+        index[key] = (ckey, (start, start + keys[key][0]) if parts > 1 else None)
+    return detected, index
+
+
+def build(folder, name):
+    base_name, tuned_name, blocks = PAIRS[name]
+    paths = []
+    planted = None
+    for role, layout_name in (("base", base_name), ("tuned", tuned_name)):
+        entries = subset(layout_name, blocks)
+        detected, index = canonical_index(entries)
+        path = folder / f"{name}_{role}.safetensors"
+        paths.append(path)
+        if path.exists():
+            continue
+        if planted is None:
+            shapes = {}
+            for key, shape, _ in entries:
+                ckey, rows = index[key]
+                shapes[ckey] = shape if rows is None else (shapes.get(ckey, (0,))[0] + shape[0],) + shape[1:]
+            targets = {t.key for t in detected.arch.targets(shapes)}
+            planted = PlantedPair(targets.__contains__, rank=16, delta_scale=0.002)
+            canonical_shapes = shapes
+        make = planted.base if role == "base" else planted.tuned
+        cache = {}
+
+        def tensor(key, shape, index=index, make=make, cache=cache):
+            ckey, rows = index[key]
+            if ckey not in cache:
+                cache.clear()
+                cache[ckey] = make(ckey, canonical_shapes.get(ckey, shape))
+            return cache[ckey][rows[0]:rows[1]] if rows else cache[ckey]
+
+        start = time.perf_counter()
+        dtype = DTYPES[entries[0][2]]
+        with_dtypes = {k: DTYPES[d] for k, _, d in entries}
+        write_checkpoint(path, [(k, s) for k, s, _ in entries], lambda k, s: tensor(k, s).to(with_dtypes[k]), dtype)
+        print(f"built {path.name}: {path.stat().st_size / 1e9:.2f} GB ({layout_name}, {len(entries)} tensors, "
+              f"{dtype}) in {time.perf_counter() - start:.0f} s", flush=True)
+    return paths
+
+
+def worker(base, tuned, out):
+    from lora_colab.extractor import extract
+    from lora_colab.memory import peak_rss_bytes, rss_bytes
+    baseline = rss_bytes()
+    report = extract(base, tuned, out, rank=32, progress=False, device="cpu")
+    biggest = max(report.layers, key=lambda layer: layer.shape[0] * layer.shape[1])
+    return {"baseline": baseline, "peak": peak_rss_bytes(), "seconds": report.wall_seconds,
+            "layers": len(report.extracted), "architecture": report.architecture, "output": report.output_bytes,
+            "biggest": f"{biggest.name} {list(biggest.shape)}", "worst": max(l.rel_error for l in report.extracted)}
+
+
+def run(base, tuned, out):
+    for path in (base, tuned):
+        evict(path)
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import arch_memory as b; "
+            f"print('RESULT' + json.dumps(b.worker({str(base)!r}, {str(tuned)!r}, {str(out)!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT")), None)
+    if line is None:
+        raise SystemExit(done.stderr[-2000:])
+    return json.loads(line[len("RESULT"):])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", default="/tmp/lc_arch")
+    parser.add_argument("--only", action="append", choices=sorted(PAIRS))
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in args.only or sorted(PAIRS):
+        base, tuned = build(folder, name)
+        result = run(base, tuned, folder / f"{name}_lora.safetensors")
+        ok = "ok" if result["peak"] <= 2**30 else "OVER"
+        print(f"{name}: {result['architecture']}, {result['layers']} layers, inputs "
+              f"{base.stat().st_size / 1e9:.2f} + {tuned.stat().st_size / 1e9:.2f} GB, biggest {result['biggest']}: "
+              f"peak RSS {mib(result['peak'])} ({ok}; baseline {mib(result['baseline'])}, "
+              f"{result['peak'] / 2**30:.2f} of the 1 GiB goal), {result['seconds']:.0f} s, "
+              f"worst relative error {result['worst']:.4f}", flush=True)
+        if not args.keep:
+            for path in (base, tuned):
+                path.unlink()
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
