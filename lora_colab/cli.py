@@ -57,13 +57,12 @@ def _clamp_value(text):
 
 
 def _dtype_value(text):
-    _DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "f16": "fp16", "float16": "fp16",
-               "half": "fp16", "16": "fp16", "fp32": "fp32", "f32": "fp32", "float32": "fp32", "float": "fp32",
-               "32": "fp32"}
+    from .dtype_names import dtype_name
+
     try:
-        return _DTYPES[text.strip().lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use bf16, fp16 (or 16) or fp32 (or 32)") from None
+        return dtype_name(text)
+    except LoraColabError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: use bf16, fp16 (or 16) or fp32 (or 32)") from exc
 
 
 _POSITIVE_INT = _number(int, lambda v: v >= 1, "a positive integer")

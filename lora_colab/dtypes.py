@@ -2,7 +2,7 @@
 
 import torch
 
-from .errors import OptionError
+from .dtype_names import dtype_name
 
 # Every whole-byte dtype the safetensors format defines, with its item size.
 ITEMSIZE = {
@@ -46,17 +46,10 @@ def from_torch(dtype):
 
 
 def parse_dtype(value):
-    """Accept a torch dtype or a user string ('bf16', 'fp16', 'float32', 'F32') and return a torch dtype."""
+    """Accept a torch dtype, a safetensors name ('F32') or a user string ('bf16', 'fp16', '32', ...) and
+    return a torch dtype."""
     if value is None or isinstance(value, torch.dtype):
         return value
-    aliases = {
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-        "fp16": torch.float16, "f16": torch.float16, "float16": torch.float16, "half": torch.float16, "16": torch.float16,
-        "fp32": torch.float32, "f32": torch.float32, "float32": torch.float32, "float": torch.float32, "32": torch.float32,
-    }
-    key = str(value).strip().lower()
-    if key in aliases:
-        return aliases[key]
     if value in TO_TORCH:
         return TO_TORCH[value]
-    raise OptionError(f"unknown dtype {value!r}: use bf16, fp16 or fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name(value)]

@@ -210,9 +210,10 @@ class BlockedDelta:
         return out
 
     def index_select(self, dim, index):
-        if dim == 0:
-            return self.data.index_select(0, index).float()
-        return torch.cat([block.index_select(1, index) for _, block in self._blocks()])
+        """Rows `index` (dim 0), float32: what the clamp residual reads of clipped rows."""
+        if dim != 0:
+            raise ValueError("BlockedDelta selects rows only")
+        return self.data.index_select(0, index).float()
 
 
 def low_rank_blocked(delta, rank, niter=4, oversample=8, generator_seed=0):
