@@ -333,3 +333,29 @@ def test_two_wan_variants_are_one_line_naming_both(tmp_path, capsys):
     assert "ti2v.safetensors: is Wan (diffusers), width 48, 20 target layers but the base" in err
     assert "a14b.safetensors is Wan (diffusers), width 32, 20 target layers: another variant" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_sharded_diffusers_folder_pairs_with_a_prefixed_native_file(tmp_path):
+    """Wan as shipped: a diffusers `transformer/` folder in F32 shards with an index, against a ComfyUI
+    checkpoint whose keys carry `model.diffusion_model.` (F16)."""
+    model = tiny("wan")
+    a, base, tuned = planted_pair(model, torch.Generator().manual_seed(3))
+    keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = to_diffusers(a, base, keys)
+    folder = tmp_path / "Wan-Diffusers" / "transformer"
+    folder.mkdir(parents=True)
+    names = sorted(state)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for shard, shard_keys in shards.items():
+        st_save_file({k: state[k].float().contiguous() for k in shard_keys}, str(folder / shard))
+        weight_map.update({k: shard for k in shard_keys})
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    st_save_file({"model.diffusion_model." + k: v.half().contiguous() for k, v in tuned.items()},
+                 str(tmp_path / "wan_fp16.safetensors"))
+    report = extract(tmp_path / "Wan-Diffusers", tmp_path / "wan_fp16.safetensors", tmp_path / "lora.safetensors",
+                     rank=4, progress=False)
+    assert report.architecture == "Wan (diffusers) / native" and report.dtype == "bfloat16"
+    assert len(report.extracted) == len(a.targets({k: tuple(v.shape) for k, v in base.items()}))
+    assert max(layer.rel_error for layer in report.extracted) < 0.02  # F16 rounding of the fine-tune only
