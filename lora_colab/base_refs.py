@@ -46,11 +46,11 @@ def all_targets(arch, shapes):
     return arch.targets(shapes, groups=groups, conv=True, text_encoders=True)
 
 
-def lora_name_map(arch, shapes, targets=None):
-    """Every LoRA module name a client uses for this architecture -> (canonical key, rows or None), and
-    each format's own names: ({name: (key, rows)}, {format: set of names})."""
+def lora_name_map(arch, targets):
+    """Every LoRA module name a client uses for these targets -> (canonical key, rows or None), and each
+    format's own names: ({name: (key, rows)}, {format: set of names})."""
     names, by_format = {}, {fmt: set() for fmt in _FORMATS}
-    for target in targets if targets is not None else all_targets(arch, shapes):
+    for target in targets:
         if target.component == "model":
             names.setdefault(target.module, (target.key, None))  # native names (ai-toolkit, OneTrainer)
         for fmt in _FORMATS:
@@ -74,7 +74,7 @@ class BaseReferences(Closeable):
         self.device = device
         targets = all_targets(self.view.arch, self.view.shapes())
         self.targets = {target.key: target for target in targets}
-        self.names, self._format_names = lora_name_map(self.view.arch, self.view.shapes(), targets)
+        self.names, self._format_names = lora_name_map(self.view.arch, targets)
         self._flat_names = None
         self.cache_path = cache_dir() / f"norms_{fingerprint(self.view.ckpt.files)}.json"
         self._cache = self._load_cache()

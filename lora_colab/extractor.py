@@ -15,7 +15,7 @@ from .checkpoint import cast
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError, OptionError
 from .lora_format import build_metadata, module_tensors
-from .lowrank import BlockedDelta, clamp_outliers, clamped_residual_sq, low_rank, norm_sq, product_change
+from .lowrank import BlockedDelta, clamp_outliers, max_abs, clamped_residual_sq, low_rank, norm_sq, product_change
 from .memory import bound_heap, peak_rss_bytes, purge, vram_bytes
 from .monitor import snapshot
 from .report import ExtractReport, LayerReport
@@ -321,13 +321,8 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
 
 
 def _max_abs(delta):
-    """max |delta| in one pass without a temporary (NaN or inf when the difference is not finite)."""
-    if isinstance(delta, BlockedDelta):
-        return delta.max_abs
-    if not delta.numel():
-        return 0.0
-    low, high = torch.aminmax(delta)
-    return max(abs(float(low)), abs(float(high))) if not (low.isnan() or high.isnan()) else math.nan
+    """max |delta| (nan or inf when the difference is not finite)."""
+    return delta.max_abs if isinstance(delta, BlockedDelta) else max_abs(delta)
 
 
 def _nonfinite_error(base, tuned, target):

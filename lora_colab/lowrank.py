@@ -147,6 +147,14 @@ def spectral_norm(w, tol=1e-4, max_iter=64, seed=0):
     return sigma
 
 
+def max_abs(tensor):
+    """max |entry| in one pass without a temporary (nan or inf when the tensor is not finite)."""
+    if not tensor.numel():
+        return 0.0
+    low, high = torch.aminmax(tensor)
+    return math.nan if low.isnan() or high.isnan() else max(abs(float(low)), abs(float(high)))
+
+
 class BlockedDelta:
     """A large difference held in bf16 (half the float32 memory) and used in float32 row blocks.
 
@@ -178,8 +186,8 @@ class BlockedDelta:
             stop = min(m, start + rows)
             block = read_tuned(start, stop)
             block.sub_(read_base(start, stop))
-            low, high = torch.aminmax(block)
-            peak = max(peak, abs(float(low)), abs(float(high))) if not (low.isnan() or high.isnan()) else math.nan
+            value = max_abs(block)
+            peak = math.nan if math.isnan(value) or math.isnan(peak) else max(peak, value)
             data[start:stop].copy_(block)
             norm += float(torch.linalg.vector_norm(data[start:stop].float(), dim=1).double().pow(2).sum())
             del block

@@ -476,7 +476,7 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
     if isinstance(loras, (str, os.PathLike)):
         loras = [loras]
     recipe_list = parse_recipes(recipes) if isinstance(recipes, str) else list(recipes)
-    parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     if output_folder is not None and Path(output_folder).exists() and not Path(output_folder).is_dir():
         raise OptionError(f"{output_folder}: is a file; the resize output is a folder (one file per LoRA and "
                           f"recipe is written into it)")
@@ -497,7 +497,7 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
                 note = base_coverage(lora_arg, spectra, base, recipe_list, metadata)
                 if note:
                     warnings.append(note)
-            out_dtype = parse_dtype(dtype) or _input_dtype(_split_merge(lora_arg)[0][0])
+            out_dtype = dtype or _input_dtype(_split_merge(lora_arg)[0][0])
             for recipe in recipe_list:
                 report = _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder)
                 report.warnings = warnings + report.warnings

@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 
@@ -81,6 +82,11 @@ def test_blocked_delta_factors_like_the_full_difference(monkeypatch):
     assert blocked.norm_sq == pytest.approx(float(blocked.data.double().pow(2).sum()), rel=1e-6)
     assert blocked.norm_sq == pytest.approx(float(delta.double().pow(2).sum()), rel=1e-4)
     assert blocked.max_abs == pytest.approx(float(delta.abs().max()), rel=1e-6)
+    spoiled = tuned.clone()
+    spoiled[17, 3] = float("nan")  # in the third of several blocks: the NaN must survive the running max
+    nan_blocked = BlockedDelta.build(lambda a, b: spoiled[a:b].clone(), lambda a, b: base[a:b].clone(), (300, 120),
+                                     block_bytes=120 * 4 * 7)
+    assert math.isnan(nan_blocked.max_abs)
     _, s_ref, _ = torch.linalg.svd(delta)
     u, s, v = low_rank(blocked, 6, niter=4, oversample=8)
     torch.testing.assert_close(s, s_ref[:6], rtol=5e-3, atol=0)
