@@ -98,7 +98,7 @@ def w_read_only(base, tuned, keys, **_):
 def w_compute_only(base, tuned, keys, rank, **_):
     """Everything but reading: the float32 difference, SVD and factor work, timed on tensors already read."""
     from lora_colab import open_checkpoint
-    from lora_colab.checkpoint import cast
+    from lora_colab.io.checkpoint import cast
     from lora_colab.extractor import factor_layer, subtract_
     from lora_colab.report import LayerReport
     compute = 0.0

@@ -9,8 +9,9 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CheckpointError": "errors", "LoraColabError": "errors", "OptionError": "errors",
-    "Checkpoint": "checkpoint", "SafetensorsFile": "checkpoint", "open_checkpoint": "checkpoint",
+    "CheckpointError": "errors", "LoraColabError": "errors", "OptionError": "errors", "SourceError": "errors",
+    "Checkpoint": "io.checkpoint", "SafetensorsFile": "io.checkpoint", "open_checkpoint": "io.checkpoint",
+    "locate": "io.locations",
     "SafetensorsWriter": "writer", "save_file": "writer",
     "open_canonical": "canonical",
     "extract": "extractor",

@@ -11,7 +11,6 @@ import torch
 from .closeable import Closeable
 from .canonical import open_canonical
 from .lowrank import spectral_norm
-from .raw_file import RawFile
 
 _FORMATS = ("kohya", "comfy", "diffusers")
 _COMPONENT_PREFIXES = ("transformer.", "unet.", "diffusion_model.", "base_model.model.")
@@ -25,18 +24,15 @@ def cache_dir():
     return Path(base) / "lora_colab"
 
 
-def fingerprint(files):
-    """Content key of a checkpoint: size and header bytes of each file (not its path)."""
+def fingerprint(sources):
+    """Content key of a checkpoint from its open ByteSources: size and header bytes of each file (not its
+    path), plus what changes with the content (mtime, ETag, commit)."""
     digest = hashlib.sha256()
-    for path in files:
-        raw = RawFile(path)
-        try:
-            n = int.from_bytes(raw.pread(8, 0), "little") if raw.size >= 8 else 0
-            digest.update(raw.size.to_bytes(8, "little"))
-            # a safetensors header, or (pickles) the first MiB
-            digest.update(raw.pread(min(n if n <= 100_000_000 else 1 << 20, max(raw.size - 8, 0)), 8))
-        finally:
-            raw.close()
+    for raw in sources:
+        n = int.from_bytes(raw.pread(8, 0), "little") if raw.size >= 8 else 0
+        digest.update(raw.size.to_bytes(8, "little"))
+        # a safetensors header, or (pickles) the first MiB
+        digest.update(raw.pread(min(n if n <= 100_000_000 else 1 << 20, max(raw.size - 8, 0)), 8))
     return digest.hexdigest()[:32]
 
 
@@ -76,7 +72,7 @@ class BaseReferences(Closeable):
         self.targets = {target.key: target for target in targets}
         self.names, self._format_names = lora_name_map(self.view.arch, targets)
         self._flat_names = None
-        self.cache_path = cache_dir() / f"norms_{fingerprint(self.view.ckpt.files)}.json"
+        self.cache_path = cache_dir() / f"norms_{fingerprint(self.view.ckpt.sources)}.json"
         self._cache = self._load_cache()
         self._dirty = False
         self.norm_reads = 0

@@ -4,10 +4,10 @@ import torch
 
 from .closeable import Closeable
 from . import arch as arch_registry
-from .checkpoint import open_checkpoint
+from .io.checkpoint import open_checkpoint
 from .errors import CheckpointError
 from .lora_file import looks_like_lora
-from .quant import Dequantizer, is_auxiliary
+from .io.dequant import Dequantizer, is_auxiliary
 
 
 class CanonicalCheckpoint(Closeable):

@@ -23,7 +23,7 @@ def _optional_groups():
 
 
 def _cmd_inspect(args):
-    from .checkpoint import open_checkpoint
+    from .io.checkpoint import open_checkpoint
     from .inspect_info import format_summary, summarize
 
     with open_checkpoint(args.path) as ckpt:

@@ -22,3 +22,7 @@ class CheckpointError(LoraColabError, ValueError):
 
 class OptionError(LoraColabError, ValueError):
     """An option value that cannot be used; the message names the option."""
+
+
+class SourceError(LoraColabError):
+    """A source (URL, Hub repo, Drive path) that cannot be read; the message never holds a token."""

@@ -11,7 +11,7 @@ import torch
 
 from .arch import resolve_format
 from .canonical import open_canonical, pair
-from .checkpoint import cast
+from .io.checkpoint import cast
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError, OptionError
 from .lora_format import build_metadata, module_tensors
@@ -259,7 +259,7 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
         if any(_inputs_differ_in_precision(b, t, target) for target in targets[:8]):
             report.warnings.append("one checkpoint is fp8 and the other is not: fp8 rounding shows up as a "
                                    "full-rank difference; prefer a pair of the same precision")
-        writer = SpillWriter(out, protect=b.ckpt.files + t.ckpt.files)
+        writer = SpillWriter(out, protect=b.ckpt.local_files + t.ckpt.local_files)
         differences = _Differences(b, t, targets, device)
         bar = _progress_bar(len(targets), progress)
         linear_ranks, conv_ranks = [], []

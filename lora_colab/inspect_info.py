@@ -2,7 +2,7 @@
 
 from collections import Counter
 
-from .checkpoint import ShardedCheckpoint
+from .io.checkpoint import ShardedCheckpoint
 from .canonical import CanonicalCheckpoint
 
 

@@ -176,7 +176,7 @@ class BlockedDelta:
     @classmethod
     def build(cls, read_tuned, read_base, shape, block_bytes=8 << 20):
         """From `read_x(start, stop)` (rows as float32 2-D) of a [m, n] weight."""
-        from .raw_file import empty_bytes
+        from .io.buffers import empty_bytes
 
         m, n = shape
         data = empty_bytes(m * n * 2).view(torch.bfloat16).reshape(m, n)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .dtypes import ITEMSIZE, from_torch
 from .errors import CheckpointError
-from .raw_file import byte_view
+from .io.buffers import byte_view
 
 _HAS_PWRITE = hasattr(os, "pwrite")
 

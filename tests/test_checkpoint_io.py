@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import CheckpointError, SafetensorsWriter, open_checkpoint, save_file
-from lora_colab.checkpoint import resolve_folder
+from lora_colab.io.checkpoint import resolve_folder
 
 from conftest import bits, random_tensor
 
@@ -326,4 +326,8 @@ def test_pickle_checkpoints_inspect_and_fingerprint(tmp_path, capsys):
     torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "m.ckpt")
     assert main(["inspect", str(tmp_path / "m.ckpt")]) == 0
     assert "size:      576 bytes" in capsys.readouterr().out
-    assert len(fingerprint([tmp_path / "m.ckpt"])) == 32
+    with open_checkpoint(tmp_path / "m.ckpt") as ckpt:
+        assert len(fingerprint(ckpt.sources)) == 32
+    torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(4, 4, 3, 3)}, tmp_path / "n.ckpt")
+    with open_checkpoint(tmp_path / "m.ckpt") as a, open_checkpoint(tmp_path / "n.ckpt") as b:
+        assert fingerprint(a.sources) != fingerprint(b.sources)

@@ -3,15 +3,18 @@
 import json
 import math
 import os
-from pathlib import Path
+import sys
+import tempfile
 
 import torch
 
-from .closeable import Closeable
-from .dtypes import ITEMSIZE, to_torch
-from .errors import CheckpointError
-from .raw_file import RawFile, byte_view, empty_bytes
-from .safetensors_header import read_header
+from ..closeable import Closeable
+from ..dtypes import ITEMSIZE, to_torch
+from ..errors import CheckpointError
+from .buffers import byte_view, empty_bytes
+from .local_file import LocalFile
+from .locations import Location, locate
+from .safetensors import read_header
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MODEL_SUBFOLDERS = ("transformer", "unet")
@@ -68,9 +71,9 @@ class Checkpoint(Closeable):
     """
 
     def __init__(self, path, files, locations, metadata):
-        self.path = os.fspath(path)
-        self._files = files          # list of SafetensorsFile-owned RawFile objects
-        self._locations = locations  # name -> (RawFile, TensorInfo)
+        self.path = str(path)        # what messages name (a URL without its query, a Hub repo:file)
+        self._files = files          # the ByteSources this checkpoint owns
+        self._locations = locations  # name -> (ByteSource, TensorInfo)
         self.metadata = metadata
         self._staging = None
 
@@ -109,7 +112,18 @@ class Checkpoint(Closeable):
 
     @property
     def files(self):
-        return [f.path for f in self._files]
+        """Names of the files read (paths, URLs, Hub repo:file)."""
+        return [f.name for f in self._files]
+
+    @property
+    def sources(self):
+        """The ByteSources read."""
+        return list(self._files)
+
+    @property
+    def local_files(self):
+        """Paths of the files that are on local disk (which an output must never replace)."""
+        return [f.local_path for f in self._files if f.local_path]
 
     @property
     def bytes_read(self):
@@ -131,7 +145,7 @@ class Checkpoint(Closeable):
     def read_rows(self, key, start, stop, dtype=None, device=None):
         """Read rows `start:stop` of tensor `key` (first dimension), reading only those bytes."""
         raw, info = self._locate(key)
-        _check_rows(raw.path, key, info.shape, start, stop)
+        _check_rows(raw.name, key, info.shape, start, stop)
         row_bytes = math.prod(info.shape[1:]) * ITEMSIZE[info.dtype]
         shape = (stop - start,) + tuple(info.shape[1:])
         return self._read_span(raw, info, info.start + start * row_bytes, (stop - start) * row_bytes,
@@ -140,7 +154,7 @@ class Checkpoint(Closeable):
     def _read_span(self, raw, info, offset, nbytes, shape, dtype, device):
         torch_dtype = to_torch(info.dtype)
         if torch_dtype is None:
-            raise CheckpointError(raw.path, f"dtype {info.dtype} is not supported by torch {torch.__version__}",
+            raise CheckpointError(raw.name, f"dtype {info.dtype} is not supported by torch {torch.__version__}",
                                   info.name)
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type == "cuda":
@@ -178,34 +192,35 @@ class Checkpoint(Closeable):
 
 
 class SafetensorsFile(Checkpoint):
-    """One `.safetensors` file."""
+    """One `.safetensors` file: a path, or any Location (URL, Hub file)."""
 
-    def __init__(self, path):
-        raw = RawFile(path)
+    def __init__(self, source):
+        location = locate(source)
+        raw = location.open()
         try:
-            header = read_header(raw, raw.path)
+            header = read_header(raw, raw.name)
         except BaseException:
             raw.close()
             raise
         locations = {name: (raw, info) for name, info in header.tensors.items()}
-        super().__init__(path, [raw], locations, header.metadata)
+        super().__init__(raw.name, [raw], locations, header.metadata)
 
 
 class ShardedCheckpoint(Checkpoint):
     """Shards listed by a `*.safetensors.index.json` weight map."""
 
-    def __init__(self, index_path):
-        index_path = Path(index_path)
-        weight_map = _read_weight_map(index_path)
+    def __init__(self, index):
+        index = locate(index)
+        weight_map = _read_weight_map(index)
         shards = {}
         locations = {}
         metadata = {}
         try:
             for shard_name in dict.fromkeys(weight_map.values()):
-                shard_path = index_path.parent / shard_name
-                if not shard_path.is_file():
-                    raise CheckpointError(index_path, f"shard {shard_name!r} named in the weight map is missing")
-                shards[shard_name] = SafetensorsFile(shard_path)
+                shard = index.sibling(shard_name)
+                if not shard.remote and not shard.exists():
+                    raise CheckpointError(index.display, f"shard {shard_name!r} named in the weight map is missing")
+                shards[shard_name] = SafetensorsFile(shard)
                 for key, value in shards[shard_name].metadata.items():
                     metadata.setdefault(key, value)
             for key, shard_name in weight_map.items():
@@ -218,38 +233,34 @@ class ShardedCheckpoint(Checkpoint):
                 shard.close()
             raise
         files = [raw for shard in shards.values() for raw in shard._files]
-        super().__init__(index_path, files, locations, metadata)
+        super().__init__(index.display, files, locations, metadata)
 
 
 class PickleCheckpoint(Checkpoint):
     """A `.ckpt`/`.pt`/`.bin` file, loaded only with `torch.load(weights_only=True, mmap=True)`: plain
     tensors in (nested) dicts; anything else in the pickle is refused, never executed."""
 
-    def __init__(self, path):
-        path = Path(path)
+    def __init__(self, path, name=None):
+        name = name or str(path)
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # UnpicklingError, RuntimeError (not a zip/torch file), ...
             text = str(exc)
             reason = ("it holds objects other than tensors" if "Weights only load failed" in text
                       else text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__)
-            raise CheckpointError(path, f"refused: not a plain tensor pickle ({reason}); it is never loaded "
+            raise CheckpointError(name, f"refused: not a plain tensor pickle ({reason}); it is never loaded "
                                         f"with code execution: convert it to .safetensors with a tool you trust") from None
         tensors = {}
-        _flatten(data.get("state_dict", data) if isinstance(data, dict) else data, "", tensors, path)
+        _flatten(data.get("state_dict", data) if isinstance(data, dict) else data, "", tensors)
         if not tensors:
-            raise CheckpointError(path, "holds no tensors")
+            raise CheckpointError(name, "holds no tensors")
         self._tensors = tensors
-        super().__init__(path, [], {}, {})
+        super().__init__(name, [LocalFile(path, name)], {}, {})
         self._locations = {name: (None, None) for name in tensors}
 
-    @property
-    def files(self):
-        return [self.path]
-
     def info(self, key):
-        from .dtypes import from_torch
-        from .safetensors_header import TensorInfo
+        from ..dtypes import from_torch
+        from .safetensors import TensorInfo
         tensor = self._tensor(key)
         return TensorInfo(key, from_torch(tensor.dtype), tuple(tensor.shape), 0,
                           tensor.numel() * tensor.element_size())
@@ -271,81 +282,107 @@ class PickleCheckpoint(Checkpoint):
 
     def close(self):
         self._tensors = {}
+        super().close()
 
 
-def _flatten(obj, prefix, out, path):
+def _flatten(obj, prefix, out):
     if isinstance(obj, torch.Tensor):
         out[prefix[:-1]] = obj
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            _flatten(value, f"{prefix}{key}.", out, path)
+            _flatten(value, f"{prefix}{key}.", out)
 
 
-def _read_weight_map(index_path):
+def _read_weight_map(index):
+    name = index.display
     try:
-        with open(index_path, "rb") as f:
-            index = json.loads(f.read(100_000_000).decode("utf-8"))
-    except OSError as exc:
-        raise CheckpointError(index_path, f"cannot read index: {exc.strerror or exc}") from None
+        with index.open() as raw:
+            if raw.size > 100_000_000:
+                raise CheckpointError(name, f"index is {raw.size} bytes, too large for a weight map")
+            text = raw.pread(raw.size, 0)
+        index_json = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(index_path, f"index is not valid JSON ({str(exc)[:100]})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(name, f"index is not valid JSON ({str(exc)[:100]})") from None
+    weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise CheckpointError(index_path, "index has no 'weight_map' object of tensor name -> shard file")
+        raise CheckpointError(name, "index has no 'weight_map' object of tensor name -> shard file")
     for shard_name in weight_map.values():
-        if os.path.isabs(shard_name) or ".." in Path(shard_name).parts:
-            raise CheckpointError(index_path, f"shard name {shard_name!r} points outside the index's folder")
+        if shard_name.startswith(("/", "\\")) or ".." in shard_name.replace("\\", "/").split("/") or "://" in shard_name:
+            raise CheckpointError(name, f"shard name {shard_name!r} points outside the index's folder")
     return weight_map
 
 
-def open_checkpoint(path):
-    """Open a `.safetensors` file, a `*.safetensors.index.json`, or a model/pipeline folder.
+def open_checkpoint(source, token=None):
+    """Open a `.safetensors` file, a `*.safetensors.index.json`, or a model/pipeline folder, from a
+    local path, a URL or the Hub (see io.locations.locate; `token` is for plain URLs).
 
     Folders: a diffusers pipeline (its `transformer/` or `unet/`), a diffusers model folder with shards
-    and an index, or a folder holding one `.safetensors` file. Returns a Checkpoint; use it as a context
-    manager to close its files.
+    and an index, or a folder holding one `.safetensors` file. Remote files are read in place, by range.
+    Returns a Checkpoint; use it as a context manager to close its files.
     """
-    path = Path(os.fspath(path)).expanduser()
-    if path.is_dir():
-        return open_checkpoint(resolve_folder(path))
-    if not path.exists():
-        raise CheckpointError(path, "no such file or folder")
-    name = path.name.lower()
+    location = locate(source, token)
+    if location.is_dir():
+        location = resolve_folder(location)
+    elif not location.exists():
+        raise CheckpointError(location.display, "no such file or folder")
+    name = location.name.lower()
     if name.endswith(".index.json"):
-        return ShardedCheckpoint(path)
+        return ShardedCheckpoint(location)
     if name.endswith(PICKLE_SUFFIXES):
-        return PickleCheckpoint(path)
+        return _open_pickle(location)
     if name.endswith(".gguf"):
-        raise CheckpointError(path, "unsupported quantization: GGUF (use a .safetensors checkpoint)")
-    return SafetensorsFile(path)
+        raise CheckpointError(location.display, "unsupported quantization: GGUF (use a .safetensors checkpoint)")
+    return SafetensorsFile(location)
+
+
+def _open_pickle(location):
+    """A pickle is loaded from local disk only: a remote one is downloaded to a temporary file first."""
+    if location.local_path() is not None:
+        return PickleCheckpoint(location.local_path())
+    print(f"{location.display}: a pickle cannot be read in place; downloading it to a temporary file",
+          file=sys.stderr)
+    with location.open() as raw:
+        fd, path = tempfile.mkstemp(prefix="lora_colab_", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                view = memoryview(bytearray(min(raw.size, 16 << 20) or 1))
+                for offset in range(0, raw.size, len(view)):
+                    part = view[:min(len(view), raw.size - offset)]
+                    raw.readinto(part, offset)
+                    out.write(part)
+            return PickleCheckpoint(path, location.display)
+        finally:
+            os.unlink(path)  # the mmap and the open file keep the data readable until the checkpoint closes
 
 
 def resolve_folder(folder):
-    """The file (single or index) that `open_checkpoint` reads for a folder."""
-    folder = Path(folder)
+    """The file (single or index) that `open_checkpoint` reads for a folder (any Location or path)."""
+    folder = locate(folder) if not isinstance(folder, Location) else folder
+    entries = folder.list()
     for sub in _MODEL_SUBFOLDERS:
-        if (folder / sub).is_dir() and _has_weights(folder / sub):
-            return resolve_folder(folder / sub)
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if sub in entries and folder.child(sub).is_dir() and _has_weights(folder.child(sub)):
+            return resolve_folder(folder.child(sub))
+    indexes = [e for e in entries if e.endswith(".safetensors.index.json")]
     if indexes:
-        return _pick(folder, indexes, ".safetensors.index.json")
-    files = sorted(folder.glob("*.safetensors"))
+        return folder.child(_pick(folder, indexes, ".safetensors.index.json"))
+    files = [e for e in entries if e.endswith(".safetensors")]
     if files:
-        return _pick(folder, files, ".safetensors")
-    raise CheckpointError(folder, "folder holds no .safetensors file, index, transformer/ or unet/")
+        return folder.child(_pick(folder, files, ".safetensors"))
+    raise CheckpointError(folder.display, "folder holds no .safetensors file, index, transformer/ or unet/")
 
 
 def _has_weights(folder):
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json"))
+    return any(e.endswith((".safetensors", ".safetensors.index.json")) for e in folder.list())
 
 
 def _pick(folder, candidates, suffix):
     if len(candidates) == 1:
         return candidates[0]
     for stem in _PREFERRED_STEMS:
-        for candidate in candidates:
-            if candidate.name == stem + suffix:
-                return candidate
-    names = ", ".join(c.name for c in candidates)
-    raise CheckpointError(folder, f"several checkpoints here ({names}); name the one to use")
+        if stem + suffix in candidates:
+            return stem + suffix
+    raise CheckpointError(folder.display, f"several checkpoints here ({', '.join(sorted(candidates))}); "
+                                          f"name the one to use")

@@ -1,62 +1,23 @@
-"""Positional reads into caller buffers, without mmap, and page-cache release after each read."""
+"""A local file read with positional reads into caller buffers (no mmap), releasing its page cache."""
 
-import ctypes
 import os
-import sys
 import threading
 
-import torch
-
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .byte_source import ByteSource
 
 _HAS_PREAD = hasattr(os, "preadv")
 _HAS_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 _CHUNK = 1 << 30  # Linux returns at most ~2 GiB per read call; stay well below
 
 
-_HUGE = 2 << 20
+class LocalFile(ByteSource):
+    """A read-only local file read with `preadv`/`readinto` at explicit offsets; safe to share across threads."""
 
-
-def _load_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise
-
-
-_MADVISE = _load_madvise()
-_MADV_HUGEPAGE = 14
-
-
-def empty_bytes(nbytes):
-    """An uninitialised uint8 CPU tensor; large ones ask Linux for huge pages, which makes first-touch
-    page faults (the main cost of reading into fresh memory) several times cheaper."""
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    if _MADVISE is not None and nbytes >= 4 * _HUGE:
-        start = (buf.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        length = (buf.data_ptr() + nbytes - start) & ~(_HUGE - 1)
-        _MADVISE(start, length, _MADV_HUGEPAGE)  # advisory: failure just means normal pages
-    return buf
-
-
-def byte_view(tensor):
-    """A writable memoryview over a contiguous CPU tensor's bytes (no numpy needed)."""
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes == 0:
-        return memoryview(bytearray(0))
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
-
-
-class RawFile:
-    """A read-only file read with `pread`/`readinto` at explicit offsets; safe to share across threads."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
+    def __init__(self, path, name=None):
+        super().__init__()
+        self.path = self.local_path = os.fspath(path)
+        self.name = name or self.path
         try:
             self._f = open(self.path, "rb", buffering=0)
         except OSError as exc:
@@ -64,14 +25,9 @@ class RawFile:
         self.fd = self._f.fileno()
         self.size = os.fstat(self.fd).st_size
         self._lock = None if _HAS_PREAD else threading.Lock()
-        self.bytes_read = 0
         self._previous_start = 0
-
-    def pread(self, n, offset):
-        """Return exactly `n` bytes at `offset` (small reads: headers)."""
-        buf = bytearray(n)
-        self.readinto(memoryview(buf), offset)
-        return bytes(buf)
+        stat = os.fstat(self.fd)
+        self.identity = f"{self.size}:{stat.st_mtime_ns}"
 
     def readinto(self, view, offset, tensor=None):
         """Fill the writable memoryview `view` from `offset`; raise CheckpointError on a short file."""

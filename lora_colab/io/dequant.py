@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 AUX_SUFFIXES = (".scale_weight", ".weight_scale", ".weight_scale_2", ".input_scale", ".scale_input",
                 ".comfy_quant")

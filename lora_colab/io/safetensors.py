@@ -4,8 +4,8 @@ import json
 import math
 from dataclasses import dataclass
 
-from .dtypes import ITEMSIZE
-from .errors import CheckpointError
+from ..dtypes import ITEMSIZE
+from ..errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -36,7 +36,7 @@ class Header:
 
 
 def read_header(raw_file, path):
-    """Read and validate the header of `raw_file` (a RawFile; named `path` in errors)."""
+    """Read and validate the header of `raw_file` (a ByteSource; named `path` in errors)."""
     file_size = raw_file.size
     if file_size < 8:
         raise CheckpointError(path, f"file is {file_size} bytes, too short for a safetensors header")

@@ -1,0 +1,38 @@
+"""The one interface every reader above reads bytes through, wherever they come from."""
+
+from ..closeable import Closeable
+
+
+class ByteSource(Closeable):
+    """Random-access, read-only bytes of one file: local, or remote over HTTP range requests.
+
+    Subclasses set `name` (shown in messages, never holding a token), `size`, and implement
+    `readinto`. Safe to share across threads.
+    """
+
+    name = "<source>"
+    size = 0
+    local_path = None  # a filesystem path when the bytes are on local disk
+    identity = ""      # what changes when the content does (size, mtime, ETag, commit)
+
+    def __init__(self):
+        self.bytes_read = 0
+
+    def readinto(self, view, offset, tensor=None):
+        """Fill the writable memoryview `view` with the bytes at `offset`; errors name `tensor`."""
+        raise NotImplementedError
+
+    def pread(self, n, offset):
+        """Exactly `n` bytes at `offset` (small reads: headers)."""
+        buf = bytearray(n)
+        self.readinto(memoryview(buf), offset)
+        return bytes(buf)
+
+    def drop_cache(self, offset, length):
+        """Tell the OS it may drop this range from its page cache (local files only)."""
+
+    def close(self):
+        pass
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name!r}: {self.size} bytes>"
