@@ -65,8 +65,8 @@ def lora_name_map(arch, targets):
 class BaseReferences(Closeable):
     """Norms of the base layers a LoRA's modules patch."""
 
-    def __init__(self, checkpoint, device=None):
-        self.view = open_canonical(checkpoint)
+    def __init__(self, checkpoint, device=None, token=None):
+        self.view = open_canonical(checkpoint, token=token)
         self.device = device
         targets = all_targets(self.view.arch, self.view.shapes())
         self.targets = {target.key: target for target in targets}

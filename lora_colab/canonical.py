@@ -103,9 +103,9 @@ class CanonicalCheckpoint(Closeable):
         self.ckpt.close()
 
 
-def open_canonical(path, arch=None):
+def open_canonical(source, arch=None, token=None):
     """open_checkpoint + CanonicalCheckpoint; closes the file if detection fails."""
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(source, token)
     try:
         return CanonicalCheckpoint(ckpt, arch)
     except BaseException:

@@ -22,11 +22,33 @@ def _optional_groups():
                      if arch.optional_groups)
 
 
+_SOURCES = ("a .safetensors file, a *.index.json or a diffusers folder: a local path, an http(s) URL, a Hub "
+            "file (owner/repo:file, hf://owner/repo/file or its huggingface.co URL) or a Hub folder "
+            "(hf://owner/repo[/subfolder]); remote files are read in place, by HTTP range")
+
+
+def _add_source_options(p):
+    p.add_argument("--token", default=None, metavar="TOKEN",
+                   help="bearer token for plain URLs, sent only to that URL's own host and folder (default: "
+                        "$LORA_COLAB_URL_TOKEN); the Hub uses HF_TOKEN or `hf auth login`")
+    p.add_argument("--download", default=None, metavar="DIR",
+                   help="download remote sources into DIR first instead of reading them in place")
+
+
+def _local_or_remote(source, args):
+    """`source` as given (read in place), or its downloaded copy with --download DIR."""
+    if not args.download or str(source).lower() == "none":
+        return source
+    from .downloads import fetch
+    return str(fetch(source, args.download, token=args.token))
+
+
 def _cmd_inspect(args):
     from .io.checkpoint import open_checkpoint
+    from .io.hub import pinned_run
     from .inspect_info import format_summary, summarize
 
-    with open_checkpoint(args.path) as ckpt:
+    with pinned_run(), open_checkpoint(_local_or_remote(args.path, args), args.token) as ckpt:
         summary = summarize(ckpt)
         if args.json:
             print(json.dumps(summary, indent=2))
@@ -86,7 +108,11 @@ def _finish(report, as_json):
 def _cmd_extract(args):
     from .extractor import extract
 
-    return _finish(extract(args.base, args.tuned, args.output, **_extract_options(args)), args.json)
+    from .extractor import check_output_file
+
+    check_output_file(args.output)
+    base, tuned = _local_or_remote(args.base, args), _local_or_remote(args.tuned, args)
+    return _finish(extract(base, tuned, args.output, token=args.token, **_extract_options(args)), args.json)
 
 
 def _cmd_demo(args):
@@ -102,11 +128,13 @@ def _cmd_demo(args):
 
 
 def _cmd_resize(args):
-    from .resizer import resize
+    from .resizer import _split_merge, resize
 
-    checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
-    reports = resize(checkpoint, args.loras, args.output_folder, args.recipes, dtype=args.dtype,
-                     device=args.device, verbose=0)
+    checkpoint = None if args.checkpoint.lower() == "none" else _local_or_remote(args.checkpoint, args)
+    loras = [",".join(str(_local_or_remote(path, args)) + (f":{weight:g}" if weight != 1.0 else "")
+                      for path, weight in _split_merge(lora)) for lora in args.loras] if args.download else args.loras
+    reports = resize(checkpoint, loras, args.output_folder, args.recipes, dtype=args.dtype,
+                     device=args.device, verbose=0, token=args.token)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2, default=str))
     else:
@@ -157,23 +185,23 @@ def build_parser():
 
     inspect = commands.add_parser(
         "inspect", help="show tensors, dtypes, size, metadata and detected layout of a checkpoint",
-        description="Summarise a .safetensors file, a sharded *.index.json or a diffusers folder "
-                    "(reads the headers only).")
-    inspect.add_argument("path", metavar="FILE_OR_FOLDER")
+        description=f"Summarise {_SOURCES} (reads the headers only).")
+    inspect.add_argument("path", metavar="SOURCE")
+    _add_source_options(inspect)
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.add_argument("--keys", action="store_true", help="also list every tensor: name, dtype, shape")
     inspect.set_defaults(func=_cmd_inspect)
 
     ext = commands.add_parser(
         "extract", help="extract a LoRA from a base and a fine-tuned checkpoint",
-        description="LoRA = low-rank SVD of (tuned - base), one layer at a time, in bounded memory. BASE and "
-                    "TUNED take a .safetensors file, a *.index.json or a diffusers folder; their layouts may "
-                    "differ.")
+        description=f"LoRA = low-rank SVD of (tuned - base), one layer at a time, in bounded memory. BASE and "
+                    f"TUNED each take {_SOURCES}. Their layouts may differ.")
     ext.add_argument("base", metavar="BASE")
     ext.add_argument("tuned", metavar="TUNED")
     ext.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
                      help="the LoRA file to write (a file, not a folder; written atomically)")
     _add_extract_options(ext, 32)
+    _add_source_options(ext)
     ext.set_defaults(func=_cmd_extract)
 
     demo = commands.add_parser(
@@ -195,11 +223,12 @@ def build_parser():
                     "or kohya's rank=N, sv_ratio=P, sv_fro=P, sv_cumulative=P; rescale=F.",
         epilog="A LORA of the form 'a.safetensors:0.7,b.safetensors:0.3' is merged with those weights first.")
     res.add_argument("checkpoint", metavar="CHECKPOINT",
-                     help="base model the LoRAs were trained on ('none' when no recipe uses *_ckpt/subspace)")
+                     help="base model the LoRAs were trained on ('none' when no recipe uses *_ckpt/subspace); "
+                          "CHECKPOINT and each LORA take " + _SOURCES)
     res.add_argument("loras", nargs="+", metavar="LORA")
     res.add_argument("-o", "--output-folder", default=None, metavar="FOLDER",
                      help="the folder to write into (a folder, not a file: one file per LoRA and recipe, named "
-                          "after the recipe); default: each LoRA's own folder")
+                          "after the recipe); default: each local LoRA's own folder, else the current one")
     res.add_argument("-r", "--recipes", default="spn_ckpt=1,thr=-1.2", help="default: %(default)s")
     res.add_argument("-t", "--dtype", type=_dtype_value, default=None,
                      help="output precision: bf16, fp16 (or 16) or fp32 (or 32) (default: the input's)")
@@ -207,6 +236,7 @@ def build_parser():
     res.add_argument("-v", "--verbose", action="count", default=0,
                      help="-v: totals, threshold, size and score quantiles; -vv: every layer's old -> new rank")
     res.add_argument("--json", action="store_true", help="print the reports as JSON")
+    _add_source_options(res)
     res.set_defaults(func=_cmd_resize)
     return parser
 

@@ -12,6 +12,7 @@ import torch
 from .arch import resolve_format
 from .canonical import open_canonical, pair
 from .io.checkpoint import cast
+from .io.hub import pinned_run
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError, OptionError
 from .lora_format import build_metadata, module_tensors
@@ -222,10 +223,11 @@ def _notices(arch, targets, rank, conv_rank):
 def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
             text_encoders=True, min_diff=0.0, format="auto", dtype=None, device="auto", niter=4, oversample=8,
             energy=None, scale=1.0, groups=(), arch=None, seed=0, progress=True, on_layer=None,
-            kohya_hashes=True, title=None, on_nonfinite="stop"):
+            kohya_hashes=True, title=None, on_nonfinite="stop", token=None):
     """Extract a LoRA from two checkpoints of one architecture; returns an ExtractReport.
 
-    base, tuned: anything `open_checkpoint` takes (layouts may differ). out: the .safetensors to write.
+    base, tuned: a path, URL or Hub source `open_checkpoint` takes (layouts may differ; remote files are
+    read in place by range; `token` is sent to plain URLs' own hosts). out: the .safetensors to write.
     rank/alpha: linear rank and alpha (alpha=None means alpha=rank); the factors are scaled so that
     alpha/rank · up @ down equals `scale` × the rank-r difference. conv_rank/conv_alpha: LoCon for k×k
     convolutions (off when conv_rank is None). clamp_quantile: scale rows of up and columns of down whose
@@ -242,7 +244,7 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     out = check_output_file(out)
     device = resolve_device(device)
     bound_heap()
-    with open_canonical(base) as b, open_canonical(tuned, b.arch.name) as t:
+    with pinned_run(), open_canonical(base, token=token) as b, open_canonical(tuned, b.arch.name, token) as t:
         _check_groups(b.arch, groups)
         fmt = resolve_format(b.arch, format)
         targets = b.arch.targets(b.shapes(), groups=set(groups), conv=conv_rank is not None,
@@ -305,7 +307,7 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
                 metadata = build_metadata(
                     b.arch, fmt, [r for r, _ in linear_ranks], [a for _, a in linear_ranks],
                     title or out.stem, [r for r, _ in conv_ranks], [a for _, a in conv_ranks],
-                    comment=f"extracted by lora_colab from {Path(b.path).name} and {Path(t.path).name}",
+                    comment=f"extracted by lora_colab from {_file_name(b.path)} and {_file_name(t.path)}",
                     extra={"lora_colab.clamp_quantile": str(clamp_quantile), "lora_colab.scale": str(scale)})
                 writer.finish(metadata, kohya_hashes=kohya_hashes)
                 report.output, report.output_bytes = str(out), out.stat().st_size
@@ -314,10 +316,17 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
             writer.abort()
             if bar is not None:
                 bar.close()
+        report.bytes_read = b.ckpt.bytes_read + t.ckpt.bytes_read
+        report.network_bytes = sum(s.bytes_read for s in b.ckpt.sources + t.ckpt.sources if not s.local_path)
     report.peak_rss = peak_rss_bytes()
     report.peak_vram = vram_bytes()[1]
     report.wall_seconds = time.perf_counter() - started
     return report
+
+
+def _file_name(name):
+    """The last component of a path, URL or Hub `repo:file` (for metadata: no folders, hosts or queries)."""
+    return name.rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
 
 
 def _max_abs(delta):

@@ -55,6 +55,7 @@ def summarize_lora(ckpt):
     return {
         "path": ckpt.path,
         "kind": "LoRA",
+        "read": _where(ckpt),
         "files": len(ckpt.files),
         "tensors": len(ckpt),
         "dtypes": dict(Counter(ckpt.st_dtype(k) for k in ckpt.keys()).most_common()),
@@ -83,6 +84,7 @@ def summarize(ckpt):
     return {
         "path": ckpt.path,
         "kind": "checkpoint",
+        "read": _where(ckpt),
         "files": len(ckpt.files),
         "storage": "sharded index" if isinstance(ckpt, ShardedCheckpoint) else "single file",
         "tensors": len(ckpt),
@@ -92,6 +94,24 @@ def summarize(ckpt):
         "lora_targets": targets,
         "metadata": dict(ckpt.metadata),
     }
+
+
+def _where(ckpt):
+    remote = sum(1 for source in ckpt.sources if not source.local_path)
+    return "in place over the network (by range)" if remote else "local disk"
+
+
+def describe_checkpoint(source, token=None):
+    """One line: what `source` is (architecture or LoRA), its size and files, and how it is read."""
+    from .io.checkpoint import open_checkpoint
+    from .io.hub import pinned_run
+
+    with pinned_run(), open_checkpoint(source, token) as ckpt:
+        summary = summarize(ckpt)
+    size = f"{summary['total_bytes'] / 1e9:.2f} GB in {summary['files']} file{'s' if summary['files'] != 1 else ''}"
+    what = (f"a LoRA for {summary['architecture']}, {summary['modules']} modules" if summary["kind"] == "LoRA"
+            else summary["detected"])
+    return f"{summary['path']}: {what}, {size}, read {summary['read']}"
 
 
 def _counts(counts):
@@ -104,7 +124,7 @@ def format_summary(summary, max_meta_chars=200):
     dtypes = ", ".join(f"{name} x{count}" for name, count in summary["dtypes"].items())
     if summary.get("kind") == "LoRA":
         lines = [
-            f"path:      {summary['path']}",
+            f"path:      {summary['path']} (read {summary['read']})",
             f"kind:      LoRA for {summary['architecture']}, {summary['modules']} modules "
             f"({_counts(summary['layer_kinds'])})",
             f"spelling:  {summary['spelling']}",
@@ -118,7 +138,7 @@ def format_summary(summary, max_meta_chars=200):
         ]
         return lines + _metadata_lines(summary, max_meta_chars)
     lines = [
-        f"path:      {summary['path']}",
+        f"path:      {summary['path']} (read {summary['read']})",
         f"storage:   {summary['storage']} ({summary['files']} file{'s' if summary['files'] != 1 else ''})",
         f"detected:  {summary['detected']}",
         "targets:   " + ", ".join(f"{n} {k}" for k, n in summary["lora_targets"].items()),

@@ -103,8 +103,8 @@ def _complete(kind, roles):
 class LoraFile(Closeable):
     """An open LoRA file: its layers, metadata, and each layer's ΔW as factors or as a full matrix."""
 
-    def __init__(self, path):
-        self.ckpt = open_checkpoint(path)
+    def __init__(self, source, token=None):
+        self.ckpt = open_checkpoint(source, token)
         self.path = self.ckpt.path
         self.metadata = dict(self.ckpt.metadata)
         self.layers, self.other_keys = scan_layers(self.ckpt.keys())

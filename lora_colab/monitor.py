@@ -47,6 +47,8 @@ class Snapshot:
     vram_reserved: int = 0
     vram_peak: int = 0
     vram_nvml: int = None
+    net_rate: float = 0.0  # bytes/s read from the network lately
+    net_total: int = 0     # bytes read from the network so far
     when: float = field(default_factory=time.time)
 
     def line(self, short=False):
@@ -64,6 +66,9 @@ class Snapshot:
         if self.vram_reserved or self.vram_nvml:
             parts.append(f"VRAM {fmt_bytes(self.vram_allocated)}/{fmt_bytes(self.vram_reserved)}"
                          + (f" (GPU {fmt_bytes(self.vram_nvml)})" if self.vram_nvml else ""))
+        if self.net_total:
+            parts.append(f"net {self.net_rate / 1e6:.0f} MB/s" + ("" if short else
+                                                                    f" ({fmt_bytes(self.net_total)} read)"))
         return ", ".join(parts)
 
 
@@ -88,6 +93,8 @@ def snapshot(nvml=True):
         snap.vram_peak = torch.cuda.max_memory_allocated()
     if nvml:
         snap.vram_nvml = _nvml_used()
+    from .io.http import NETWORK
+    snap.net_rate, snap.net_total = NETWORK.rate(), NETWORK.total
     return snap
 
 

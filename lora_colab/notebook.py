@@ -22,9 +22,12 @@ def workdir():
     return folder
 
 
-def prepare_models(base="", tuned="", folder=None, token=None):
-    """Local paths of the base and tuned models (Hub, URL, Drive or local); both empty -> the demo pair."""
-    from .sources import fetch
+def prepare_models(base="", tuned="", folder=None, download=False, token=None):
+    """The base and tuned models to read (both empty: the built-in demo pair), with a line saying what each is.
+
+    Hub and URL sources are read in place, by range, as the extraction needs them; download=True copies
+    them to the work folder first. Drive files are copied to local disk when they fit (Drive reads slowly).
+    """
     from .synthetic import DEMO_ZIMAGE, make_zimage_pair
 
     folder = Path(folder or workdir())
@@ -36,7 +39,22 @@ def prepare_models(base="", tuned="", folder=None, token=None):
         return demo / "base", demo / "tuned.safetensors"
     if not base or not tuned:
         raise ValueError("give both the base and the fine-tuned model (or neither, for the demo)")
-    return fetch(base, folder, token=token), fetch(tuned, folder, token=token)
+    return (_prepare(base, "base", folder, download, token, check=True),
+            _prepare(tuned, "tuned", folder, download, token, check=True))
+
+
+def _prepare(source, role, folder, download, token, check=False):
+    """`source` itself (read in place), or a local copy (download, or a Drive file); with `check`, opens
+    it and prints what it is, so a wrong address fails here and not halfway through the run."""
+    from . import downloads
+
+    source = str(source).strip()
+    if download or downloads.is_drive(source):
+        source = str(downloads.fetch(source, Path(folder) / "downloads", token=token))
+    if check:
+        from .inspect_info import describe_checkpoint
+        print(f"{role}: {describe_checkpoint(source, token)}")
+    return source
 
 
 def text_progress(**kwargs):
@@ -64,16 +82,16 @@ def run_extract(base, tuned, config=None, folder=None, monitor=True):
     return report
 
 
-def prepare_resize_inputs(checkpoint="", loras="", folder=None, token=None):
-    """(checkpoint path, [LoRA entries]) from sources. `loras` holds entries separated by `;` or new lines;
+def prepare_resize_inputs(checkpoint="", loras="", folder=None, download=False, token=None):
+    """(checkpoint, [LoRA entries]) from sources. `loras` holds entries separated by `;` or new lines;
     an entry is one LoRA (`lora.safetensors`, `lora.safetensors:0.5`) or a weighted merge
-    (`a.safetensors:0.7,b.safetensors:0.3`); every file of it is fetched (Hub, URL, Drive or local).
+    (`a.safetensors:0.7,b.safetensors:0.3`). Hub and URL files are read in place (download=True: copied to
+    the work folder first); Drive files are copied to local disk.
 
     Both empty -> the demo base and a rank-16 LoRA extracted from the demo pair.
     """
     from .demo import run_demo
     from .resizer import _split_merge
-    from .sources import fetch
 
     folder = Path(folder or workdir())
     entries = [part.strip() for line in str(loras).splitlines() for part in line.split(";") if part.strip()]
@@ -81,10 +99,10 @@ def prepare_resize_inputs(checkpoint="", loras="", folder=None, token=None):
         report = run_demo(folder / "resize_demo", rank=16, progress=False)
         print(f"no inputs given: using a rank-16 LoRA extracted from the demo pair, {report.output}")
         return folder / "resize_demo" / "base", [report.output]
-    base = fetch(checkpoint, folder, token=token) if checkpoint else None
-    local = [",".join(f"{fetch(path, folder, token=token)}" + (f":{weight:g}" if weight != 1.0 else "")
+    base = _prepare(checkpoint, "base", folder, download, token, check=True) if checkpoint else None
+    ready = [",".join(_prepare(path, "LoRA", folder, download, token) + (f":{weight:g}" if weight != 1.0 else "")
                       for path, weight in _split_merge(entry)) for entry in entries]
-    return base, local
+    return base, ready
 
 
 def run_resize(checkpoint, loras, config=None, folder=None):
@@ -139,7 +157,7 @@ def save_results(paths, drive_folder="", hub_repo="", token=None):
 
 def save_result(path, drive_folder="", hub_repo="", token=None):
     """Copy a result to Drive, upload it to a Hub repo, and/or offer a download link; returns where it went."""
-    from .sources import DRIVE_ROOT, SourceError, hf_token
+    from .downloads import DRIVE_ROOT, SourceError, hf_token
 
     path = Path(path)
     places = []
@@ -147,7 +165,7 @@ def save_result(path, drive_folder="", hub_repo="", token=None):
         target = Path(drive_folder if os.path.isabs(drive_folder) else os.path.join(DRIVE_ROOT, "MyDrive",
                                                                                      drive_folder))
         if str(target).startswith(DRIVE_ROOT) and not os.path.isdir(os.path.join(DRIVE_ROOT, "MyDrive")):
-            raise SourceError(f"{target}: Google Drive is not mounted (lora_colab.sources.mount_drive())")
+            raise SourceError(f"{target}: Google Drive is not mounted (lora_colab.downloads.mount_drive())")
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / path.name)
         places.append(str(target / path.name))

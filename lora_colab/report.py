@@ -41,6 +41,8 @@ class ExtractReport:
     wall_seconds: float = 0.0
     read_wait_seconds: float = 0.0
     purge_seconds: float = 0.0
+    bytes_read: int = 0          # header and tensor bytes read from both models
+    network_bytes: int = 0       # of which over the network (read in place)
 
     @property
     def extracted(self):
@@ -85,6 +87,10 @@ class ExtractReport:
             lines.append(f"wrote {self.output} ({fmt_bytes(self.output_bytes)})")
         elif self.identical:
             lines.append("the models are identical on every target layer: no LoRA written")
+        if self.network_bytes:
+            rate = self.network_bytes / max(self.wall_seconds, 1e-9) / 1e6
+            lines.append(f"read {fmt_bytes(self.network_bytes)} over the network in place ({rate:.0f} MB/s "
+                         f"over the run), nothing downloaded")
         lines.append(f"time {self.wall_seconds:.1f} s (waiting on reads {self.read_wait_seconds:.1f} s, "
                      f"purge {self.purge_seconds:.1f} s); peak RAM {fmt_bytes(self.peak_rss)}"
                      + (f", peak VRAM {fmt_bytes(self.peak_vram)}" if self.peak_vram else ""))

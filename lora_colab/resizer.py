@@ -16,6 +16,8 @@ from .base_refs import BaseReferences
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError, OptionError
 from .extractor import resolve_device
+from .io.hub import pinned_run
+from .io.locations import describe
 from .lora_file import LoraFile
 from .lowrank import low_rank
 from .memory import fmt_bytes
@@ -199,7 +201,7 @@ class ResizeReport:
         return asdict(self)
 
     def summary(self, verbose=1):
-        lines = [f"{Path(self.lora).name} [{self.recipe['recipe']}] -> {self.output} ({fmt_bytes(self.size_bytes)})"]
+        lines = [f"{_label(self.lora)} [{self.recipe['recipe']}] -> {self.output} ({fmt_bytes(self.size_bytes)})"]
         if verbose >= 1:
             old = sum(layer.old_rank for layer in self.layers)
             lines.append(f"  total rank {old} -> {self.total_rank}; threshold "
@@ -327,16 +329,41 @@ def _split_merge(text):
 
 
 def _output_name(lora_path, recipe):
-    stem = Path(lora_path).stem if "," not in str(lora_path) else "merged"
+    stem = _stem(lora_path) if "," not in str(lora_path) else "merged"
     return f"{stem}_{recipe.tag()}.safetensors"
 
 
-def _decompose_all(lora_arg, device, base=None):
+def _label(lora_arg, full=False):
+    """A LoRA argument as printed: file names (full: whole paths or URLs without their queries) with
+    their merge weights."""
+    name = describe if full else _file_name
+    return ",".join(name(path) + (f":{weight:g}" if weight != 1.0 else "") for path, weight in _split_merge(lora_arg))
+
+
+def _file_name(source):
+    return describe(source).rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
+
+
+def _stem(source):
+    """A file's name without its suffix, for a path, a URL (no query) or a Hub `owner/repo:file`."""
+    name = _file_name(source)
+    return name[:-len(".safetensors")] if name.endswith(".safetensors") else Path(name).stem
+
+
+def _output_folder(output_folder, first_source):
+    """Where outputs go: the folder given, else next to a local LoRA, else the working directory."""
+    if output_folder:
+        return Path(output_folder)
+    path = Path(os.path.expanduser(str(first_source)))
+    return path.parent if path.exists() else Path.cwd()
+
+
+def _decompose_all(lora_arg, device, base=None, token=None):
     """Spectra of a LoRA argument (one file, or a weighted merge), its pass-through tensors and metadata."""
     parts = _split_merge(lora_arg)
     loaded, passthrough, metadata, warnings = [], {}, {}, []
     for path, weight in parts:
-        with LoraFile(path) as lora:
+        with LoraFile(path, token) as lora:
             metadata = metadata or dict(lora.metadata)
             for key in lora.other_keys:
                 passthrough[key] = lora.ckpt.read(key)
@@ -466,11 +493,13 @@ def _refactor(name, up, down, out_shape, old_rank, has_alpha, suffixes, scale):
 
 
 def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2", dtype=None, device="auto",
-           verbose=0, progress=False):
+           verbose=0, progress=False, token=None):
     """Resize each LoRA with each recipe; returns one ResizeReport per (LoRA, recipe).
 
-    checkpoint: the base model (any layout `open_checkpoint` reads), or None when no recipe needs it.
-    loras: paths, or "a.safetensors:0.7,b.safetensors:0.3" to merge with weights before resizing.
+    checkpoint: the base model (any layout or source `open_checkpoint` reads: remote files are read in
+    place), or None when no recipe needs it. `token` is sent to plain URLs' own hosts.
+    loras: sources, or "a.safetensors:0.7,b.safetensors:0.3" to merge with weights before resizing;
+    outputs go to `output_folder`, else next to a local LoRA, else the working directory.
     recipes: `:`-separated recipes (see README); dtype: "16", "32", "bf16" (default: the input's).
     """
     if isinstance(loras, (str, os.PathLike)):
@@ -481,23 +510,26 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
         raise OptionError(f"{output_folder}: is a file; the resize output is a folder (one file per LoRA and "
                           f"recipe is written into it)")
     device = resolve_device(device)
-    base = None
-    if checkpoint is not None:
-        base = BaseReferences(checkpoint, device)
-    elif any(r.needs_checkpoint for r in recipe_list):
+    if checkpoint is None and any(r.needs_checkpoint for r in recipe_list):
         raise LoraColabError("a recipe uses spn_ckpt/fro_ckpt/subspace: give the base checkpoint")
+    with pinned_run():
+        return _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token)
+
+
+def _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token):
+    base = BaseReferences(checkpoint, device, token) if checkpoint is not None else None
     reports = ResizeReports()
     try:
         for lora_arg in loras:
             started = time.perf_counter()
-            spectra, passthrough, metadata, warnings = _decompose_all(lora_arg, device, base)
+            spectra, passthrough, metadata, warnings = _decompose_all(lora_arg, device, base, token)
             if base is not None:
                 for sp in spectra:
                     attach_references(sp, base)
                 note = base_coverage(lora_arg, spectra, base, recipe_list, metadata)
                 if note:
                     warnings.append(note)
-            out_dtype = dtype or _input_dtype(_split_merge(lora_arg)[0][0])
+            out_dtype = dtype or _input_dtype(_split_merge(lora_arg)[0][0], token)
             for recipe in recipe_list:
                 report = _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder)
                 report.warnings = warnings + report.warnings
@@ -521,7 +553,7 @@ def base_coverage(lora_arg, spectra, base, recipes, metadata):
         return None
     if len(missing) == len(spectra):
         guess = guess_lora_arch([sp.name for sp in spectra], metadata)
-        raise LoraColabError(f"{lora_arg}: none of its {len(spectra)} layers patches a weight of the base "
+        raise LoraColabError(f"{_label(lora_arg)}: none of its {len(spectra)} layers patches a weight of the base "
                              f"{base.describe()}; the LoRA looks like a {guess} LoRA: give the checkpoint it was "
                              f"trained on")
     return (f"{len(missing)} of {len(spectra)} layers patch no weight of the base {base.describe()} (first: "
@@ -531,10 +563,10 @@ def base_coverage(lora_arg, spectra, base, recipes, metadata):
 def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder):
     inputs = [p for p, _ in _split_merge(lora_arg)]
     first_path = inputs[0]
-    folder = Path(output_folder) if output_folder else Path(first_path).parent
+    folder = _output_folder(output_folder, first_path)
     out = folder / _output_name(lora_arg if "," in str(lora_arg) else first_path, recipe)
     pass_specs = [(k, t.dtype, tuple(t.shape)) for k, t in passthrough.items()]
-    report = ResizeReport(str(lora_arg), recipe.to_dict(), str(out))
+    report = ResizeReport(_label(lora_arg, full=True), recipe.to_dict(), str(out))
 
     def metadata_for(keep):
         ranks = [idx.numel() for idx in keep if idx is not None and idx.numel()]
@@ -569,9 +601,9 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, ou
     return report
 
 
-def _input_dtype(path):
+def _input_dtype(path, token=None):
     from .io.checkpoint import open_checkpoint
-    with open_checkpoint(path) as ckpt:
+    with open_checkpoint(path, token) as ckpt:
         for key in ckpt.keys():
             if key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight")):
                 dtype = ckpt.dtype(key)

@@ -85,8 +85,11 @@ def test_notebooks_are_committed_clean(path):
         assert not re.search(r"hf_[A-Za-z0-9]{20,}|/root/|/home/|/work/", text)
 
 
-def test_resize_inputs_take_several_loras_on_one_line_and_fetch_every_merge_part(tmp_path, monkeypatch):
-    import lora_colab.sources as sources
+@pytest.mark.parametrize("download", [False, True])
+def test_resize_inputs_take_several_loras_on_one_line_and_read_remote_ones_in_place(tmp_path, monkeypatch, capsys,
+                                                                                     download):
+    import lora_colab.downloads as downloads
+    import lora_colab.inspect_info as inspect_info
     from lora_colab import notebook
     fetched = []
 
@@ -94,14 +97,22 @@ def test_resize_inputs_take_several_loras_on_one_line_and_fetch_every_merge_part
         fetched.append(source)
         return Path(folder) / Path(source.split(":")[-1]).name
 
-    monkeypatch.setattr(sources, "fetch", fake_fetch)
+    monkeypatch.setattr(downloads, "fetch", fake_fetch)
+    monkeypatch.setattr(inspect_info, "describe_checkpoint", lambda source, token=None: f"{source}: checked")
     base, loras = notebook.prepare_resize_inputs(
         "owner/base:model.safetensors", "owner/a:a.safetensors:0.7,drive:MyDrive/b.safetensors:0.3; c.safetensors:0.5;"
-        "d.safetensors", folder=tmp_path)
-    assert fetched == ["owner/base:model.safetensors", "owner/a:a.safetensors", "drive:MyDrive/b.safetensors",
-                       "c.safetensors", "d.safetensors"]
-    assert loras == [f"{tmp_path}/a.safetensors:0.7,{tmp_path}/b.safetensors:0.3", f"{tmp_path}/c.safetensors:0.5",
-                     f"{tmp_path}/d.safetensors"]
+        "d.safetensors", folder=tmp_path, download=download)
+    got = tmp_path / "downloads"
+    if download:
+        assert fetched == ["owner/base:model.safetensors", "owner/a:a.safetensors", "drive:MyDrive/b.safetensors",
+                           "c.safetensors", "d.safetensors"]
+        assert base == f"{got}/model.safetensors"
+        assert loras[0] == f"{got}/a.safetensors:0.7,{got}/b.safetensors:0.3"
+    else:  # Hub and URL files are read in place; only the Drive file is copied to local disk
+        assert fetched == ["drive:MyDrive/b.safetensors"]
+        assert base == "owner/base:model.safetensors"
+        assert loras == [f"owner/a:a.safetensors:0.7,{got}/b.safetensors:0.3", "c.safetensors:0.5", "d.safetensors"]
+    assert f"base: {base}: checked" in capsys.readouterr().out
 
 
 def test_run_cells_say_which_settings_they_used(tmp_path, capsys):

@@ -135,7 +135,8 @@ def status_message(status, reason, name, hub=False):
         need = ("a Hugging Face token with access to this repo (HF_TOKEN, `hf auth login`, or Colab's HF_TOKEN "
                 "secret; gated repos also need their terms accepted on the Hub)" if hub else
                 "a token for this server (--token or LORA_COLAB_URL_TOKEN)")
-        return f"{name}: HTTP {status} {reason}: the server refused access; it needs {need}"
+        return (f"{name}: HTTP {status} {reason}: access refused (the token is missing, wrong or has no access); "
+                f"it needs {need}")
     if status == 404:
         return f"{name}: HTTP 404: no such file at this address"
     if status == 416:

@@ -53,8 +53,8 @@ class HubRepo:
         self.repo_id = repo_id
         self.revision = revision or "main"
         self.endpoint = endpoint()
-        self._token = hub_token(token)
-        self.credential = Credential(self._token, self.endpoint + "/", prefix="/", hub=True)
+        self.token = hub_token(token)
+        self.credential = Credential(self.token, self.endpoint + "/", prefix="/", hub=True)
         self.commit = self._resolve_commit()
         self._tree = None
 
@@ -65,7 +65,7 @@ class HubRepo:
     def _api(self):
         from huggingface_hub import HfApi
 
-        return HfApi(endpoint=self.endpoint, token=self._token or False)
+        return HfApi(endpoint=self.endpoint, token=self.token or False)
 
     def _resolve_commit(self):
         pins = getattr(_RUN, "pins", None)

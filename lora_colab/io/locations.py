@@ -217,7 +217,7 @@ def locate(source, token=None, hf_token=None):
         if hit:
             repo, revision, path, _ = hit
             return HubLocation(HubRepo(repo, revision, hf_token), path)
-        return UrlLocation(text, token or os.environ.get(URL_TOKEN_ENV))
+        return UrlLocation(text, token or url_token())
     if text.startswith("hf://"):
         from .hub import HubRepo
 
@@ -235,6 +235,20 @@ def locate(source, token=None, hf_token=None):
         repo, revision = _split_revision(hit.group(1))
         return HubLocation(HubRepo(repo, revision, hf_token), hit.group(2))
     return LocalLocation(text)
+
+
+def url_token():
+    """The token for plain URLs: $LORA_COLAB_URL_TOKEN, else Colab's secret of that name, else None."""
+    if os.environ.get(URL_TOKEN_ENV):
+        return os.environ[URL_TOKEN_ENV]
+    if "google.colab" not in sys.modules:
+        return None
+    try:
+        from google.colab import userdata  # noqa: PLC0415
+
+        return userdata.get(URL_TOKEN_ENV)
+    except Exception:  # no such secret, or access not granted
+        return None
 
 
 def describe(source):

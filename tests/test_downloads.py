@@ -4,8 +4,9 @@ from collections import namedtuple
 
 import pytest
 
-from lora_colab import sources
-from lora_colab.sources import SourceError, download_url, fetch, from_drive, parse_source
+from lora_colab import downloads as sources
+from lora_colab.downloads import download_url, fetch, from_drive
+from lora_colab.errors import SourceError
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
@@ -77,7 +78,7 @@ def test_filename_from_content_disposition(server, tmp_path):
 
 
 def test_wrong_or_missing_token_is_a_clear_error_without_the_token(server, tmp_path):
-    with pytest.raises(SourceError, match="401 Unauthorized: the token is missing, wrong") as info:
+    with pytest.raises(SourceError, match="401 Unauthorized: access refused .the token is missing, wrong") as info:
         download_url(f"{server}/secret/m.safetensors?key=hidden", tmp_path, token="bad-token-123", progress=False)
     assert "bad-token-123" not in str(info.value) and "hidden" not in str(info.value)
     path = download_url(f"{server}/secret/m.safetensors", tmp_path, token="good", progress=False)
@@ -92,20 +93,6 @@ def test_not_enough_disk_is_refused_with_the_numbers(server, tmp_path, monkeypat
     assert not list(tmp_path.iterdir())
 
 
-def test_parse_sources():
-    assert parse_source("https://huggingface.co/Tongyi-MAI/Z-Image-Turbo/resolve/main/transformer/x.safetensors") == \
-        sources.Source("hub-file", "Tongyi-MAI/Z-Image-Turbo", "transformer/x.safetensors", "main")
-    assert parse_source("hf://owner/repo/sub/f.safetensors") == sources.Source("hub-file", "owner/repo",
-                                                                               "sub/f.safetensors")
-    assert parse_source("hf://owner/repo").kind == "hub-folder"
-    assert parse_source("owner/repo:model.safetensors") == sources.Source("hub-file", "owner/repo",
-                                                                          "model.safetensors")
-    assert parse_source("https://civitai.com/api/download/models/1").kind == "url"
-    assert parse_source("drive:MyDrive/m.safetensors") == sources.Source("drive",
-                                                                          "/content/drive/MyDrive/m.safetensors")
-    assert parse_source("/tmp/x.safetensors").kind == "local"
-
-
 def test_drive_copies_to_local_disk_and_says_so(tmp_path, capsys):
     drive_file = tmp_path / "drive" / "m.safetensors"
     drive_file.parent.mkdir()
@@ -117,29 +104,10 @@ def test_drive_copies_to_local_disk_and_says_so(tmp_path, capsys):
         fetch("/content/drive/MyDrive/missing.safetensors", tmp_path)
 
 
-def test_hf_token_comes_from_the_environment(monkeypatch):
+def test_hub_token_comes_from_the_environment(monkeypatch, tmp_path):
+    from lora_colab.io.hub import hub_token
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no token file from a login on this machine
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    assert sources.hf_token() == "hf_secret"
+    assert hub_token() == "hf_secret" and hub_token("explicit") == "explicit"
     monkeypatch.delenv("HF_TOKEN")
-    assert sources.hf_token() is None
-
-
-def test_hub_downloads_check_disk_first(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    class Info:
-        path, size = "transformer/model.safetensors", 12 * 10**9
-
-    class Api:
-        def __init__(self, token=None):
-            pass
-
-        def get_paths_info(self, repo, paths, revision=None):
-            return [Info()]
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("downloaded anyway"))
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(sources.shutil, "disk_usage", lambda p: usage(10**11, 9 * 10**10, 5 * 10**9))
-    with pytest.raises(SourceError, match=r"owner/repo/transformer/model.safetensors: needs 12\.00 GB but .* 5\.00 GB"):
-        fetch("owner/repo:transformer/model.safetensors", tmp_path)
+    assert hub_token() is None
