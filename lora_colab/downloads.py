@@ -163,8 +163,18 @@ def fetch(source, folder, token=None, allow_patterns=None, progress=True):
             raise SourceError(f"{location.display}: no such file or folder")
         return location.path
     if isinstance(location, UrlLocation):
-        return download_url(location.url, folder, progress=progress, credential=location.credential)
+        path = download_url(location.url, folder, progress=progress, credential=location.credential)
+        if path.name.endswith(".index.json"):  # a sharded checkpoint: its shards sit next to the index
+            for shard in _shard_names(path):
+                download_url(location.sibling(shard).url, folder, progress=progress, credential=location.credential)
+        return path
     return _from_hub(location, folder, allow_patterns)
+
+
+def _shard_names(index_path):
+    from .io.checkpoint import _read_weight_map
+
+    return list(dict.fromkeys(_read_weight_map(LocalLocation(index_path))[0].values()))
 
 
 def _from_hub(location: HubLocation, folder, allow_patterns):

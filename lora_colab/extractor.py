@@ -317,7 +317,7 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
             if bar is not None:
                 bar.close()
         report.bytes_read = b.ckpt.bytes_read + t.ckpt.bytes_read
-        report.network_bytes = sum(s.bytes_read for s in b.ckpt.sources + t.ckpt.sources if not s.local_path)
+        report.network_bytes = b.ckpt.network_bytes + t.ckpt.network_bytes
     report.peak_rss = peak_rss_bytes()
     report.peak_vram = vram_bytes()[1]
     report.wall_seconds = time.perf_counter() - started

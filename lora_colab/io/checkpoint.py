@@ -74,6 +74,8 @@ class Checkpoint(Closeable):
         self.path = str(path)        # what messages name (a URL without its query, a Hub repo:file)
         self._files = files          # the ByteSources this checkpoint owns
         self._locations = locations  # name -> (ByteSource, TensorInfo)
+        self.index_bytes = 0         # bytes of a shard index read (remote: over the network)
+        self.index_remote = False
         self.metadata = metadata
         self._staging = None
 
@@ -127,8 +129,14 @@ class Checkpoint(Closeable):
 
     @property
     def bytes_read(self):
-        """Tensor and header bytes read so far, over all files."""
-        return sum(f.bytes_read for f in self._files)
+        """Tensor, header and index bytes read so far, over all files."""
+        return sum(f.bytes_read for f in self._files) + self.index_bytes
+
+    @property
+    def network_bytes(self):
+        """Of bytes_read, those read over the network (in place, by range)."""
+        return (sum(f.bytes_read for f in self._files if not f.local_path)
+                + (self.index_bytes if self.index_remote else 0))
 
     def _locate(self, key):
         try:
@@ -211,7 +219,7 @@ class ShardedCheckpoint(Checkpoint):
 
     def __init__(self, index):
         index = locate(index)
-        weight_map = _read_weight_map(index)
+        weight_map, index_bytes = _read_weight_map(index)
         shards = {}
         locations = {}
         metadata = {}
@@ -234,6 +242,7 @@ class ShardedCheckpoint(Checkpoint):
             raise
         files = [raw for shard in shards.values() for raw in shard._files]
         super().__init__(index.display, files, locations, metadata)
+        self.index_bytes, self.index_remote = index_bytes, index.remote
 
 
 class PickleCheckpoint(Checkpoint):
@@ -294,6 +303,7 @@ def _flatten(obj, prefix, out):
 
 
 def _read_weight_map(index):
+    """(weight map, bytes read) of a `*.safetensors.index.json` Location."""
     name = index.display
     try:
         with index.open() as raw:
@@ -305,6 +315,12 @@ def _read_weight_map(index):
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(name, f"index is not valid JSON ({str(exc)[:100]})") from None
+    weight_map = _weight_map(index_json, name)
+    return weight_map, len(text)
+
+
+def _weight_map(index_json, name):
+    """The validated {tensor: shard file} map of a parsed index."""
     weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):

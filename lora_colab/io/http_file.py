@@ -69,6 +69,10 @@ class HttpFile(ByteSource):
                 raise
             self.size, self.etag, self._head = 0, "", b""  # an empty file has no byte 0
             return
+        if (response.getheader("Content-Type") or "").lower().startswith("text/html"):
+            response.close()
+            raise SourceError(f"{self.name}: is an HTML page, not a model file (a login or error page? check the "
+                              f"address; a Hub page's file is its /resolve/ address)")
         if response.status == 200:
             raise RangeIgnored(self.name, response)
         start, end, total = self._content_range(response)
@@ -79,14 +83,22 @@ class HttpFile(ByteSource):
         self.size, self.etag = total, _validator(response)
         self.identity = f"{total}:{self.etag}"
         self._final = final if final != self.url else None
+        head = memoryview(bytearray(end + 1))
+        got = 0
         try:
-            self._head = response.read(end + 1)
-        except (OSError, http.client.HTTPException) as exc:
+            while got < len(head):
+                n = response.readinto(head[got:])
+                if not n:
+                    break
+                got += n
+        except (OSError, http.client.HTTPException):
             self._client.discard(final)
-            raise SourceError(f"{self.name}: {describe_failure(exc, self._client.policy)} reading the header") from None
-        if len(self._head) != end + 1:
-            raise SourceError(f"{self.name}: connection cut while reading the header")
-        self._count(len(self._head))
+        self._count(got)
+        NETWORK.add(got)
+        self._head = b""
+        if got < len(head):  # cut mid-body: the rest by range, resumed like any read
+            self._fetch(head[got:], got, None)
+        self._head = head.tobytes()
 
     def _content_range(self, response):
         hit = _CONTENT_RANGE.fullmatch((response.getheader("Content-Range") or "").strip())

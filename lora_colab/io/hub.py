@@ -6,6 +6,7 @@ the run reads it does not mix two versions; every file URL names that commit.
 
 import contextlib
 import threading
+from urllib.parse import quote
 
 from ..errors import SourceError
 from .http import Credential
@@ -81,10 +82,8 @@ class HubRepo:
         return commit
 
     def url(self, path):
-        """The resolve URL of `path` at the pinned commit."""
-        from huggingface_hub import hf_hub_url
-
-        return hf_hub_url(self.repo_id, path, revision=self.commit, endpoint=self.endpoint)
+        """The resolve URL of `path` at the pinned commit (hf_hub_url's form, on this run's endpoint)."""
+        return f"{self.endpoint}/{self.repo_id}/resolve/{quote(self.commit, safe='')}/{quote(path)}"
 
     def tree(self):
         """{path: size} of every file, and the set of folders, at the pinned commit (listed once)."""
