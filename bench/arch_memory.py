@@ -61,10 +61,15 @@ def canonical_index(entries):
 
 def build(folder, name):
     base_name, tuned_name, blocks = PAIRS[name]
+    return build_pair(folder, name, (base_name, subset(base_name, blocks)), (tuned_name, subset(tuned_name, blocks)))
+
+
+def build_pair(folder, name, base, tuned):
+    """Write `{name}_base/tuned.safetensors` from (layout name, entries) pairs with a planted rank-16
+    change on every default target; files already there are kept."""
     paths = []
     planted = None
-    for role, layout_name in (("base", base_name), ("tuned", tuned_name)):
-        entries = subset(layout_name, blocks)
+    for role, (layout_name, entries) in (("base", base), ("tuned", tuned)):
         detected, index = canonical_index(entries)
         path = folder / f"{name}_{role}.safetensors"
         paths.append(path)

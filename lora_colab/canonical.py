@@ -70,6 +70,10 @@ class CanonicalCheckpoint(Closeable):
         """The checkpoint keys a canonical weight is read from."""
         return [source for source, _, _ in self._parts[key]]
 
+    def nbytes(self, key):
+        """Stored bytes of a canonical weight (all its parts)."""
+        return sum(self.ckpt.nbytes(s) for s in self.sources(key))
+
     def source_dtypes(self, key):
         return {self.ckpt.st_dtype(s) for s in self.sources(key)}
 

@@ -24,6 +24,7 @@ from .writer import SpillWriter
 
 _PURGE_BYTES = 32 << 20  # after a difference this large, purge (gc, malloc_trim, CUDA cache); else once a second
 BLOCKED_BYTES = 256 << 20  # on the CPU, a larger float32 difference is built by rows into bf16 (BlockedDelta)
+READAHEAD_BYTES = 320 << 20  # remote sources: raw tensor bytes read ahead beyond the next layer
 
 
 def resolve_device(device):
@@ -45,21 +46,36 @@ class _Differences:
     background thread while this one is factored; that thread only reads (no torch compute, which would
     fight the SVD's threads for the cores), the cast and subtraction happen here. Layers whose float32
     difference exceeds BLOCKED_BYTES (FLUX.2's fused linear1: 1.4 GB) are read here by row blocks into a
-    bf16 BlockedDelta instead, so memory stays bounded by the largest small layer, not the largest layer."""
+    bf16 BlockedDelta instead, so memory stays bounded by the largest small layer, not the largest layer.
 
-    def __init__(self, base, tuned, targets, device):
+    Remote sources read further ahead, up to `readahead` bytes of raw tensors beyond the next layer, so
+    the network never idles while a large layer is factored."""
+
+    def __init__(self, base, tuned, targets, device, readahead=0):
         self._base, self._tuned, self._device = base, tuned, device
         self._targets = targets
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-colab-read")
+        self._readahead = readahead
         self.wait_seconds = 0.0
 
     def _blocked(self, target):
         return self._device.type == "cpu" and math.prod(target.shape) * 4 > BLOCKED_BYTES
 
-    def _submit(self, i):
-        if i < len(self._targets) and not self._blocked(self._targets[i]):
-            return self._pool.submit(self._load, self._targets[i])
-        return None
+    def _raw_bytes(self, target):
+        return self._tuned.nbytes(target.key) + self._base.nbytes(target.key)
+
+    def _fill(self, queue, i):
+        """Queue reads of layers i, i+1, ... (not blocked ones) while their bytes, after the first, fit
+        the read-ahead budget; stops at a blocked layer, which is read in its turn."""
+        ahead = sum(self._raw_bytes(self._targets[j]) for j in queue)
+        j = max(queue, default=i - 1) + 1
+        while j < len(self._targets) and not self._blocked(self._targets[j]):
+            size = self._raw_bytes(self._targets[j])
+            if queue and ahead + size > self._readahead:
+                break
+            queue[j] = self._pool.submit(self._load, self._targets[j])
+            ahead += size
+            j += 1
 
     def _build_blocked(self, target):
         rows, cols = target.shape[0], math.prod(target.shape[1:])
@@ -82,19 +98,21 @@ class _Differences:
         return delta
 
     def __iter__(self):
-        future = self._submit(0)
+        queue = {}  # layer index -> future of its raw tensors
+        self._fill(queue, 0)
         for i, target in enumerate(self._targets):
             start = time.perf_counter()
             if self._blocked(target):
                 delta = self._build_blocked(target)
                 self.wait_seconds += time.perf_counter() - start
-                future = self._submit(i + 1)
+                self._fill(queue, i + 1)
             else:
+                future = queue.pop(i, None)
                 tuned, base = future.result() if future is not None else self._load(target)
                 self.wait_seconds += time.perf_counter() - start
-                future = self._submit(i + 1)
+                self._fill(queue, i + 1)
                 delta = self._difference(tuned, base)
-                del tuned, base
+                del tuned, base, future
             yield target, delta
             del delta
 
@@ -262,7 +280,8 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
             report.warnings.append("one checkpoint is fp8 and the other is not: fp8 rounding shows up as a "
                                    "full-rank difference; prefer a pair of the same precision")
         writer = SpillWriter(out, protect=b.ckpt.local_files + t.ckpt.local_files)
-        differences = _Differences(b, t, targets, device)
+        remote = any(not s.local_path for s in b.ckpt.sources + t.ckpt.sources)
+        differences = _Differences(b, t, targets, device, READAHEAD_BYTES if remote else 0)
         bar = _progress_bar(len(targets), progress)
         linear_ranks, conv_ranks = [], []
         last_purge = time.perf_counter()

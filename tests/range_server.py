@@ -5,6 +5,7 @@
     /api/models/<repo>/tree/<rev>[/p]   the fake Hub's file listing
     /<repo>/resolve/<rev>/<path>        302 to the CDN (`cdn_host`: another host name, a signed query)
     /cdn/<repo>/<path>                  the fake CDN (no token wanted)
+    /stats                              {"bytes_sent": body bytes sent so far}
 
 Faults (attributes of `Faults`, changed by tests while the server runs): cut bodies, 503s, stalls, a
 bandwidth limit, required tokens, redirects, servers that ignore Range. Every request is logged.
@@ -42,18 +43,20 @@ class Faults:
 
 
 class _Pacer:
-    """Spreads sends over time so that all connections together stay under `rate` bytes/s."""
+    """A token bucket: all connections together send at most `rate` bytes/s, with a burst of `burst`
+    seconds' worth (as a link's buffers allow: time a busy server thread lost is not lost for good)."""
 
-    def __init__(self):
+    def __init__(self, burst=0.1):
         self._lock = threading.Lock()
         self._next = 0.0
+        self._burst = burst
 
     def wait(self, n, rate):
         if rate <= 0:
             return
         with self._lock:
             now = time.monotonic()
-            start = max(now, self._next)
+            start = max(now - self._burst, self._next)
             self._next = start + n / rate
         if start > now:
             time.sleep(start - now)
@@ -123,6 +126,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.log.append(entry)
         faults = self.server.faults
+        if path == "/stats":
+            return self._small(entry, 200, json.dumps({"bytes_sent": self.server.bytes_sent}).encode(),
+                               "application/json")
         for prefix, target in faults.redirects.items():
             if path.startswith(prefix):
                 return self._redirect(entry, target + path[len(prefix):] + ("?" + parts.query if parts.query else ""))
