@@ -331,3 +331,24 @@ def test_pickle_checkpoints_inspect_and_fingerprint(tmp_path, capsys):
     torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(4, 4, 3, 3)}, tmp_path / "n.ckpt")
     with open_checkpoint(tmp_path / "m.ckpt") as a, open_checkpoint(tmp_path / "n.ckpt") as b:
         assert fingerprint(a.sources) != fingerprint(b.sources)
+
+
+def test_byte_view_keeps_its_tensor_alive():
+    """The writer takes byte_view(x.to("cpu")) of GPU factors: the temporary copy must outlive the call,
+    or its freed memory is reused and garbage is written (seen on CUDA before this was fixed)."""
+    import gc
+    import weakref
+
+    from lora_colab.io.buffers import byte_view
+    tensor = torch.arange(1 << 20, dtype=torch.float32)
+    alive = weakref.ref(tensor)
+    view = byte_view(tensor)
+    del tensor
+    gc.collect()
+    assert alive() is not None
+    assert torch.equal(torch.frombuffer(view, dtype=torch.float32)[:5], torch.arange(5.0))
+    del view
+    gc.collect()
+    assert alive() is None
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        byte_view(torch.zeros(4, 4).T)

@@ -36,8 +36,13 @@ def empty_bytes(nbytes):
 
 
 def byte_view(tensor):
-    """A writable memoryview over a contiguous CPU tensor's bytes (no numpy needed)."""
+    """A writable memoryview over a contiguous CPU tensor's bytes (no numpy needed). The view keeps the
+    tensor alive: `byte_view(x.cpu())` of a GPU tensor stays valid after the temporary copy's last name."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("byte_view needs a contiguous CPU tensor")
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0:
         return memoryview(bytearray(0))
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+    array = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
+    array._tensor = tensor  # the memory belongs to the tensor: hold it as long as the view lives
+    return memoryview(array).cast("B")
