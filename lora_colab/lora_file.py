@@ -138,7 +138,9 @@ class LoraFile(Closeable):
         """Full ΔW (2-D, float32) and its weight shape, for any supported kind."""
         try:
             return self._delta(layer, device)
-        except RuntimeError as exc:  # factors whose shapes do not fit together
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError) as exc:  # factors whose shapes do not fit together (einsum: ValueError)
             raise CheckpointError(self.path, f"{layer.kind} tensors do not fit together "
                                              f"({str(exc).splitlines()[0][:120]})", layer.name) from None
 

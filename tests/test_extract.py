@@ -158,7 +158,7 @@ def test_conv_layers_get_4d_factors(tmp_path):
     assert tensors["diffusion_model.net.conv.alpha"].item() == 2
     down = tensors["diffusion_model.net.conv.lora_down.weight"].reshape(4, -1)
     up = tensors["diffusion_model.net.conv.lora_up.weight"].reshape(64, 4)
-    torch.testing.assert_close((2 / 4 * up @ down).reshape(conv.shape), conv, rtol=0, atol=1e-6)
+    torch.testing.assert_close((2 / 4 * up @ down).reshape(conv.shape), conv, rtol=0, atol=1e-5)  # CUDA: 1.2e-6
     assert {layer.name: layer.rank for layer in report.layers} == {"net.conv": 4, "net.fc": 8}
     meta = safe_open(str(tmp_path / "l.safetensors"), "pt").metadata()
     assert meta["ss_network_dim"] == "8" and meta["ss_network_args"] == '{"conv_dim": "4", "conv_alpha": "2"}'

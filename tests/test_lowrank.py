@@ -104,13 +104,15 @@ def test_extractor_takes_the_blocked_path_for_big_layers_with_the_same_result(tm
     from lora_colab.synthetic import ZImageConfig, make_zimage_pair
     cfg = ZImageConfig(dim=64, n_layers=1, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
     base, tuned, _ = make_zimage_pair(tmp_path, cfg, rank=4, noise=1e-4)
-    plain = extractor.extract(base, tuned, tmp_path / "plain.safetensors", rank=8, dtype="fp32", progress=False)
+    plain = extractor.extract(base, tuned, tmp_path / "plain.safetensors", rank=8, dtype="fp32", progress=False,
+                              device="cpu")  # the blocked path is the CPU one
     built = []
     real = extractor.BlockedDelta.build
     monkeypatch.setattr(extractor, "BLOCKED_BYTES", 0)
     monkeypatch.setattr(extractor.BlockedDelta, "build", classmethod(lambda cls, *a, **k: built.append(1) or
                                                                       real(*a, **k)))
-    blocked = extractor.extract(base, tuned, tmp_path / "blocked.safetensors", rank=8, dtype="fp32", progress=False)
+    blocked = extractor.extract(base, tuned, tmp_path / "blocked.safetensors", rank=8, dtype="fp32", progress=False,
+                                device="cpu")
     assert len(built) == len(plain.layers) == len(blocked.layers)
     a, b = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "blocked.safetensors"))
     for key in [k for k in a if k.endswith("lora_down.weight")]:
