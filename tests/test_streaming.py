@@ -263,3 +263,66 @@ def test_download_first_keeps_the_old_path(server, models, tmp_path):
                  "--download", str(tmp_path / "dl")]) == 0
     assert (tmp_path / "dl" / "tuned.safetensors").exists()
     assert_same_lora(out, local.output)
+
+
+def test_the_monitor_line_shows_network_read_speed(server, models, tmp_path):
+    from lora_colab.monitor import snapshot
+    lines = []
+    extract(f"{server.url}/files/base/transformer/diffusion_pytorch_model.safetensors.index.json",
+            f"{server.url}/files/tuned.safetensors", tmp_path / "out.safetensors", rank=8, progress=False,
+            on_layer=lambda layer: lines.append(snapshot(nvml=False).line()))
+    assert all(" MB/s (" in line and "read)" in line and "net " in line for line in lines)
+
+
+def test_hub_sources_parse_every_spelling(monkeypatch):
+    from lora_colab.io import hub, locations
+    seen = []
+
+    class Repo:
+        def __init__(self, repo_id, revision=None, token=None):
+            seen.append((repo_id, revision))
+            self.name = repo_id + (f"@{revision}" if revision else "")
+
+    monkeypatch.setattr(hub, "HubRepo", Repo)
+    monkeypatch.setattr(hub, "endpoint", lambda: "https://huggingface.co")
+    cases = {
+        "https://huggingface.co/Tongyi-MAI/Z-Image-Turbo/resolve/main/transformer/x.safetensors":
+            (("Tongyi-MAI/Z-Image-Turbo", "main"), "transformer/x.safetensors"),
+        "https://huggingface.co/owner/repo/blob/v1.0/model.safetensors?download=true":
+            (("owner/repo", "v1.0"), "model.safetensors"),
+        "https://huggingface.co/owner/repo/tree/main/transformer": (("owner/repo", "main"), "transformer"),
+        "https://huggingface.co/owner/repo": (("owner/repo", None), ""),
+        "hf://owner/repo/sub/f.safetensors": (("owner/repo", None), "sub/f.safetensors"),
+        "hf://owner/repo@refs%2Fpr%2F3": (("owner/repo", "refs%2Fpr%2F3"), ""),
+        "owner/repo:model.safetensors": (("owner/repo", None), "model.safetensors"),
+        "owner/repo@abc123:transformer/model.safetensors": (("owner/repo", "abc123"), "transformer/model.safetensors"),
+    }
+    for text, (repo, path) in cases.items():
+        location = locations.locate(text)
+        assert isinstance(location, locations.HubLocation) and seen[-1] == repo and location.path == path, text
+    assert isinstance(locations.locate("https://civitai.com/api/download/models/1?token=x"), locations.UrlLocation)
+    assert locations.locate("https://civitai.com/api/download/models/1?token=x").display == \
+        "https://civitai.com/api/download/models/1"
+    assert locations.locate("drive:MyDrive/m.safetensors").path == Path("/content/drive/MyDrive/m.safetensors")
+    assert isinstance(locations.locate("/tmp/x.safetensors"), locations.LocalLocation)
+
+
+def test_credentials_apply_to_their_origin_and_folder_only():
+    from lora_colab.io.http import Credential
+    cred = Credential("t", "https://host.example/models/x/index.json")
+    assert cred.applies("https://host.example/models/x/shard-1.safetensors")
+    assert not cred.applies("https://host.example/models/y/shard-1.safetensors")
+    assert not cred.applies("https://host.example/models/x/../y/a.safetensors")
+    assert not cred.applies("http://host.example/models/x/a.safetensors")          # another scheme
+    assert not cred.applies("https://host.example:8443/models/x/a.safetensors")    # another port
+    assert not cred.applies("https://cdn.host.example/models/x/a.safetensors")     # another host
+    assert "secret-token" not in repr(Credential("secret-token", "https://h/x"))
+
+
+def test_downloads_never_carry_a_token_across_a_redirect(server, models, tmp_path):
+    from lora_colab.downloads import download_url
+    server.faults.tokens = {"/files/private/": TOKEN}
+    server.faults.redirects = {"/files/private/tuned": f"{server.cdn_url}/files/tuned"}
+    path = download_url(f"{server.url}/files/private/tuned.safetensors", tmp_path, token=TOKEN, progress=False)
+    assert path.read_bytes() == (models[0] / "files" / "tuned.safetensors").read_bytes()
+    assert [e["auth"] for e in server.log if e["host"].startswith("localhost")] == [None]
