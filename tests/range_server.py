@@ -40,6 +40,7 @@ class Faults:
     ignore_range: tuple = ()     # path prefixes answered 200 with the whole file
     html: tuple = ()             # path prefixes answered with an HTML login page
     hub_token: str = ""          # the fake Hub's API and resolve URLs need it
+    expire_cdn: int = 0          # the next N CDN requests answer 403 (a signed address that expired)
 
 
 class _Pacer:
@@ -142,6 +143,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if "/resolve/" in path:
             return self._hub_resolve(entry, path)
         if path.startswith("/cdn/"):
+            if self.server.take("expire_cdn"):
+                return self._small(entry, 403, b"Request has expired")
             repo, _, rest = path[len("/cdn/"):].partition("/")
             owner_repo = repo + "/" + rest.split("/", 1)[0]
             root = self.server.hub_repos.get(owner_repo)

@@ -326,3 +326,16 @@ def test_downloads_never_carry_a_token_across_a_redirect(server, models, tmp_pat
     path = download_url(f"{server.url}/files/private/tuned.safetensors", tmp_path, token=TOKEN, progress=False)
     assert path.read_bytes() == (models[0] / "files" / "tuned.safetensors").read_bytes()
     assert [e["auth"] for e in server.log if e["host"].startswith("localhost")] == [None]
+
+
+def test_an_expired_cdn_address_is_resolved_again_on_the_hub(server, models, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+    with open_checkpoint("owner/tuned:tuned.safetensors") as ckpt:
+        key = ckpt.keys()[-1]
+        server.faults.expire_cdn = 1
+        want = ckpt.read(key)
+    with open_checkpoint(models[0] / "files" / "tuned.safetensors") as local:
+        assert torch.equal(want, local.read(key))
+    statuses = [(e["path"].split("/")[1], e["status"]) for e in server.log if e["path"].startswith(("/cdn", "/owner"))]
+    assert statuses == [("owner", 302), ("cdn", 206), ("cdn", 403), ("owner", 302), ("cdn", 206)]
