@@ -41,3 +41,18 @@ def evict(path):
 
 def mib(n):
     return f"{n / 2**20:,.0f} MiB"
+
+
+def in_subprocess(module, function, *args):
+    """`module.function(*args)` (a bench module beside this one) in a fresh Python process: its peak RSS
+    is its own. Returns what the function returned (JSON-able)."""
+    import subprocess
+    import sys
+
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import {module} as b; "
+            f"print('RESULT' + json.dumps(b.{function}(*{args!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT")), None)
+    if line is None:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(line[len("RESULT"):])

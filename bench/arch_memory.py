@@ -9,17 +9,15 @@ Goal (issue 11): peak RSS (VmHWM: file pages included) <= 1 GiB for each pair.
 """
 
 import argparse
-import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import evict, layout, mib  # noqa: E402
+from _common import evict, in_subprocess, layout, mib  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -116,13 +114,7 @@ def worker(base, tuned, out):
 def run(base, tuned, out):
     for path in (base, tuned):
         evict(path)
-    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import arch_memory as b; "
-            f"print('RESULT' + json.dumps(b.worker({str(base)!r}, {str(tuned)!r}, {str(out)!r})))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT")), None)
-    if line is None:
-        raise SystemExit(done.stderr[-2000:])
-    return json.loads(line[len("RESULT"):])
+    return in_subprocess("arch_memory", "worker", str(base), str(tuned), str(out))
 
 
 def main():

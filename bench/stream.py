@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import ROOT, layout, mib  # noqa: E402
+from _common import ROOT, in_subprocess, layout, mib  # noqa: E402
 from arch_memory import build_pair  # noqa: E402
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|noise_refiner|context_refiner)\.(\d+)\.")
@@ -64,16 +64,6 @@ def download_first(base_url, tuned_url, out, rank, folder, device="cpu"):
             "bytes_read": report.bytes_read, "layers": len(report.extracted)}
 
 
-def run(function, *args):
-    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import stream as b; "
-            f"print('RESULT' + json.dumps(b.{function}(*{args!r})))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT")), None)
-    if line is None:
-        raise SystemExit(done.stderr[-3000:])
-    return json.loads(line[len("RESULT"):])
-
-
 def sent(url):
     with urllib.request.urlopen(f"{url}/stats") as response:
         return json.loads(response.read())["bytes_sent"]
@@ -98,12 +88,12 @@ def main():
         url = f"http://127.0.0.1:{server.stdout.readline().strip()}"
         urls = (f"{url}/files/{base.name}", f"{url}/files/{tuned.name}")
         before = sent(url)
-        a = run("streamed", *urls, str(folder / "streamed.safetensors"), args.rank, args.device)
+        a = in_subprocess("stream", "streamed", *urls, str(folder / "streamed.safetensors"), args.rank, args.device)
         streamed_sent = sent(url) - before
         downloads = folder / "downloads"
         shutil.rmtree(downloads, ignore_errors=True)
         downloads.mkdir()
-        b = run("download_first", *urls, str(folder / "downloaded.safetensors"), args.rank, str(downloads),
+        b = in_subprocess("stream", "download_first", *urls, str(folder / "downloaded.safetensors"), args.rank, str(downloads),
                 args.device)
         shutil.rmtree(downloads, ignore_errors=True)
     finally:

@@ -18,7 +18,6 @@ import hashlib
 import http.server
 import json
 import os
-import posixpath
 import socket
 import threading
 import time

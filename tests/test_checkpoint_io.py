@@ -308,7 +308,10 @@ def test_file_shrinking_after_open_is_a_clean_error(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_reads_through_pinned_buffer(tmp_path, gen):
+@pytest.mark.parametrize("staging", [32 << 20, 1000])  # whole tensors; chunks through both buffers in turn
+def test_cuda_reads_through_pinned_buffer(tmp_path, gen, monkeypatch, staging):
+    import lora_colab.io.checkpoint as checkpoint
+    monkeypatch.setattr(checkpoint, "STAGING_BYTES", staging)
     tensors = {f"w{i}": torch.randn(64, 32, generator=gen).to(torch.bfloat16) for i in range(4)}
     path = tmp_path / "c.safetensors"
     st_save_file(tensors, str(path))

@@ -17,7 +17,7 @@ from lora_colab.io.checkpoint import SafetensorsFile
 from lora_colab.synthetic import ZImageConfig, make_zimage_pair
 from lora_colab.writer import save_file
 
-from range_server import Faults, RangeServer
+from range_server import RangeServer
 
 CFG = ZImageConfig(dim=128, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
 TOKEN = "tok-SECRET-123"
