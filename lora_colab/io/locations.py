@@ -13,7 +13,7 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-from ..errors import CheckpointError, SourceError
+from ..errors import SourceError
 from .http import Credential, display_url
 from .http_file import HttpFile, RangeIgnored, save_body
 from .local_file import LocalFile
@@ -255,8 +255,3 @@ def describe(source):
     """`source` as safe to print: a URL without query or user info."""
     text = str(source)
     return display_url(text) if text.startswith(("http://", "https://")) else text
-
-
-def missing(location):
-    """The error for a location that does not exist."""
-    return CheckpointError(location.display, "no such file or folder")
