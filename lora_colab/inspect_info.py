@@ -86,7 +86,9 @@ def summarize(ckpt):
         "kind": "checkpoint",
         "read": _where(ckpt),
         "files": len(ckpt.files),
-        "storage": "sharded index" if isinstance(ckpt, ShardedCheckpoint) else "single file",
+        "storage": ("sharded index" if isinstance(ckpt, ShardedCheckpoint) else
+                    f"GGUF ({getattr(ckpt, 'architecture', '') or 'no architecture named'})"
+                    if ckpt.path.lower().endswith(".gguf") else "single file"),
         "tensors": len(ckpt),
         "dtypes": dict(dtypes.most_common()),
         "total_bytes": ckpt.total_bytes,

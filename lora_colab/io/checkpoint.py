@@ -339,7 +339,7 @@ def _weight_map(index_json, name):
 
 
 def open_checkpoint(source, token=None):
-    """Open a `.safetensors` file, a `*.safetensors.index.json`, or a model/pipeline folder, from a
+    """Open a `.safetensors` or `.gguf` file, a `*.safetensors.index.json`, or a model/pipeline folder, from a
     local path, a URL or the Hub (see io.locations.locate; `token` is for plain URLs).
 
     Folders: a diffusers pipeline (its `transformer/` or `unet/`), a diffusers model folder with shards
@@ -357,7 +357,8 @@ def open_checkpoint(source, token=None):
     if name.endswith(PICKLE_SUFFIXES):
         return _open_pickle(location)
     if name.endswith(".gguf"):
-        raise CheckpointError(location.display, "unsupported quantization: GGUF (use a .safetensors checkpoint)")
+        from .gguf import GGUFFile
+        return GGUFFile(location)
     return SafetensorsFile(location)
 
 
