@@ -287,10 +287,13 @@ def test_other_quantisations_are_refused_by_name(tmp_path, extra, message):
         open_canonical(tmp_path / "q.safetensors")
 
 
-def test_gguf_is_refused(tmp_path):
+def test_a_gguf_too_short_for_its_header_is_one_line(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(CheckpointError, match="unsupported quantization: GGUF"):
+    with pytest.raises(CheckpointError, match="m.gguf: is 4 bytes, too short for a GGUF header"):
         open_canonical(tmp_path / "m.gguf")
+    (tmp_path / "n.gguf").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="n.gguf: is not a GGUF file"):
+        open_canonical(tmp_path / "n.gguf")
 
 
 def test_sdxl_clip_l_with_and_without_text_model_level_give_the_same_targets():

@@ -77,7 +77,9 @@ class _Cursor:
 def read_gguf_header(raw, name):
     """(metadata dict, [TensorInfo], {name: type name}) of a GGUF file, validated before any data is read."""
     cur = _Cursor(raw, name)
-    if raw.size < 24 or cur.take(4) != MAGIC:
+    if raw.size < 24:
+        raise CheckpointError(name, f"is {raw.size} bytes, too short for a GGUF header")
+    if cur.take(4) != MAGIC:
         raise CheckpointError(name, "is not a GGUF file (no GGUF magic)")
     version = cur.scalar("<I")
     if version not in (2, 3):
