@@ -70,6 +70,16 @@ class CanonicalCheckpoint(Closeable):
         """The checkpoint keys a canonical weight is read from."""
         return [source for source, _, _ in self._parts[key]]
 
+    @property
+    def decodes_on_read(self):
+        """True when reading costs compute (GGUF): read bytes with `prefetch` on a reader thread, then `read`."""
+        return getattr(self.ckpt, "decodes_on_read", False)
+
+    def prefetch(self, key):
+        """Fetch the stored bytes of canonical weight `key` (I/O only) for a later `read`."""
+        for source in self.sources(key):
+            self.ckpt.prefetch(source)
+
     def nbytes(self, key):
         """Stored bytes of a canonical weight (all its parts)."""
         return sum(self.ckpt.nbytes(s) for s in self.sources(key))

@@ -85,10 +85,25 @@ class _Differences:
         return BlockedDelta.build(reader(self._tuned), reader(self._base), (rows, cols))
 
     def _load(self, target):
+        """Raw tensors of a layer; None for a checkpoint whose reading is compute (GGUF), whose bytes are
+        only fetched here and decoded by `_decode` on the computing thread."""
+        return tuple(self._fetch(view, target.key) for view in (self._tuned, self._base))
+
+    def _read_device(self):
         # to a GPU the bytes go through the reader's pinned buffer, asynchronously
-        device = self._device if self._device.type == "cuda" else None
-        return (self._tuned.read(target.key, dtype=None, device=device),
-                self._base.read(target.key, dtype=None, device=device))
+        return self._device if self._device.type == "cuda" else None
+
+    def _fetch(self, view, key):
+        if view.decodes_on_read:
+            view.prefetch(key)
+            return None
+        return view.read(key, dtype=None, device=self._read_device())
+
+    def _decode(self, loaded, target):
+        return tuple(self._decode_one(view, tensor, target) for view, tensor in zip((self._tuned, self._base), loaded))
+
+    def _decode_one(self, view, tensor, target):
+        return tensor if tensor is not None else view.read(target.key, dtype=None, device=self._read_device())
 
     def _difference(self, tuned, base):
         """float32 (tuned − base) on the compute device; `tuned` is a fresh tensor and may be reused."""
@@ -108,9 +123,11 @@ class _Differences:
                 self._fill(queue, i + 1)
             else:
                 future = queue.pop(i, None)
-                tuned, base = future.result() if future is not None else self._load(target)
+                loaded = future.result() if future is not None else self._load(target)
                 self.wait_seconds += time.perf_counter() - start
                 self._fill(queue, i + 1)
+                tuned, base = self._decode(loaded, target)
+                del loaded
                 delta = self._difference(tuned, base)
                 del tuned, base, future
             yield target, delta

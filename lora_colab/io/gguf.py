@@ -154,7 +154,12 @@ def _metadata_text(value):
 
 class GGUFFile(Checkpoint):
     """One `.gguf` file (any source): tensors by their names, quantized ones dequantized to float32 when
-    read. `dtype()` is None for a quantized tensor and `st_dtype()` names its GGML type ("Q8_0")."""
+    read. `dtype()` is None for a quantized tensor and `st_dtype()` names its GGML type ("Q8_0").
+
+    Reading costs compute (dequantization), so a reader thread calls `prefetch` (bytes only) and the
+    computing thread `read`, which then decodes from the prefetched bytes."""
+
+    decodes_on_read = True
 
     def __init__(self, source, token=None):
         raw = locate(source, token).open()
@@ -169,6 +174,15 @@ class GGUFFile(Checkpoint):
                 if not key.startswith("comfy.gguf.orig_shape.")}
         super().__init__(raw.name, [raw], {info.name: (raw, info) for info in infos}, text)
         self._warned = set()
+        self._prefetched = {}
+
+    def prefetch(self, key):
+        """Read tensor `key`'s stored bytes now (I/O only); the next whole `read` of it decodes them."""
+        raw, info = self._locate(key)
+        buf = empty_bytes(info.nbytes)
+        raw.readinto(byte_view(buf), info.start, info.name)
+        raw.drop_cache(info.start, info.nbytes)
+        self._prefetched[key] = buf
 
     def read(self, key, dtype=None, device=None):
         raw, info = self._locate(key)
@@ -200,14 +214,18 @@ class GGUFFile(Checkpoint):
         out = torch.empty(math.prod(out_shape), dtype=torch.float32)
         step = max(block, _OUT_BLOCK // 4 // block * block)  # values per chunk, whole blocks
         total = out.numel()
+        stored = self._prefetched.pop(info.name, None) if (start, stop) == (0, info.shape[0]) else None
         for first in range(0, total, step):
             count = min(step, total - first)
             chunk_bytes = count // block * size
-            buf = empty_bytes(chunk_bytes)
-            at = offset + first // block * size
-            raw.readinto(byte_view(buf), at, info.name)
-            raw.drop_cache(at, chunk_bytes)
-            out[first:first + count] = dequantize(buf, info.dtype, count)
+            at = first // block * size
+            if stored is not None:
+                buf = stored[at:at + chunk_bytes]
+            else:
+                buf = empty_bytes(chunk_bytes)
+                raw.readinto(byte_view(buf), offset + at, info.name)
+                raw.drop_cache(offset + at, chunk_bytes)
+            dequantize(buf, info.dtype, count, out=out[first:first + count])
         tensor = out.reshape(out_shape)
         if dtype is not None and dtype != torch.float32:
             tensor = tensor.to(dtype)

@@ -128,15 +128,28 @@ DEQUANTIZE = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1"
               "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
-def dequantize(raw, type_name, numel):
-    """float32 values of `numel` elements stored as `type_name` in the uint8 tensor `raw`."""
+def _q8_0_into(blocks, out):
+    """Q8_0 straight into `out`: int8 quants times their block's scale."""
+    view = out.view(blocks.shape[0], -1)
+    view.copy_(blocks[:, 2:].view(torch.int8))  # a cast then an in-place multiply: 4x a mixed-dtype mul
+    view.mul_(_f16(blocks[:, :2]))
+    return out
+
+
+def dequantize(raw, type_name, numel, out=None):
+    """float32 values of `numel` elements stored as `type_name` in the uint8 tensor `raw` (into `out`, a
+    contiguous float32 tensor of `numel` elements, when given)."""
     if type_name in FLOAT_TYPES:
-        return raw.view(FLOAT_TYPES[type_name]).float()
+        values = raw.view(FLOAT_TYPES[type_name])
+        return values.float() if out is None else out.copy_(values)
     _, block, size = BY_NAME[type_name]
     blocks = raw.reshape(-1, size)
+    if type_name == "Q8_0" and out is not None and numel == blocks.shape[0] * block:
+        return _q8_0_into(blocks, out)
     if type_name in DEQUANTIZE:
-        return DEQUANTIZE[type_name](blocks).reshape(-1)[:numel]
+        values = DEQUANTIZE[type_name](blocks).reshape(-1)[:numel]
+        return values if out is None else out.copy_(values)
     from gguf.quants import dequantize as reference  # the slow path: types with no torch dequantizer
 
-    values = reference(raw.numpy(), BY_NAME[type_name][0])
-    return torch.from_numpy(values.astype("float32").reshape(-1))[:numel]
+    values = torch.from_numpy(reference(raw.numpy(), BY_NAME[type_name][0]).astype("float32").reshape(-1))[:numel]
+    return values if out is None else out.copy_(values)
