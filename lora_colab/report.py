@@ -19,6 +19,8 @@ class LayerReport:
     max_abs_diff: float = 0.0
     seconds: float = 0.0
     skipped: str = ""          # why the layer has no LoRA ("" when it has one)
+    diff_norm: float = 0.0     # ‖ΔW‖
+    quant_noise: float = 0.0   # estimated ‖rounding noise of quantized inputs‖ / ‖ΔW‖ (0: none quantized)
     singular_values: list = field(default_factory=list)  # the kept σ (of the difference)
 
 

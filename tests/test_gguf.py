@@ -159,3 +159,37 @@ def test_bad_gguf_files_are_one_line_naming_file_and_tensor(tmp_path, capsys, co
     assert main(["extract", str(path), str(path), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and re.search(says, err) and not out.exists()
+
+
+@pytest.mark.parametrize("stored", ["Q8_0", "Q4_0", "Q5_1", "F8_E4M3"])
+def test_the_rounding_noise_estimate_matches_the_actual_rounding(stored):
+    from lora_colab.io.quant_noise import noise_sq
+    values = np.random.default_rng(4).standard_normal((64, 512)).astype(np.float32)
+    if stored.startswith("F8"):
+        rounded = torch.from_numpy(values).to(torch.float8_e4m3fn).float()
+    else:
+        qtype = getattr(T, stored)
+        rounded = torch.from_numpy(quants.dequantize(quants.quantize(values, qtype), qtype).reshape(values.shape))
+    actual = float((rounded - torch.from_numpy(values)).double().pow(2).sum())
+    assert noise_sq(rounded, stored) == pytest.approx(actual, rel=0.3)
+    assert noise_sq(rounded, "BF16") == 0.0
+
+
+def test_a_quantized_fine_tune_gets_its_rounding_noise_reported(tmp_path):
+    cfg = ZImageConfig(dim=128, n_layers=1, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
+    base, tuned, _ = make_zimage_pair(tmp_path, cfg, rank=4, delta_scale=0.002)  # a small change: Q4_0 noise dominates
+    with open_checkpoint(tuned) as ckpt:
+        tensors = {k: ckpt.read(k, dtype=torch.float32).numpy() for k in ckpt.keys()}
+    write_gguf(tmp_path / "tuned.gguf", {k: (v, T.Q4_0 if v.ndim == 2 and v.shape[1] % 32 == 0 else T.F32)
+                                         for k, v in tensors.items()})
+    report = extract(base, tmp_path / "tuned.gguf", tmp_path / "a.safetensors", rank=8, progress=False, device="cpu")
+    note = next(w for w in report.warnings if w.startswith("quantization noise"))
+    assert "tuned F32, Q4_0, base BF16" in note and "a pair in one precision extracts cleaner" in note
+    with open_checkpoint(tmp_path / "tuned.gguf") as q:
+        for layer in report.extracted:
+            key = layer.name + ".weight"
+            actual = float((q.read(key) - torch.from_numpy(tensors[key])).norm()) / layer.diff_norm
+            assert layer.quant_noise == pytest.approx(actual, rel=0.3), key
+    clean = extract(base, tuned, tmp_path / "b.safetensors", rank=8, progress=False, device="cpu")
+    assert not any(w.startswith("quantization noise") for w in clean.warnings)
+    assert all(layer.quant_noise == 0 for layer in clean.extracted)
