@@ -37,7 +37,7 @@ class CanonicalCheckpoint(Closeable):
             self._parts[key], self._shapes[key] = self._layout_parts(key, sources)
 
     def _layout_parts(self, key, sources):
-        shapes = [tuple(self.ckpt.shape(s)) for s in sources]
+        shapes = [self.dequant.shape(s) for s in sources]
         tail = shapes[0][1:]
         if any(not s or s[1:] != tail for s in shapes) and len(shapes) > 1:
             raise CheckpointError(self.ckpt.path, f"parts of fused {key} have mismatched shapes {shapes}",
@@ -106,6 +106,8 @@ class CanonicalCheckpoint(Closeable):
                 tensor = self.ckpt.read(source, device=device)
             else:
                 tensor = self.ckpt.read_rows(source, lo - a, hi - a, device=device)
+            if self.dequant.is_packed(source):
+                tensor = self.dequant.decode(source, tensor, None if whole else (lo - a, hi - a))
             if dtype is not None or self.dequant.is_quantized(source) or not tensor.dtype.is_floating_point:
                 tensor = tensor.to(dtype or torch.float32)
             pieces.append(self.dequant.apply(source, tensor, None if whole else (lo - a, hi - a)))

@@ -276,9 +276,12 @@ def test_fp8_scaled_and_comfy_quant_are_dequantised(tmp_path):
     ({"layers.0.attention.qkv.absmax": torch.zeros(2)}, "unsupported quantization: bitsandbytes NF4/FP4"),
     ({"layers.0.attention.qkv.weight_scale_2": torch.zeros(1)}, "unsupported quantization: NVFP4"),
     ({"layers.0.attention.qkv.comfy_quant": torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)},
-     "unsupported quantization: comfy_quant format 'nvfp4'"),
+     "NVFP4 weight without layers.0.attention.qkv.weight_scale"),
+    ({"layers.0.attention.qkv.comfy_quant": torch.tensor(list(b'{"format": "int4_awq"}'), dtype=torch.uint8)},
+     "unsupported quantization: comfy_quant format 'int4_awq'"),
     ({"layers.0.attention.qkv.comfy_quant": torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8),
-      "layers.0.attention.qkv.weight_scale": torch.ones(2, 2)}, "unsupported quantization: blockwise scale"),
+      "layers.0.attention.qkv.weight_scale": torch.ones(2, 2)},
+     "unsupported quantization: a scale of 4 values does not divide the weight's 6 rows"),
 ])
 def test_other_quantisations_are_refused_by_name(tmp_path, extra, message):
     tensors = {"layers.0.attention.qkv.weight": torch.zeros(6, 2).to(torch.float8_e4m3fn), **extra}

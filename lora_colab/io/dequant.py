@@ -1,7 +1,9 @@
-"""Quantised checkpoints: plain fp8 is upcast, ComfyUI scaled fp8 and per-tensor comfy_quant fp8 are
-dequantised, everything else is refused with a clear message."""
+"""Quantised checkpoints: plain fp8 is upcast; ComfyUI scaled fp8, comfy_quant fp8 and musubi-tuner's
+block-wise fp8 scales are applied; ComfyUI's NVFP4 (packed E2M1 codes, E4M3 block scales in cuBLAS's
+swizzled 128x4 layout, an F32 global scale) is decoded; everything else is refused with a clear message."""
 
 import json
+import math
 
 import torch
 
@@ -18,8 +20,18 @@ _UNSUPPORTED_SUFFIXES = {
     ".quant_state.bitsandbytes__fp4": "bitsandbytes FP4",
     ".qweight": "SVDQuant/AWQ packed weights (qweight)",
     ".SCB": "bitsandbytes int8",
-    ".weight_scale_2": "NVFP4",
 }
+# E2M1 (FP4) code -> value, sign in bit 3
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+NVFP4_BLOCK = 16
+
+
+def unswizzle(flat, rows, cols):
+    """(rows, cols) block scales from cuBLAS's 128x4 tiled layout (the inverse of torchao's `to_blocked`,
+    which pads rows to 128 and columns to 4, then stores each 128x4 tile as 32 rows of 4x4)."""
+    row_tiles, col_tiles = -(-rows // 128), -(-cols // 4)
+    tiles = flat.reshape(-1, 32, 4, 4).transpose(1, 2).reshape(row_tiles, col_tiles, 128, 4)
+    return tiles.permute(0, 2, 1, 3).reshape(row_tiles * 128, col_tiles * 4)[:rows, :cols]
 
 
 def is_auxiliary(key):
@@ -33,11 +45,15 @@ class Dequantizer:
     def __init__(self, ckpt):
         self._ckpt = ckpt
         self._scales = {}  # weight key -> scale key
+        self._nvfp4 = {}   # weight key -> (block scale key, global scale key)
+        self._block_scales = {}  # NVFP4 weight key -> its unswizzled block scales (small), once read
         keys = set(ckpt.keys())
         for key in keys:
             for suffix, what in _UNSUPPORTED_SUFFIXES.items():
                 if key.endswith(suffix):
                     raise CheckpointError(ckpt.path, f"unsupported quantization: {what}", key)
+        for layer, fmt in self._metadata_layers().items():
+            self._register(layer, fmt, keys, "_quantization_metadata")
         for key in keys:
             if key.endswith(".comfy_quant"):
                 self._comfy_quant(key, keys)
@@ -45,6 +61,43 @@ class Dequantizer:
                 weight = key[: -len(".scale_weight")] + ".weight"
                 if weight in keys:
                     self._add(weight, key)
+        for key in keys:
+            if key.endswith(".weight_scale_2") and key[: -len("_scale_2")] not in self._nvfp4:
+                raise CheckpointError(ckpt.path, "unsupported quantization: NVFP4 scales without a comfy_quant or "
+                                                 "_quantization_metadata entry saying so", key)
+
+    def _metadata_layers(self):
+        """{layer: format} from ComfyUI's `_quantization_metadata` header entry, if any."""
+        text = getattr(self._ckpt, "metadata", {}).get("_quantization_metadata")
+        if not text:
+            return {}
+        try:
+            layers = json.loads(text).get("layers", {})
+        except (ValueError, AttributeError):
+            raise CheckpointError(self._ckpt.path, "_quantization_metadata is not a JSON object") from None
+        if not isinstance(layers, dict):
+            raise CheckpointError(self._ckpt.path, "_quantization_metadata has no 'layers' object")
+        return {name: spec.get("format", "") if isinstance(spec, dict) else str(spec) for name, spec in layers.items()}
+
+    def _register(self, layer, fmt, keys, where):
+        fmt = str(fmt).lower()
+        weight = layer + ".weight"
+        if weight not in keys:
+            return
+        if fmt.startswith("float8"):
+            if layer + ".weight_scale" not in keys:
+                raise CheckpointError(self._ckpt.path, "comfy_quant fp8 weight has no weight_scale", where)
+            self._add(weight, layer + ".weight_scale")
+        elif fmt == "nvfp4":
+            missing = [s for s in (".weight_scale", ".weight_scale_2") if layer + s not in keys]
+            if missing:
+                raise CheckpointError(self._ckpt.path, f"NVFP4 weight without {layer + missing[0]}", weight)
+            if self._ckpt.st_dtype(weight) != "U8":
+                raise CheckpointError(self._ckpt.path, f"NVFP4 weight stored as {self._ckpt.st_dtype(weight)}, not "
+                                                       f"packed uint8", weight)
+            self._nvfp4[weight] = (layer + ".weight_scale", layer + ".weight_scale_2")
+        else:
+            raise CheckpointError(self._ckpt.path, f"unsupported quantization: comfy_quant format {fmt!r}", where)
 
     def _comfy_quant(self, key, keys):
         layer = key[: -len(".comfy_quant")]
@@ -54,30 +107,60 @@ class Dequantizer:
             fmt = spec.get("format", "") if isinstance(spec, dict) else ""
         except (ValueError, UnicodeDecodeError):
             raise CheckpointError(self._ckpt.path, "comfy_quant is not JSON", key) from None
-        if not str(fmt).startswith("float8"):
-            raise CheckpointError(self._ckpt.path, f"unsupported quantization: comfy_quant format {fmt!r}", key)
-        if layer + ".weight_scale" not in keys:
-            raise CheckpointError(self._ckpt.path, "comfy_quant fp8 weight has no weight_scale", key)
-        self._add(layer + ".weight", layer + ".weight_scale")
+        self._register(layer, fmt, keys, key)
 
     def _add(self, weight, scale_key):
         numel = 1
         for dim in self._ckpt.shape(scale_key):
             numel *= dim
-        rows = self._ckpt.shape(weight)[0] if self._ckpt.shape(weight) else 1
-        if numel not in (1, rows):
-            raise CheckpointError(self._ckpt.path, f"unsupported quantization: blockwise scale of "
-                                                   f"{numel} values", scale_key)
+        shape = self._ckpt.shape(weight)
+        rows = shape[0] if shape else 1
+        cols = numel // rows if rows and numel % rows == 0 else 0
+        row_values = (math.prod(shape) // rows) if rows else 0
+        blockwise = numel > rows and cols and row_values % cols == 0  # musubi: [out, blocks, 1]
+        if numel not in (1, rows) and not blockwise:
+            raise CheckpointError(self._ckpt.path, f"unsupported quantization: a scale of {numel} values does not "
+                                                   f"divide the weight's {rows} rows into blocks", scale_key)
         self._scales[weight] = scale_key
+
+    def shape(self, key):
+        """The weight's logical shape (an NVFP4 weight holds two values per stored byte)."""
+        shape = tuple(self._ckpt.shape(key))
+        return (shape[0], shape[1] * 2) if key in self._nvfp4 else shape
+
+    def is_packed(self, key):
+        return key in self._nvfp4
+
+    def decode(self, key, packed, rows=None):
+        """float32 values of NVFP4 weight `key` from its packed bytes (rows `rows` of it)."""
+        scale_key, global_key = self._nvfp4[key]
+        out, half = self._ckpt.shape(key)
+        if key not in self._block_scales:
+            flat = self._ckpt.read(scale_key, dtype=torch.float32).reshape(-1)
+            try:
+                self._block_scales[key] = unswizzle(flat, out, half * 2 // NVFP4_BLOCK)
+            except RuntimeError:
+                raise CheckpointError(self._ckpt.path, f"{flat.numel()} NVFP4 block scales do not fit a {out}x"
+                                                       f"{half * 2} weight in the 128x4 tiled layout", scale_key) from None
+        start, stop = rows if rows else (0, out)
+        scales = self._block_scales[key][start:stop].to(packed.device)
+        lut = torch.tensor(E2M1, device=packed.device)
+        codes = packed.to(torch.uint8)
+        values = torch.stack([lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]], dim=-1).reshape(codes.shape[0], -1)
+        global_scale = self._ckpt.read(global_key, dtype=torch.float32).reshape(-1)[0].to(packed.device)
+        values = values.reshape(codes.shape[0], -1, NVFP4_BLOCK) * (scales * global_scale).unsqueeze(-1)
+        return values.reshape(codes.shape[0], -1)
 
     def check_weight(self, key):
         """Refuse integer-quantised weights that have no known dequantisation."""
+        if key in self._nvfp4:
+            return
         st_dtype = self._ckpt.st_dtype(key)
         if st_dtype in ("I8", "U8", "I16", "I32") and key.endswith(".weight"):
             raise CheckpointError(self._ckpt.path, f"unsupported quantization: {st_dtype} weight", key)
 
     def is_quantized(self, key):
-        return key in self._scales or self._ckpt.st_dtype(key) in _FP8
+        return key in self._scales or key in self._nvfp4 or self._ckpt.st_dtype(key) in _FP8
 
     def apply(self, key, tensor, rows=None):
         """Multiply `tensor` (rows `rows` of weight `key`, already float) by its scale, if it has one."""
@@ -85,6 +168,12 @@ class Dequantizer:
         if scale_key is None:
             return tensor
         scale = self._ckpt.read(scale_key, dtype=torch.float32, device=tensor.device).reshape(-1)
+        rows = rows or (0, tensor.shape[0])
+        total_rows = self._ckpt.shape(key)[0]
+        if scale.numel() > total_rows:  # block-wise: [rows, blocks, 1]
+            blocks = scale.reshape(total_rows, -1)[rows[0]:rows[1]]
+            shaped = tensor.reshape(tensor.shape[0], blocks.shape[1], -1) * blocks.unsqueeze(-1)
+            return shaped.reshape(tensor.shape)
         if scale.numel() > 1:
             start, stop = rows if rows else (0, scale.numel())
             scale = scale[start:stop].reshape((-1,) + (1,) * (tensor.dim() - 1))

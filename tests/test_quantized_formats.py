@@ -1,0 +1,123 @@
+"""ComfyUI's NVFP4 and musubi-tuner's block-wise fp8, checked against references written here from each
+format's definition; extraction from an NVFP4 fine-tune equals extraction from its decoded values."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file as st_save_file
+
+from lora_colab import CheckpointError, extract, open_checkpoint
+from lora_colab.canonical import open_canonical
+from lora_colab.io.dequant import unswizzle
+from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.writer import save_file
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def to_blocked(scales):
+    """cuBLAS's 128x4 tiled layout of a (rows, cols) scale matrix (as torchao and ComfyUI write it)."""
+    rows, cols = scales.shape
+    row_tiles, col_tiles = -(-rows // 128), -(-cols // 4)
+    padded = torch.zeros(row_tiles * 128, col_tiles * 4, dtype=scales.dtype)
+    padded[:rows, :cols] = scales
+    tiles = padded.view(row_tiles, 128, col_tiles, 4).permute(0, 2, 1, 3)
+    return tiles.reshape(-1, 4, 32, 4).transpose(1, 2).reshape(-1, 32, 16).flatten()
+
+
+def nvfp4(weight):
+    """NVFP4 by its definition: per 16 values an E4M3 scale (amax / 6 over a global F32 scale), each value
+    the nearest E2M1 code (sign in bit 3), two codes per byte, low nibble first.
+    Returns (packed uint8, swizzled E4M3 scales, global scale, the values those decode to)."""
+    out, cols = weight.shape
+    global_scale = weight.abs().max() / (6.0 * 448.0)
+    blocks = weight.reshape(out, cols // 16, 16)
+    scales = (blocks.abs().amax(-1) / 6.0 / global_scale).to(torch.float8_e4m3fn)
+    step = scales.float().clamp_min(1e-12).unsqueeze(-1) * global_scale
+    codes = (blocks / step).abs().unsqueeze(-1).sub(E2M1).abs().argmin(-1)
+    codes = (codes | ((blocks < 0).long() << 3)).reshape(out, cols)
+    decoded = (E2M1[codes & 7] * torch.where(codes >= 8, -1.0, 1.0)).reshape(out, cols // 16, 16) * step
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    return packed, to_blocked(scales).reshape(-1, 4), global_scale.reshape(1), decoded.reshape(out, cols)
+
+
+@pytest.mark.parametrize("rows, cols", [(200, 12), (128, 4), (300, 7), (5, 64)])
+def test_unswizzle_inverts_the_tiled_layout(rows, cols):
+    scales = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols)
+    assert torch.equal(unswizzle(to_blocked(scales), rows, cols), scales)
+
+
+@pytest.mark.parametrize("declared", ["comfy_quant", "_quantization_metadata"])
+def test_nvfp4_weights_decode_as_their_definition_says(tmp_path, declared):
+    weight = torch.randn(160, 96, generator=torch.Generator().manual_seed(0))
+    packed, scales, global_scale, decoded = nvfp4(weight)
+    layer = "layers.0.attention.out"
+    tensors = {f"{layer}.weight": packed, f"{layer}.weight_scale": scales, f"{layer}.weight_scale_2": global_scale,
+               "layers.0.attention.qkv.weight": torch.zeros(3 * 96, 96, dtype=torch.bfloat16)}
+    metadata = None
+    if declared == "comfy_quant":
+        tensors[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
+    else:
+        metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {layer: "nvfp4"}})}
+    st_save_file(tensors, str(tmp_path / "q.safetensors"), metadata=metadata)
+    with open_canonical(tmp_path / "q.safetensors") as view:
+        key = f"{layer}.weight"
+        assert view.shape(key) == (160, 96)
+        assert torch.equal(view.read(key), decoded)
+        assert torch.equal(view.read(key, rows=(130, 150)), decoded[130:150])
+        assert float((decoded - weight).norm() / weight.norm()) < 0.15  # what 4-bit floats give
+
+
+def test_extraction_from_an_nvfp4_fine_tune_equals_extraction_from_its_decoded_values(tmp_path):
+    cfg = ZImageConfig(dim=128, n_layers=1, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
+    base, tuned, _ = make_zimage_pair(tmp_path, cfg, rank=4, delta_scale=0.05)
+    quantized, decoded, layers = {}, {}, {}
+    with open_checkpoint(tuned) as ckpt:
+        for key in ckpt.keys():
+            value = ckpt.read(key, dtype=torch.float32)
+            if value.dim() == 2 and value.shape[1] % 64 == 0 and key.endswith(".weight"):
+                packed, scales, global_scale, decoded[key] = nvfp4(value)
+                layer = key[: -len(".weight")]
+                quantized.update({key: packed, layer + ".weight_scale": scales, layer + ".weight_scale_2": global_scale})
+                layers[layer] = {"format": "nvfp4"}
+            else:
+                quantized[key] = decoded[key] = value
+    assert len(layers) >= 8
+    st_save_file(quantized, str(tmp_path / "nvfp4.safetensors"),
+                 metadata={"_quantization_metadata": json.dumps({"layers": layers})})
+    save_file(decoded, tmp_path / "decoded.safetensors")
+    a = extract(base, tmp_path / "nvfp4.safetensors", tmp_path / "a.safetensors", rank=8, progress=False, device="cpu")
+    b = extract(base, tmp_path / "decoded.safetensors", tmp_path / "b.safetensors", rank=8, progress=False,
+                device="cpu")
+    assert len(a.extracted) == len(b.extracted) == 15
+    with open_checkpoint(tmp_path / "a.safetensors") as x, open_checkpoint(tmp_path / "b.safetensors") as y:
+        for key in x.keys():
+            assert torch.equal(x.read(key), y.read(key)), key
+
+
+def test_musubi_block_wise_fp8_scales_apply_per_block(tmp_path):
+    fp8 = torch.randn(6, 64, generator=torch.Generator().manual_seed(1)).to(torch.float8_e4m3fn)
+    scale = torch.tensor([[[0.5], [2.0]], [[1.0], [4.0]], [[0.25], [1.0]], [[1.0], [1.0]], [[3.0], [0.5]],
+                          [[1.0], [8.0]]])  # [out, blocks, 1]: 2 blocks of 32 per row
+    st_save_file({"layers.0.attention.out.weight": fp8, "layers.0.attention.out.scale_weight": scale,
+                  "layers.0.attention.qkv.weight": torch.zeros(6, 64, dtype=torch.bfloat16)},
+                 str(tmp_path / "q.safetensors"))
+    want = (fp8.float().reshape(6, 2, 32) * scale).reshape(6, 64)
+    with open_canonical(tmp_path / "q.safetensors") as view:
+        assert torch.equal(view.read("layers.0.attention.out.weight"), want)
+        assert torch.equal(view.read("layers.0.attention.out.weight", rows=(2, 5)), want[2:5])
+
+
+def test_nvfp4_scales_that_do_not_fit_the_weight_are_one_line(tmp_path):
+    layer = "layers.0.attention.out"
+    st_save_file({f"{layer}.weight": torch.zeros(160, 48, dtype=torch.uint8),
+                  f"{layer}.weight_scale": torch.zeros(7, dtype=torch.float8_e4m3fn),
+                  f"{layer}.weight_scale_2": torch.ones(1),
+                  f"{layer}.comfy_quant": torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8),
+                  "layers.0.attention.qkv.weight": torch.zeros(288, 96, dtype=torch.bfloat16)},
+                 str(tmp_path / "q.safetensors"))
+    with open_canonical(tmp_path / "q.safetensors") as view:
+        with pytest.raises(CheckpointError, match=r"\[layers.0.attention.out.weight_scale\]: 7 NVFP4 block scales "
+                                                  r"do not fit a 160x96 weight"):
+            view.read(f"{layer}.weight")
