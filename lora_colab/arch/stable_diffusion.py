@@ -44,6 +44,42 @@ def sgm_to_diffusers(module):
     return _inner(block, rest)
 
 
+_RESNET_FROM_DIFFUSERS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+                          "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+             "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def diffusers_to_sgm(key, up_attention_levels):
+    """LDM/SGM UNet key of a diffusers UNet key (SD1 and SDXL, two resnets per level), or None.
+    `up_attention_levels`: the up_blocks levels that have attentions (they decide where an upsampler sits)."""
+    module, _, param = key.rpartition(".")
+    if module in _UNET_TOP:
+        return f"{_UNET_TOP[module]}.{param}"
+    hit = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.?(.*)",
+                       module) or re.fullmatch(r"(mid_block)\.()(resnets|attentions)\.(\d+)\.?(.*)", module)
+    if not hit:
+        return None
+    kind, level, part, slot, rest = hit.groups()
+    slot = int(slot)
+    if kind == "mid_block":
+        block = f"middle_block.{1 if part == 'attentions' else 2 * slot}"
+    elif kind == "down_blocks":
+        level = int(level)
+        if part == "downsamplers":
+            return f"input_blocks.{3 * level + 3}.0.op.{param}"
+        block = f"input_blocks.{3 * level + slot + 1}.{1 if part == 'attentions' else 0}"
+    else:
+        level = int(level)
+        if part == "upsamplers":
+            return f"output_blocks.{3 * level + 2}.{2 if level in up_attention_levels else 1}.conv.{param}"
+        block = f"output_blocks.{3 * level + slot}.{1 if part == 'attentions' else 0}"
+    if part == "resnets":
+        rest = _RESNET_FROM_DIFFUSERS.get(rest, rest)
+    return ".".join(p for p in (block, rest, param) if p)
+
+
 def _inner(block, rest):
     if ".resnets." in block:
         rest = _RESNET_TO_DIFFUSERS.get(rest, rest)
@@ -63,6 +99,8 @@ class _StableDiffusion:
 
     def canonical_map(self, keys, layout, prefix):
         cmap = CanonicalMap()
+        if layout in ("diffusers", "diffusers-unet"):
+            return self._diffusers_map(keys, "unet." if layout == "diffusers" else prefix, cmap)
         model_prefixes = tuple(self.te_prefixes.values())
         for key in keys:
             if layout == "unet-only":
@@ -71,6 +109,39 @@ class _StableDiffusion:
             elif key.startswith(UNET) or key.startswith(model_prefixes):
                 cmap.add(self._with_text_model(key), key)
         return cmap
+
+    def _diffusers_map(self, keys, unet_prefix, cmap):
+        """A diffusers pipeline's `unet.`, `text_encoder.` and `text_encoder_2.` keys (as PipelineCheckpoint
+        prefixes them) on the single file's canonical names; the bigG encoder's split q/k/v become the parts
+        of its fused in_proj."""
+        levels = {int(hit.group(1)) for key in keys
+                  for hit in [re.match(re.escape(unet_prefix) + r"up_blocks\.(\d+)\.attentions\.", key)] if hit}
+        te_prefixes = list(self.te_prefixes.values())
+        for key in keys:
+            if key.startswith(unet_prefix) and not key.startswith("text_encoder"):
+                sgm = diffusers_to_sgm(key[len(unet_prefix):], levels)
+                if sgm is not None:
+                    cmap.add(UNET + sgm, key)
+            elif key.startswith("text_encoder."):
+                local = key[len("text_encoder."):]
+                cmap.add(te_prefixes[0] + ("" if local.startswith("text_model.") else "text_model.") + local, key)
+            elif key.startswith("text_encoder_2.") and len(te_prefixes) > 1:
+                self._bigg_from_hf(key, te_prefixes[1], cmap)
+        return cmap
+
+    @staticmethod
+    def _bigg_from_hf(key, prefix, cmap):
+        hit = re.fullmatch(r"text_encoder_2\.(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.([qkv])_proj"
+                           r"|self_attn\.out_proj|mlp\.fc1|mlp\.fc2)\.weight", key)
+        if not hit:
+            return
+        layer, module, qkv = hit.groups()
+        base = f"{prefix}transformer.resblocks.{layer}."
+        if qkv:
+            cmap.add(base + "attn.in_proj_weight", key, "qkv".index(qkv), 3)
+        else:
+            cmap.add(base + {"self_attn.out_proj": "attn.out_proj.weight", "mlp.fc1": "mlp.c_fc.weight",
+                             "mlp.fc2": "mlp.c_proj.weight"}[module], key)
 
     def _with_text_model(self, key):
         """HF CLIP keys appear both with and without `text_model.`; canonical names have it."""
@@ -145,6 +216,17 @@ class _StableDiffusion:
         return [LoraModule(kohya_name(kohya_prefix, target.module))]
 
 
+def _diffusers_unet(keys, sdxl_probe):
+    """("diffusers", "unet.") for a diffusers pipeline, ("diffusers-unet", prefix) for a lone diffusers UNet,
+    of SDXL (with its added embedding, `sdxl_probe`) or SD1.5 (without one)."""
+    for layout, prefix in (("diffusers", "unet."), ("diffusers-unet", "")):
+        if prefix + "conv_in.weight" in keys and prefix + "down_blocks.0.resnets.0.conv1.weight" in keys:
+            has_added = prefix + "add_embedding.linear_1.weight" in keys
+            if (sdxl_probe is not None) == has_added:
+                return layout, prefix
+    return None
+
+
 class SDXL(_StableDiffusion):
     name = "sdxl"
     title = "SDXL"
@@ -160,6 +242,9 @@ class SDXL(_StableDiffusion):
         if UNET + "label_emb.0.0.weight" in keys or (
                 "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys):
             return "single-file", UNET
+        found = _diffusers_unet(keys, "add_embedding.linear_1.weight")
+        if found is not None:
+            return found
         prefix = find_prefix(keys, ["input_blocks.0.0.weight", "label_emb.0.0.weight"])
         if prefix is not None:
             return "unet-only", prefix
@@ -180,6 +265,9 @@ class SD15(_StableDiffusion):
     def detect(self, keys):
         if UNET + "input_blocks.0.0.weight" in keys:
             return "single-file", UNET
+        found = _diffusers_unet(keys, None)
+        if found is not None:
+            return found
         prefix = find_prefix(keys, ["input_blocks.0.0.weight"])
         if prefix is not None:
             return "unet-only", prefix

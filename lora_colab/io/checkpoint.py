@@ -252,6 +252,36 @@ class ShardedCheckpoint(Checkpoint):
         self.index_bytes, self.index_remote = index_bytes, index.remote
 
 
+class PipelineCheckpoint(Checkpoint):
+    """An SD1.5/SDXL diffusers pipeline folder: its `unet/`, `text_encoder/` and `text_encoder_2/` (each a
+    single file or shards; `*.fp16.*` variants taken when they are all there is) read as one checkpoint
+    whose keys carry the component's name (`unet.conv_in.weight`). vae/, tokenizer/, scheduler/ are not
+    read."""
+
+    COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+    def __init__(self, folder):
+        folder = locate(folder)
+        parts, locations, metadata = [], {}, {}
+        try:
+            for component in self.COMPONENTS:
+                if component not in folder.list() or not folder.child(component).is_dir():
+                    continue
+                part = open_checkpoint(resolve_folder(folder.child(component)))
+                parts.append(part)
+                for key in part.keys():
+                    locations[f"{component}.{key}"] = part._locations[key]
+                for key, value in part.metadata.items():
+                    metadata.setdefault(key, value)
+        except BaseException:
+            for part in parts:
+                part.close()
+            raise
+        super().__init__(folder.display, [raw for part in parts for raw in part._files], locations, metadata)
+        self.index_bytes = sum(part.index_bytes for part in parts)
+        self.index_remote = folder.remote
+
+
 class PickleCheckpoint(Checkpoint):
     """A `.ckpt`/`.pt`/`.bin` file, loaded only with `torch.load(weights_only=True, mmap=True)`: plain
     tensors in (nested) dicts; anything else in the pickle is refused, never executed."""
@@ -347,6 +377,8 @@ def open_checkpoint(source, token=None):
     Returns a Checkpoint; use it as a context manager to close its files.
     """
     location = locate(source, token)
+    if location.is_dir() and is_sd_pipeline(location):
+        return PipelineCheckpoint(location)
     if location.is_dir():
         location = resolve_folder(location)
     elif not location.exists():
@@ -380,6 +412,13 @@ def _open_pickle(location):
             return PickleCheckpoint(path, location.display)
         finally:
             os.unlink(path)  # the mmap and the open file keep the data readable until the checkpoint closes
+
+
+def is_sd_pipeline(folder):
+    """A diffusers pipeline whose model is a UNet (SD1.5/SDXL): its text encoders are read too."""
+    entries = folder.list()
+    return ("unet" in entries and "transformer" not in entries and folder.child("unet").is_dir()
+            and _has_weights(folder.child("unet")))
 
 
 def resolve_folder(folder):
