@@ -91,6 +91,8 @@ def test_extraction_from_an_nvfp4_fine_tune_equals_extraction_from_its_decoded_v
     b = extract(base, tmp_path / "decoded.safetensors", tmp_path / "b.safetensors", rank=8, progress=False,
                 device="cpu")
     assert len(a.extracted) == len(b.extracted) == 15
+    assert any(w.startswith("quantization noise (tuned") and "NVFP4" in w for w in a.warnings)
+    assert any(layer.quant_noise > 0 for layer in a.extracted)
     with open_checkpoint(tmp_path / "a.safetensors") as x, open_checkpoint(tmp_path / "b.safetensors") as y:
         for key in x.keys():
             assert torch.equal(x.read(key), y.read(key)), key
@@ -121,3 +123,11 @@ def test_nvfp4_scales_that_do_not_fit_the_weight_are_one_line(tmp_path):
         with pytest.raises(CheckpointError, match=r"\[layers.0.attention.out.weight_scale\]: 7 NVFP4 block scales "
                                                   r"do not fit a 160x96 weight"):
             view.read(f"{layer}.weight")
+
+
+def test_nvfp4_rounding_noise_is_estimated_like_the_actual_rounding():
+    from lora_colab.io.quant_noise import noise_sq
+    weight = torch.randn(128, 256, generator=torch.Generator().manual_seed(5))
+    *_, decoded = nvfp4(weight)
+    actual = float((decoded - weight).double().pow(2).sum())
+    assert noise_sq(decoded, "NVFP4") == pytest.approx(actual, rel=0.3)
