@@ -72,7 +72,8 @@ class BaseReferences(Closeable):
         self.targets = {target.key: target for target in targets}
         self.names, self._format_names = lora_name_map(self.view.arch, targets)
         self._flat_names = None
-        self.cache_path = cache_dir() / f"norms_{fingerprint(self.view.ckpt.sources)}.json"
+        # v2: spectral norms by Lanczos with a bounded error (v1's power iteration could be 2% low)
+        self.cache_path = cache_dir() / f"norms_v2_{fingerprint(self.view.ckpt.sources)}.json"
         self._cache = self._load_cache()
         self._dirty = False
         self.norm_reads = 0

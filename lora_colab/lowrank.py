@@ -124,27 +124,50 @@ def _column_block(delta, start, stop, cols):
     return delta[start:stop].index_select(1, cols)
 
 
-def spectral_norm(w, tol=1e-4, max_iter=64, seed=0):
-    """Largest singular value by power iteration on WᵀW, stopped when the estimate moves < tol (relative)
-    or after max_iter rounds (the budget of elias-gaeros/resize_lora: q=1, niter=64).
+def spectral_norm(w, rtol=1e-4, max_steps=160, seed=0):
+    """σ₁ of W by Golub–Kahan–Lanczos bidiagonalization (full reorthogonalization), stopped by a residual
+    test that bounds the error.
 
-    The estimate ‖W x‖ only ever rises towards σ₁ (Rayleigh quotient); its error is quadratic in the
-    vector's, so a flat spectrum costs iterations, not accuracy in the score's log10 terms.
+    After k steps W·V_k = U_k·B_k with B_k bidiagonal; the top Ritz triple of B_k (θ, p, q) has Wṽ = θũ
+    exactly and ‖Wᵀũ − θṽ‖ = β_k·|p_k|, which bounds the distance from θ to a singular value of W; the loop
+    stops when that is ≤ rtol·θ, and θ never exceeds σ₁. Two matrix-vector products a step, like power
+    iteration, but on a flat spectrum (σ₂/σ₁ ≈ 0.98, where power iteration stalls 0.3–2% low) Lanczos
+    converges with the square root of the gap.
     """
-    x = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(seed)).to(w.device, w.dtype)
-    x /= x.norm()
-    sigma = 0.0
-    for _ in range(max_iter):
-        y = w @ x
-        new = float(y.norm())
-        if new == 0.0:
-            return 0.0
-        x = w.T @ y
-        x /= x.norm()
-        if abs(new - sigma) <= tol * new:
-            return new
-        sigma = new
-    return sigma
+    m, n = w.shape
+    if min(m, n) <= 64:
+        return float(torch.linalg.matrix_norm(w.float(), ord=2))
+    steps = min(max_steps, min(m, n))
+    dtype = w.dtype
+    vs = torch.zeros(steps + 1, n, dtype=dtype, device=w.device)
+    us = torch.zeros(steps, m, dtype=dtype, device=w.device)
+    alphas, betas = [], []
+    v = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(w.device, dtype)
+    vs[0] = v / v.norm()
+    beta, theta = 0.0, 0.0
+    for k in range(steps):
+        u = w @ vs[k]
+        if k:
+            u -= beta * us[k - 1]
+        u -= us[:k].T @ (us[:k] @ u)           # full reorthogonalization
+        alpha = float(u.norm())
+        if alpha == 0.0:
+            break
+        us[k] = u / alpha
+        v = w.T @ us[k] - alpha * vs[k]
+        v -= vs[:k + 1].T @ (vs[:k + 1] @ v)
+        beta = float(v.norm())
+        alphas.append(alpha)
+        betas.append(beta)
+        bidiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if k:
+            bidiagonal += torch.diag(torch.tensor(betas[:-1], dtype=torch.float64), 1)
+        p, sigma, _ = torch.linalg.svd(bidiagonal)
+        theta = float(sigma[0])
+        if beta * abs(float(p[k, 0])) <= rtol * theta or beta == 0.0:
+            return theta
+        vs[k + 1] = v / beta
+    return theta
 
 
 def max_abs(tensor):
