@@ -13,6 +13,7 @@ from .arch import resolve_format
 from .canonical import open_canonical, pair
 from .io.checkpoint import cast
 from .io.hub import pinned_run
+from .io.locations import file_name
 from .io.quant_noise import is_lossy, noise_sq
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError, OptionError
@@ -367,7 +368,7 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
                 metadata = build_metadata(
                     b.arch, fmt, [r for r, _ in linear_ranks], [a for _, a in linear_ranks],
                     title or out.stem, [r for r, _ in conv_ranks], [a for _, a in conv_ranks],
-                    comment=f"extracted by lora_colab from {_file_name(b.path)} and {_file_name(t.path)}",
+                    comment=f"extracted by lora_colab from {file_name(b.path)} and {file_name(t.path)}",
                     extra={"lora_colab.clamp_quantile": str(clamp_quantile), "lora_colab.scale": str(scale)})
                 writer.finish(metadata, kohya_hashes=kohya_hashes)
                 report.output, report.output_bytes = str(out), out.stat().st_size
@@ -382,11 +383,6 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     report.peak_vram = vram_bytes()[1]
     report.wall_seconds = time.perf_counter() - started
     return report
-
-
-def _file_name(name):
-    """The last component of a path, URL or Hub `repo:file` (for metadata: no folders, hosts or queries)."""
-    return name.rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
 
 
 def _max_abs(delta):

@@ -17,7 +17,7 @@ from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError, OptionError
 from .extractor import resolve_device
 from .io.hub import pinned_run
-from .io.locations import describe
+from .io.locations import describe, file_name
 from .lora_file import LoraFile
 from .lowrank import low_rank
 from .memory import fmt_bytes
@@ -336,17 +336,13 @@ def _output_name(lora_path, recipe):
 def _label(lora_arg, full=False):
     """A LoRA argument as printed: file names (full: whole paths or URLs without their queries) with
     their merge weights."""
-    name = describe if full else _file_name
+    name = describe if full else file_name
     return ",".join(name(path) + (f":{weight:g}" if weight != 1.0 else "") for path, weight in _split_merge(lora_arg))
-
-
-def _file_name(source):
-    return describe(source).rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
 
 
 def _stem(source):
     """A file's name without its suffix, for a path, a URL (no query) or a Hub `owner/repo:file`."""
-    name = _file_name(source)
+    name = file_name(source)
     return name[:-len(".safetensors")] if name.endswith(".safetensors") else Path(name).stem
 
 

@@ -14,8 +14,8 @@ import torch
 
 from ..errors import CheckpointError
 from .buffers import byte_view, empty_bytes
-from .checkpoint import Checkpoint, _check_rows, cast
-from .gguf_quants import FLOAT_TYPES, GGML_TYPES, DEQUANTIZE, dequantize
+from .checkpoint import Checkpoint, _check_rows
+from .gguf_quants import BY_NAME, DEQUANTIZE, FLOAT_TYPES, GGML_TYPES, dequantize
 from .locations import locate
 from .safetensors import TensorInfo
 
@@ -194,7 +194,7 @@ class GGUFFile(Checkpoint):
         return self._read_rows(raw, info, start, stop, dtype, device)
 
     def _read_rows(self, raw, info, start, stop, dtype, device):
-        _, block, size = next(v for v in GGML_TYPES.values() if v[0] == info.dtype)
+        _, block, size = BY_NAME[info.dtype]
         row = math.prod(info.shape[1:]) if info.shape else 1
         if info.dtype not in FLOAT_TYPES and info.dtype not in DEQUANTIZE:
             self._slow_warning(info)
@@ -204,13 +204,8 @@ class GGUFFile(Checkpoint):
         out_shape = (stop - start,) + tuple(info.shape[1:])
         offset = info.start + row * start // block * size
         nbytes = row * (stop - start) // block * size
-        if info.dtype in FLOAT_TYPES:
-            buf = empty_bytes(nbytes)
-            raw.readinto(byte_view(buf), offset, info.name)
-            raw.drop_cache(offset, nbytes)
-            tensor = buf.view(FLOAT_TYPES[info.dtype]).reshape(out_shape)
-            tensor = cast(tensor, dtype) if dtype is not None else tensor
-            return tensor.to(device) if device is not None else tensor
+        if info.dtype in FLOAT_TYPES:  # stored as safetensors would be: the shared reader
+            return self._read_span(raw, info, offset, nbytes, out_shape, dtype, device)
         out = torch.empty(math.prod(out_shape), dtype=torch.float32)
         step = max(block, _OUT_BLOCK // 4 // block * block)  # values per chunk, whole blocks
         total = out.numel()

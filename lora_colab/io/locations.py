@@ -251,6 +251,11 @@ def url_token():
         return None
 
 
+def file_name(source):
+    """The last component of a path, URL or Hub `owner/repo:file`, without folders, hosts or queries."""
+    return describe(source).rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
+
+
 def describe(source):
     """`source` as safe to print: a URL without query or user info."""
     text = str(source)
