@@ -85,8 +85,8 @@ class CanonicalCheckpoint(Closeable):
         return sum(self.ckpt.nbytes(s) for s in self.sources(key))
 
     def source_dtypes(self, key):
-        """Stored formats of a canonical weight's parts ("BF16", "F8_E4M3", "Q8_0", "NVFP4", ...)."""
-        return {"NVFP4" if self.dequant.is_packed(s) else self.ckpt.st_dtype(s) for s in self.sources(key)}
+        """Stored formats of a canonical weight's parts ("BF16", "F8_E4M3", "Q8_0", "NVFP4", "MXFP8", ...)."""
+        return {self.dequant.stored_format(s) for s in self.sources(key)}
 
     def read(self, key, rows=None, dtype=torch.float32, device=None):
         """Canonical weight `key` (or its rows `rows=(start, stop)`), dequantised, as `dtype` on `device`.

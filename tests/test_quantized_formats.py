@@ -131,3 +131,89 @@ def test_nvfp4_rounding_noise_is_estimated_like_the_actual_rounding():
     *_, decoded = nvfp4(weight)
     actual = float((decoded - weight).double().pow(2).sum())
     assert noise_sq(decoded, "NVFP4") == pytest.approx(actual, rel=0.3)
+
+
+def mxfp8(weight):
+    """MXFP8 by its definition (OCP MX 1.0, as comfy-kitchen writes it): per 32 values along a row one E8M0
+    scale 2^ceil(log2(amax / 448)), each value scale · E4M3. Returns (E4M3 values, swizzled uint8 scales,
+    the values those decode to)."""
+    out, cols = weight.shape
+    blocks = weight.reshape(out, cols // 32, 32)
+    exponent = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp_min(2.0 ** -126) / 448.0))
+    step = torch.exp2(exponent).unsqueeze(-1)
+    codes = (blocks / step).clamp(-448, 448).to(torch.float8_e4m3fn)
+    decoded = (codes.float() * step).reshape(out, cols)
+    return codes.reshape(out, cols), to_blocked((exponent + 127).to(torch.uint8)), decoded
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.uint8, torch.float8_e8m0fnu])
+def test_mxfp8_weights_decode_as_their_definition_says(tmp_path, scale_dtype):
+    weight = torch.randn(160, 96, generator=torch.Generator().manual_seed(2)) * torch.logspace(-3, 1, 96)
+    codes, scales, decoded = mxfp8(weight)
+    layer = "layers.0.attention.out"
+    st_save_file({f"{layer}.weight": codes, f"{layer}.weight_scale": scales.view(scale_dtype),
+                  f"{layer}.comfy_quant": torch.tensor(list(b'{"format": "mxfp8"}'), dtype=torch.uint8),
+                  "layers.0.attention.qkv.weight": torch.zeros(3 * 96, 96, dtype=torch.bfloat16)},
+                 str(tmp_path / "q.safetensors"))
+    with open_canonical(tmp_path / "q.safetensors") as view:
+        key = f"{layer}.weight"
+        assert view.shape(key) == (160, 96)
+        assert view.source_dtypes(key) == {"MXFP8"}
+        assert torch.equal(view.read(key), decoded)
+        assert torch.equal(view.read(key, rows=(130, 150)), decoded[130:150])
+        assert float((decoded - weight).norm() / weight.norm()) < 0.04  # what a 3-bit mantissa gives
+
+
+def test_extraction_from_an_mxfp8_fine_tune_equals_extraction_from_its_decoded_values(tmp_path):
+    cfg = ZImageConfig(dim=128, n_layers=1, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
+    base, tuned, _ = make_zimage_pair(tmp_path, cfg, rank=4, delta_scale=0.05)
+    quantized, decoded, layers = {}, {}, {}
+    with open_checkpoint(tuned) as ckpt:
+        for key in ckpt.keys():
+            value = ckpt.read(key, dtype=torch.float32)
+            if value.dim() == 2 and value.shape[1] % 32 == 0 and key.endswith(".weight"):
+                quantized[key], scales, decoded[key] = mxfp8(value)
+                quantized[key[: -len(".weight")] + ".weight_scale"] = scales
+                layers[key[: -len(".weight")]] = {"format": "mxfp8"}
+            else:
+                quantized[key] = decoded[key] = value
+    assert len(layers) >= 8
+    st_save_file(quantized, str(tmp_path / "mxfp8.safetensors"),
+                 metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})})
+    save_file(decoded, tmp_path / "decoded.safetensors")
+    a = extract(base, tmp_path / "mxfp8.safetensors", tmp_path / "a.safetensors", rank=8, progress=False, device="cpu")
+    b = extract(base, tmp_path / "decoded.safetensors", tmp_path / "b.safetensors", rank=8, progress=False,
+                device="cpu")
+    assert len(a.extracted) == len(b.extracted) == 15
+    assert any(layer.quant_noise > 0 for layer in a.extracted)
+    with open_checkpoint(tmp_path / "a.safetensors") as x, open_checkpoint(tmp_path / "b.safetensors") as y:
+        for key in x.keys():
+            assert torch.equal(x.read(key), y.read(key)), key
+
+
+def test_mxfp8_rounding_noise_is_estimated_like_the_actual_rounding():
+    from lora_colab.io.quant_noise import noise_sq
+    weight = torch.randn(128, 256, generator=torch.Generator().manual_seed(6))
+    *_, decoded = mxfp8(weight)
+    actual = float((decoded - weight).double().pow(2).sum())
+    assert noise_sq(decoded, "MXFP8") == pytest.approx(actual, rel=0.3)
+
+
+@pytest.mark.parametrize("problem, tensors, message", [
+    ("no scales", {}, r"\[layers.0.attention.out.weight\]: MXFP8 weight without layers.0.attention.out.weight_scale"),
+    ("NaN scale", {"layers.0.attention.out.weight_scale": torch.full((128, 4), 255, dtype=torch.uint8)},
+     r"\[layers.0.attention.out.weight_scale\]: MXFP8 block scale is NaN"),
+    ("wrong count", {"layers.0.attention.out.weight_scale": torch.full((9,), 127, dtype=torch.uint8)},
+     r"\[layers.0.attention.out.weight_scale\]: 9 MXFP8 block scales do not fit a 160x96 weight"),
+    ("bf16 scales", {"layers.0.attention.out.weight_scale": torch.ones(256, 4, dtype=torch.bfloat16)},
+     r"\[layers.0.attention.out.weight\]: MXFP8 weight stored as F8_E4M3 with BF16 scales"),
+])
+def test_bad_mxfp8_layers_are_one_line(tmp_path, problem, tensors, message):
+    layer = "layers.0.attention.out"
+    st_save_file({f"{layer}.weight": torch.zeros(160, 96, dtype=torch.float8_e4m3fn),
+                  f"{layer}.comfy_quant": torch.tensor(list(b'{"format": "mxfp8"}'), dtype=torch.uint8),
+                  "layers.0.attention.qkv.weight": torch.zeros(288, 96, dtype=torch.bfloat16), **tensors},
+                 str(tmp_path / "q.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        with open_canonical(tmp_path / "q.safetensors") as view:
+            view.read(f"{layer}.weight")

@@ -1,6 +1,8 @@
 """Quantised checkpoints: plain fp8 is upcast; ComfyUI scaled fp8, comfy_quant fp8 and musubi-tuner's
 block-wise fp8 scales are applied; ComfyUI's NVFP4 (packed E2M1 codes, E4M3 block scales in cuBLAS's
-swizzled 128x4 layout, an F32 global scale) is decoded; everything else is refused with a clear message."""
+swizzled 128x4 layout, an F32 global scale) is decoded, and so is its MXFP8 (E4M3 values, one power-of-two
+E8M0 scale per 32 along a row, in the same swizzled layout, as comfy-kitchen writes them); everything else is
+refused with a clear message."""
 
 import json
 import math
@@ -24,6 +26,8 @@ _UNSUPPORTED_SUFFIXES = {
 # E2M1 (FP4) code -> value, sign in bit 3
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 NVFP4_BLOCK = 16
+MXFP8_BLOCK = 32
+_E8M0_NAN = 255
 
 
 def unswizzle(flat, rows, cols):
@@ -46,7 +50,8 @@ class Dequantizer:
         self._ckpt = ckpt
         self._scales = {}  # weight key -> scale key
         self._nvfp4 = {}   # weight key -> (block scale key, global scale key)
-        self._block_scales = {}  # NVFP4 weight key -> its unswizzled block scales (small), once read
+        self._mxfp8 = {}   # weight key -> E8M0 block scale key
+        self._block_scales = (None, None)  # (weight key, its unswizzled block scales): the last one read
         keys = set(ckpt.keys())
         for key in keys:
             for suffix, what in _UNSUPPORTED_SUFFIXES.items():
@@ -96,6 +101,18 @@ class Dequantizer:
                 raise CheckpointError(self._ckpt.path, f"NVFP4 weight stored as {self._ckpt.st_dtype(weight)}, not "
                                                        f"packed uint8", weight)
             self._nvfp4[weight] = (layer + ".weight_scale", layer + ".weight_scale_2")
+        elif fmt == "mxfp8":
+            if layer + ".weight_scale" not in keys:
+                raise CheckpointError(self._ckpt.path, f"MXFP8 weight without {layer}.weight_scale", weight)
+            stored = (self._ckpt.st_dtype(weight), self._ckpt.st_dtype(layer + ".weight_scale"))
+            if stored[0] != "F8_E4M3" or stored[1] not in ("U8", "F8_E8M0"):
+                raise CheckpointError(self._ckpt.path, f"MXFP8 weight stored as {stored[0]} with {stored[1]} scales, "
+                                                       f"not F8_E4M3 with E8M0 (U8) scales", weight)
+            shape = self._ckpt.shape(weight)
+            if len(shape) != 2 or shape[1] % MXFP8_BLOCK:
+                raise CheckpointError(self._ckpt.path, f"MXFP8 weight of shape {list(shape)}: rows must hold whole "
+                                                       f"blocks of {MXFP8_BLOCK}", weight)
+            self._mxfp8[weight] = layer + ".weight_scale"
         else:
             raise CheckpointError(self._ckpt.path, f"unsupported quantization: comfy_quant format {fmt!r}", where)
 
@@ -135,21 +152,43 @@ class Dequantizer:
         """float32 values of NVFP4 weight `key` from its packed bytes (rows `rows` of it)."""
         scale_key, global_key = self._nvfp4[key]
         out, half = self._ckpt.shape(key)
-        if key not in self._block_scales:
-            flat = self._ckpt.read(scale_key, dtype=torch.float32).reshape(-1)
-            try:
-                self._block_scales[key] = unswizzle(flat, out, half * 2 // NVFP4_BLOCK)
-            except RuntimeError:
-                raise CheckpointError(self._ckpt.path, f"{flat.numel()} NVFP4 block scales do not fit a {out}x"
-                                                       f"{half * 2} weight in the 128x4 tiled layout", scale_key) from None
         start, stop = rows if rows else (0, out)
-        scales = self._block_scales[key][start:stop].to(packed.device)
+        scales = self._unswizzled(key, scale_key, NVFP4_BLOCK, "NVFP4")[start:stop].to(packed.device)
         lut = torch.tensor(E2M1, device=packed.device)
         codes = packed.to(torch.uint8)
         values = torch.stack([lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]], dim=-1).reshape(codes.shape[0], -1)
         global_scale = self._ckpt.read(global_key, dtype=torch.float32).reshape(-1)[0].to(packed.device)
         values = values.reshape(codes.shape[0], -1, NVFP4_BLOCK) * (scales * global_scale).unsqueeze(-1)
         return values.reshape(codes.shape[0], -1)
+
+    def _unswizzled(self, key, scale_key, block, what):
+        """Weight `key`'s (rows, cols / block) float32 block scales, unswizzled; only the last weight's are kept
+        (reads go weight by weight, and a whole model's scales would not fit in memory)."""
+        cached_key, scales = self._block_scales
+        if cached_key == key:
+            return scales
+        rows, cols = self._ckpt.shape(key)
+        cols = cols * 2 if what == "NVFP4" else cols
+        if what == "MXFP8":
+            raw = self._ckpt.read(scale_key).view(torch.uint8).reshape(-1)
+            if bool((raw == _E8M0_NAN).any()):
+                raise CheckpointError(self._ckpt.path, "MXFP8 block scale is NaN (E8M0 255)", scale_key)
+            flat = torch.exp2(raw.float() - 127)
+        else:
+            flat = self._ckpt.read(scale_key, dtype=torch.float32).reshape(-1)
+        try:
+            scales = unswizzle(flat, rows, cols // block)
+        except RuntimeError:
+            raise CheckpointError(self._ckpt.path, f"{flat.numel()} {what} block scales do not fit a {rows}x{cols} "
+                                                   f"weight in the 128x4 tiled layout", scale_key) from None
+        self._block_scales = (key, scales)
+        return scales
+
+    def stored_format(self, key):
+        """"NVFP4" or "MXFP8" for ComfyUI's block formats, else the safetensors dtype name."""
+        if key in self._nvfp4:
+            return "NVFP4"
+        return "MXFP8" if key in self._mxfp8 else self._ckpt.st_dtype(key)
 
     def check_weight(self, key):
         """Refuse integer-quantised weights that have no known dequantisation."""
@@ -160,10 +199,15 @@ class Dequantizer:
             raise CheckpointError(self._ckpt.path, f"unsupported quantization: {st_dtype} weight", key)
 
     def is_quantized(self, key):
-        return key in self._scales or key in self._nvfp4 or self._ckpt.st_dtype(key) in _FP8
+        return key in self._scales or key in self._nvfp4 or key in self._mxfp8 or self._ckpt.st_dtype(key) in _FP8
 
     def apply(self, key, tensor, rows=None):
         """Multiply `tensor` (rows `rows` of weight `key`, already float) by its scale, if it has one."""
+        if key in self._mxfp8:
+            start, stop = rows or (0, tensor.shape[0])
+            scales = self._unswizzled(key, self._mxfp8[key], MXFP8_BLOCK, "MXFP8")[start:stop].to(tensor.device)
+            shaped = tensor.reshape(tensor.shape[0], -1, MXFP8_BLOCK) * scales.unsqueeze(-1)
+            return shaped.reshape(tensor.shape)
         scale_key = self._scales.get(key)
         if scale_key is None:
             return tensor

@@ -11,13 +11,13 @@ import torch
 # GGML type -> (values sharing one step, code bits)
 _BLOCKS = {"Q8_0": (32, 8), "Q4_0": (32, 4), "Q4_1": (32, 4), "Q5_0": (32, 5), "Q5_1": (32, 5), "Q2_K": (16, 2),
            "Q3_K": (16, 3), "Q4_K": (32, 4), "Q5_K": (32, 5), "Q6_K": (16, 6), "IQ4_NL": (32, 4), "IQ4_XS": (32, 4)}
-_MANTISSA = {"F8_E4M3": 3, "F8_E5M2": 2}
+_MANTISSA = {"F8_E4M3": 3, "F8_E5M2": 2, "MXFP8": 3}  # MXFP8: E4M3 under power-of-two scales
 _E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _E2M1_WIDTH = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.5, 1.0])
 
 
 def is_lossy(stored):
-    """True for stored types whose values were rounded from a finer one (GGUF quants, fp8, NVFP4)."""
+    """True for stored types whose values were rounded from a finer one (GGUF quants, fp8, NVFP4, MXFP8)."""
     return stored in _BLOCKS or stored in _MANTISSA or stored == "NVFP4"
 
 
@@ -48,5 +48,5 @@ def _chunk_noise_sq(flat, stored):
         width = _E2M1_WIDTH.to(blocks.device)[code] * scale  # the interval rounding to each code (6: up to the max)
         return float(width.double().pow(2).sum()) / 12
     _, exponent = torch.frexp(flat.float())  # |v| = m · 2^e with m in [0.5, 1)
-    step = torch.ldexp(torch.ones((), device=flat.device), exponent - 1 - _MANTISSA[stored])
+    step = torch.exp2((exponent - 1 - _MANTISSA[stored]).float())
     return float(step.double().pow(2).sum()) / 12
