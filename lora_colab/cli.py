@@ -97,7 +97,7 @@ def _extract_options(args):
                 conv_alpha=args.conv_alpha, text_encoders=not args.no_text_encoders, min_diff=args.min_diff,
                 format=args.format, dtype=args.dtype, device=args.device, niter=args.niter,
                 oversample=args.oversample, energy=args.energy, scale=args.scale, groups=args.include,
-                on_nonfinite=args.on_nonfinite, progress=not args.quiet)
+                on_nonfinite=args.on_nonfinite, progress=not args.quiet, bias_diff=args.bias_diff)
 
 
 def _finish(report, as_json):
@@ -168,6 +168,9 @@ def _add_extract_options(p, rank_default):
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--niter", type=_COUNT, default=4, help="randomized-SVD power iterations (default %(default)s)")
     p.add_argument("--oversample", type=_COUNT, default=8, help="randomized-SVD oversampling (default %(default)s)")
+    p.add_argument("--bias-diff", action=argparse.BooleanOptionalAction, default=None,
+                   help="write changed biases and norm scales whole as .diff_b/.diff (default: where every client "
+                        "of the format loads them, i.e. the comfy format of most models; the report says so)")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                    help="a layer with NaN/Inf: stop with an error naming it (default) or skip it")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

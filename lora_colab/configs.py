@@ -21,6 +21,7 @@ class ExtractConfig:
     conv_rank: int = 0            # 0 = no LoCon
     conv_alpha: float = 0.0       # 0 = conv_rank
     text_encoders: bool = True
+    bias_diff: bool = True        # biases/norms as .diff_b/.diff where every client of the format loads them
     format: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
@@ -31,7 +32,7 @@ class ExtractConfig:
         return dict(rank=self.rank, alpha=self.alpha or None, scale=self.scale,
                     clamp_quantile=None if self.clamp_quantile >= 1.0 else self.clamp_quantile,
                     conv_rank=self.conv_rank or None, conv_alpha=self.conv_alpha or None,
-                    text_encoders=self.text_encoders, format=self.format,
+                    text_encoders=self.text_encoders, format=self.format, bias_diff=None if self.bias_diff else False,
                     dtype=None if self.dtype == "auto" else self.dtype, device=self.device)
 
     def to_dict(self):
@@ -41,7 +42,8 @@ class ExtractConfig:
         """The settings in one line, as a person reads them."""
         clamp = "off" if self.clamp_quantile >= 1.0 else f"{self.clamp_quantile:g}"
         conv = f", conv rank {self.conv_rank}" if self.conv_rank else ""
-        return (f"rank {self.rank}, alpha {self.alpha:g}, strength {self.scale:g}, clamp {clamp}{conv}, "
+        biases = "" if self.bias_diff else ", no bias/norm changes"
+        return (f"rank {self.rank}, alpha {self.alpha:g}, strength {self.scale:g}, clamp {clamp}{conv}{biases}, "
                 f"format {self.format}, dtype {self.dtype}, device {self.device}")
 
 

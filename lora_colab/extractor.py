@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import bias_diff as diffs
 from .arch import resolve_format
 from .canonical import open_canonical, pair
 from .io.checkpoint import cast
@@ -283,7 +284,7 @@ def _notices(arch, targets, rank, conv_rank):
 def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
             text_encoders=True, min_diff=0.0, format="auto", dtype=None, device="auto", niter=4, oversample=8,
             energy=None, scale=1.0, groups=(), arch=None, seed=0, progress=True, on_layer=None,
-            kohya_hashes=True, title=None, on_nonfinite="stop", token=None):
+            kohya_hashes=True, title=None, on_nonfinite="stop", token=None, bias_diff=None):
     """Extract a LoRA from two checkpoints of one architecture; returns an ExtractReport.
 
     base, tuned: a path, URL or Hub source `open_checkpoint` takes (layouts may differ; remote files are
@@ -295,7 +296,9 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     fraction of ‖ΔW‖². min_diff: layers whose |ΔW| never exceeds it are skipped. groups: optional target
     groups ("adaln", "modulation"). on_layer(LayerReport): called after each layer. on_nonfinite: "stop"
     (default) raises on a layer with NaN/Inf, naming the file and tensor; "skip" leaves the layer out and
-    lists it in the report.
+    lists it in the report. bias_diff: write the changed biases and 1-D weights (norm scales) as
+    `.diff_b`/`.diff` patches; None (default) does where every client of the format loads them (the comfy
+    format of most models; the report says when they are left out).
     """
     started = time.perf_counter()
     _check_options(rank, alpha, clamp_quantile, energy, on_nonfinite, scale, conv_rank, conv_alpha, min_diff,
@@ -312,12 +315,16 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
         if not targets:
             raise LoraColabError(f"{b.path}: no LoRA targets found in this {b.detected.describe()} checkpoint")
         pair(b, t, targets)
+        write_diffs, diff_note = diffs.choose(b.arch, fmt, bias_diff)
+        diff_targets = diffs.diff_targets(b.arch, fmt, b, t) if write_diffs else []
         out_dtype = out_dtype or parse_dtype(b.arch.default_dtype)
         report = ExtractReport(base=b.path, tuned=t.path, architecture=b.detected.describe()
                                + (f" / {t.detected.layout}" if t.detected.layout != b.detected.layout else ""),
                                format=fmt, dtype=str(out_dtype).replace("torch.", ""), device=str(device))
         report.warnings.extend(_notices(b.arch, targets, rank, conv_rank))
         report.warnings.extend(b.arch.format_notes(fmt, groups))
+        if diff_note:
+            report.warnings.append(diff_note)
         writer = SpillWriter(out, protect=b.ckpt.local_files + t.ckpt.local_files)
         remote = any(not s.local_path for s in b.ckpt.sources + t.ckpt.sources)
         differences = _Differences(b, t, targets, device, READAHEAD_BYTES if remote else 0)
@@ -364,12 +371,14 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
                     on_layer(layer)
             report.read_wait_seconds = differences.wait_seconds
             report.warnings.extend(_noise_notes(report, b, t, targets))
-            if report.extracted:
+            _write_diffs(b, t, diff_targets, writer, out_dtype, scale, min_diff, report)
+            if report.extracted or report.diffs:
                 metadata = build_metadata(
                     b.arch, fmt, [r for r, _ in linear_ranks], [a for _, a in linear_ranks],
                     title or out.stem, [r for r, _ in conv_ranks], [a for _, a in conv_ranks],
                     comment=f"extracted by lora_colab from {file_name(b.path)} and {file_name(t.path)}",
-                    extra={"lora_colab.clamp_quantile": str(clamp_quantile), "lora_colab.scale": str(scale)})
+                    extra={"lora_colab.clamp_quantile": str(clamp_quantile), "lora_colab.scale": str(scale),
+                           "lora_colab.bias_diff": str(len(report.diffs))})
                 writer.finish(metadata, kohya_hashes=kohya_hashes)
                 report.output, report.output_bytes = str(out), out.stat().st_size
         finally:
@@ -383,6 +392,18 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     report.peak_vram = vram_bytes()[1]
     report.wall_seconds = time.perf_counter() - started
     return report
+
+
+def _write_diffs(base, tuned, targets, writer, dtype, scale, min_diff, report):
+    """Write each changed bias and 1-D weight whole (`.diff_b`/`.diff`); unchanged ones (max |Δ| <= min_diff)
+    are left out. Listed in report.diffs as (name, size, max |Δ|)."""
+    for target in targets:
+        delta = diffs.difference(base, tuned, target, scale)
+        largest = float(delta.abs().max()) if delta.numel() else 0.0
+        if largest <= min_diff or largest == 0.0:
+            continue
+        writer.add(target.name, delta.to(dtype).contiguous())
+        report.diffs.append((target.name, target.size, largest))
 
 
 def _max_abs(delta):

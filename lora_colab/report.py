@@ -45,6 +45,7 @@ class ExtractReport:
     purge_seconds: float = 0.0
     bytes_read: int = 0          # header and tensor bytes read from both models
     network_bytes: int = 0       # of which over the network (read in place)
+    diffs: list = field(default_factory=list)  # (tensor name, values, max |Δ|) of each .diff_b/.diff written
 
     @property
     def extracted(self):
@@ -57,7 +58,7 @@ class ExtractReport:
     @property
     def identical(self):
         """True when no layer differs: the models are identical and no file was written."""
-        return bool(self.layers) and not self.extracted
+        return bool(self.layers) and not self.extracted and not self.diffs
 
     def to_dict(self):
         data = asdict(self)
@@ -79,6 +80,10 @@ class ExtractReport:
             if changed.clamp_change:
                 lines.append(f"clamp: largest change {changed.clamp_change:.2%} ({changed.name}), "
                              f"rows/columns cut up to {max(layer.clipped for layer in done):.2%}")
+        if self.diffs:
+            biases = sum(name.endswith(".diff_b") for name, _, _ in self.diffs)
+            lines.append(f"bias and norm changes: {biases} biases (.diff_b) and {len(self.diffs) - biases} 1-D "
+                         f"weights (.diff), {sum(size for _, size, _ in self.diffs)} values, written whole")
         for nonfinite in (True, False):
             group = [layer for layer in self.skipped if layer.skipped.startswith("NaN/Inf") == nonfinite]
             if group:

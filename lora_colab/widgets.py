@@ -31,6 +31,8 @@ class ExtractForm:
         self.conv_rank = w.IntText(value=c.conv_rank, description="conv rank (0 = off)", style=_STYLE)
         self.conv_alpha = w.FloatText(value=c.conv_alpha, description="conv alpha (0 = rank)", style=_STYLE)
         self.text_encoders = w.Checkbox(value=c.text_encoders, description="text encoders (SD/SDXL)")
+        self.bias_diff = w.Checkbox(value=c.bias_diff, description="bias and norm changes (.diff_b/.diff, where "
+                                                                   "every client of the format loads them)")
         self.format = w.Dropdown(options=["auto", "kohya", "comfy", "diffusers"], value=c.format,
                                  description="format", style=_STYLE)
         self.dtype = w.Dropdown(options=["auto", "bf16", "fp16", "fp32"], value=c.dtype, description="dtype",
@@ -40,7 +42,7 @@ class ExtractForm:
         self.output_name = w.Text(value=c.output_name, description="output file", style=_STYLE)
         self.preset.observe(self._apply_preset, names="value")
         self.box = w.VBox([self.preset, self.rank, self.alpha, self.scale, self.clamp, self.conv_rank,
-                           self.conv_alpha, self.text_encoders, self.format, self.dtype, self.device,
+                           self.conv_alpha, self.text_encoders, self.bias_diff, self.format, self.dtype, self.device,
                            self.output_name])
 
     def _apply_preset(self, change):
@@ -56,6 +58,7 @@ class ExtractForm:
         return ExtractConfig(rank=self.rank.value, alpha=self.alpha.value, scale=self.scale.value,
                              clamp_quantile=self.clamp.value, conv_rank=self.conv_rank.value,
                              conv_alpha=self.conv_alpha.value, text_encoders=self.text_encoders.value,
+                             bias_diff=self.bias_diff.value,
                              format=self.format.value, dtype=self.dtype.value, device=self.device.value,
                              output_name=self.output_name.value)
 

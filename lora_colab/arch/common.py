@@ -72,12 +72,19 @@ class NativeArchitecture:
     `from_layout` (other layouts -> canonical) and `diffusers_modules`."""
 
     optional_groups = {}
+    diffusers_reads_comfy = False  # diffusers is a client of this architecture's comfy-format files
+    exhaustive_layout_map = False  # every diffusers key maps to its native name (not only the targets')
     default_dtype = "bf16"       # factor dtype when the user gives none
     resolution = "1024x1024"     # modelspec.resolution
 
     def format_notes(self, fmt, groups):
         """Lines for the report about which clients load `fmt` for this architecture (none by default)."""
         return []
+
+    def diff_module(self, module):
+        """The model-local module path under which a 1-D tensor of canonical module `module` (its bias or
+        norm scale) is patched, or None when it is not the diffusion model's."""
+        return module
 
     def from_layout(self, native, layout):
         """(canonical key, part index, part count) for a prefix-stripped key of `layout`, or None to skip."""

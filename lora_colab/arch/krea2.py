@@ -12,6 +12,7 @@ _STREAMS = (("blocks.{i}", "transformer_blocks.{i}"),
 
 
 class Krea2(TableArchitecture):
+    diffusers_reads_comfy = True  # diffusers reads its comfy-format files too, but not every .diff/.diff_b
     name = "krea2"
     title = "Krea 2"
     base_model_version = "krea2"

@@ -15,6 +15,7 @@ _ADALN = {"adaln_single": "time_embed", "audio_adaln_single": "audio_time_embed"
 
 
 class LTX2(TableArchitecture):
+    diffusers_reads_comfy = True  # diffusers reads its comfy-format files too, but not every .diff/.diff_b
     name = "ltx2"
     title = "LTX-2"
     base_model_version = "ltx2"

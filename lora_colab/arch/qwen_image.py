@@ -12,6 +12,7 @@ _FINAL = ["norm_out.linear", "proj_out"]
 
 class QwenImage(TableArchitecture):
     """Native (ComfyUI) names are diffusers' names: one layout, with or without a prefix."""
+    diffusers_reads_comfy = True  # diffusers reads its comfy-format files too, but not every .diff/.diff_b
 
     name = "qwen_image"
     title = "Qwen-Image"

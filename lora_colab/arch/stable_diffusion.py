@@ -89,6 +89,8 @@ def _inner(block, rest):
 class _StableDiffusion:
     auto_format = "kohya"
     optional_groups = {}
+    diffusers_reads_comfy = False
+    exhaustive_layout_map = True  # diffusers_to_sgm renames every UNet key
     default_dtype = "fp16"
     resolution = "1024x1024"
 
@@ -96,6 +98,10 @@ class _StableDiffusion:
         return []
 
     te_prefixes = {}  # component -> key prefix in the single file
+
+    def diff_module(self, module):
+        """The UNet's modules only: text encoder biases and norms are not carried."""
+        return module[len(UNET):] if module.startswith(UNET) else None
 
     def canonical_map(self, keys, layout, prefix):
         cmap = CanonicalMap()

@@ -9,6 +9,7 @@ _ATTN = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k
 
 
 class Wan(TableArchitecture):
+    diffusers_reads_comfy = True  # diffusers reads its comfy-format files too, but not every .diff/.diff_b
     name = "wan"
     title = "Wan"
     base_model_version = "wan"
