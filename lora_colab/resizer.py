@@ -354,18 +354,32 @@ def _output_folder(output_folder, first_source):
     return path.parent if path.exists() else Path.cwd()
 
 
+def _add_patch(patches, lora, key, weight):
+    """Add weight × a whole-tensor patch (bias `.diff_b`, 1-D `.diff`) to `patches`: kept, never decomposed."""
+    tensor = lora.ckpt.read(key)
+    dtype, total = patches.get(key, (tensor.dtype, 0.0))
+    patches[key] = (dtype, total + tensor.float() * weight)
+
+
 def _decompose_all(lora_arg, device, base=None, token=None):
     """Spectra of a LoRA argument (one file, or a weighted merge), its pass-through tensors and metadata."""
     parts = _split_merge(lora_arg)
     loaded, passthrough, metadata, warnings = [], {}, {}, []
+    patches = {}  # key -> (stored dtype, Σ weight · tensor) of whole-tensor patches (.diff_b, 1-D .diff)
     for path, weight in parts:
         with LoraFile(path, token) as lora:
             metadata = metadata or dict(lora.metadata)
             for key in lora.other_keys:
+                if key.endswith(".diff_b"):
+                    _add_patch(patches, lora, key, weight)
+                    continue
                 passthrough[key] = lora.ckpt.read(key)
                 warnings.append(f"{key}: not a LoRA layer this tool understands; copied unchanged")
             spectra = {}
             for layer in lora.layers.values():
+                if layer.kind == "diff" and len(lora.ckpt.shape(layer.tensors["diff"])) == 1:
+                    _add_patch(patches, lora, layer.tensors["diff"], weight)  # a norm scale: no rank to cut
+                    continue
                 sp = decompose(lora, layer, device)
                 if sp.dora_key:
                     passthrough[sp.dora_key] = lora.ckpt.read(sp.dora_key)
@@ -374,6 +388,7 @@ def _decompose_all(lora_arg, device, base=None, token=None):
                     warnings.append(f"{layer.name}: {layer.kind} layer rebuilt and written as a plain LoRA")
                 spectra[layer.name] = sp
             loaded.append((weight, spectra))
+    passthrough.update({key: total.to(dtype) for key, (dtype, total) in patches.items()})
     if len(loaded) == 1:
         weight, spectra = loaded[0]
         for sp in spectra.values():

@@ -179,3 +179,23 @@ def test_wan_block_biases_load_through_diffusers(tmp_path):
     got = linear_outputs(load_into("wan", tiny("wan"), tmp_path, "y.safetensors"), gen)
     assert sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5 > 2 * gap  # the biases mattered
     assert not without.diffs
+
+
+def test_resizing_keeps_the_patches_whole_and_weights_them_in_merges(tmp_path):
+    from lora_colab import resize
+    zimage_pair(tmp_path, change_matrices=True)
+    base = tmp_path / "base.safetensors"
+    report = extract(base, tmp_path / "tuned.safetensors", tmp_path / "lora.safetensors", rank=8, format="comfy",
+                     progress=False, device="cpu")
+    source = load_file(str(tmp_path / "lora.safetensors"))
+    patches = {k: v for k, v in source.items() if k.endswith((".diff", ".diff_b"))}
+    assert len(patches) == len(report.diffs) >= 20
+    lora = tmp_path / "lora.safetensors"
+    (single,) = resize(base, [lora], tmp_path / "one", "rank=4", verbose=0, device="cpu")
+    out = load_file(single.output)
+    assert all(torch.equal(out[k], v) for k, v in patches.items())
+    assert not any("diff" in w and "rebuilt" in w for w in single.warnings)
+    resize(base, [f"{lora}:0.5,{lora}:0.25"], tmp_path / "merged", "rank=4", verbose=0, device="cpu")
+    merged = load_file(str(next((tmp_path / "merged").glob("*.safetensors"))))
+    for key, value in patches.items():
+        torch.testing.assert_close(merged[key].float(), 0.75 * value.float(), rtol=1e-2, atol=1e-4)
