@@ -22,10 +22,10 @@ from .lora_file import LoraFile
 from .lowrank import low_rank
 from .memory import fmt_bytes
 from .recipes import CHECKPOINT_KEYS, parse_recipes
-from .writer import SpillWriter, planned_size
+from .selection import Selection, kohya_rank, scores, subspace_reference  # noqa: F401 (kohya_rank, scores: API)
+from .writer import SpillWriter
 
 MAX_REBUILT_RANK = 512  # LoHa/LoKr/Tucker/diff layers are rebuilt as ΔW and factored up to this rank
-_TINY = 1e-30
 
 
 @dataclass
@@ -90,52 +90,6 @@ def attach_references(spectrum, base):
                                               f"patches {spectrum.u.shape[0]}x{spectrum.v.shape[0]}", key)
     spectrum.base = (key, rows)
     spectrum.refs["spn_ckpt"], spectrum.refs["fro_ckpt"] = base.norms(key, rows)
-
-
-def subspace_reference(spectrum, base):
-    """|uᵢᵀ W vᵢ| per direction."""
-    w = base.weight(*spectrum.base).cpu()
-    return ((spectrum.u.T @ w) * spectrum.v.T).sum(dim=1).abs()
-
-
-def scores(spectrum, recipe, base):
-    """log10 score of each direction for a score recipe (None when a needed reference is missing)."""
-    s = spectrum.s.double().clamp_min(_TINY)
-    score = torch.log10(recipe.rescale * s)
-    for key, weight in recipe.weights.items():
-        if key == "spn_lora":
-            ref = s[0]
-        elif key == "fro_lora":
-            ref = s.norm()
-        elif key == "params":
-            ref = torch.tensor(float(spectrum.unit_params), dtype=torch.float64)
-        elif spectrum.base is None:
-            return None
-        elif key == "subspace":
-            if "subspace" not in spectrum.refs:
-                spectrum.refs["subspace"] = subspace_reference(spectrum, base)
-            ref = spectrum.refs["subspace"].double()
-        else:
-            ref = torch.tensor(spectrum.refs[key], dtype=torch.float64)
-        score = score - weight * torch.log10(torch.as_tensor(ref).clamp_min(_TINY))
-    return score
-
-
-def kohya_rank(s, recipe):
-    """Directions kept by kohya's methods, counted correctly (kohya keeps one too many)."""
-    n = s.numel()
-    if recipe.method is None:
-        k = n
-    elif recipe.method == "sv_ratio":
-        k = int((s > s[0] / recipe.param).sum())
-    elif recipe.method == "sv_fro":
-        frac = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum()
-        k = int((frac < recipe.param ** 2 - 1e-12).sum()) + 1
-    else:
-        frac = torch.cumsum(s.double(), 0) / s.double().sum()
-        k = int((frac < recipe.param - 1e-12).sum()) + 1
-    k = max(1, min(k, n))
-    return min(k, recipe.rank) if recipe.rank else k
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -228,90 +182,6 @@ class ResizeReports(list):
 
     def _repr_pretty_(self, printer, cycle):
         printer.text(str(self))
-
-
-# --- selection -----------------------------------------------------------------------------------
-
-class _Selection:
-    """Per-layer kept direction indices for one recipe, plus how the output is planned."""
-
-    def __init__(self, spectra, recipe, base, passthrough_specs, metadata_fn, dtype):
-        self.spectra, self.recipe, self.dtype = spectra, recipe, dtype
-        self.base = base
-        self.passthrough_specs, self.metadata_fn = passthrough_specs, metadata_fn
-        self.unscored = []  # layers kept unchanged: no base weight for a base-relative recipe
-        self.threshold = None
-        self.all_scores = []
-
-    def specs(self, keep):
-        specs = list(self.passthrough_specs)
-        for spectrum, idx in zip(self.spectra, keep):
-            if idx is not None and idx.numel():
-                specs.extend(layer_specs(spectrum, idx.numel(), self.dtype))
-        return specs
-
-    def size(self, keep):
-        return planned_size(self.specs(keep), self.metadata_fn(keep), kohya_hashes=True)
-
-    def choose(self):
-        recipe = self.recipe
-        if recipe.is_kohya:
-            return [torch.arange(kohya_rank(sp.s, recipe)) for sp in self.spectra]
-        per_layer = []
-        for sp in self.spectra:
-            sc = scores(sp, recipe, self.base)
-            if sc is None:
-                self.unscored.append(sp.name)
-            per_layer.append(sc)
-        scored = [sc for sc in per_layer if sc is not None]
-        self.all_scores = torch.cat(scored) if scored else torch.empty(0, dtype=torch.float64)
-        full = [torch.arange(sp.s.numel()) for sp in self.spectra]
-        if recipe.thr is not None:
-            self.threshold = recipe.thr
-            return [f if sc is None else (sc >= recipe.thr).nonzero().flatten() for f, sc in zip(full, per_layer)]
-        return self._fit_size(per_layer, full)
-
-    def _fit_size(self, per_layer, full):
-        """Keep directions in score order while the exact file size stays within the target."""
-        target = int(self.recipe.size * 2**20)
-        order = []  # (score, layer, index)
-        for li, sc in enumerate(per_layer):
-            if sc is not None:
-                order.extend((float(v), li, i) for i, v in enumerate(sc.tolist()))
-        order.sort(key=lambda t: -t[0])
-
-        def keep_of(n_first):
-            chosen = [[] for _ in per_layer]
-            for _, li, i in order[:n_first]:
-                chosen[li].append(i)
-            return [f if sc is None else torch.tensor(sorted(c), dtype=torch.long)
-                    for f, sc, c in zip(full, per_layer, chosen)]
-
-        lo, hi = 0, len(order)  # largest prefix that fits: binary search on exact sizes
-        if self.size(keep_of(0)) > target:
-            raise LoraColabError(f"recipe {self.recipe.text!r}: even an empty LoRA (header, metadata, "
-                                 f"pass-through tensors) exceeds {self.recipe.size} MiB")
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.size(keep_of(mid)) <= target:
-                lo = mid
-            else:
-                hi = mid - 1
-        keep = keep_of(lo)
-        # then every later direction that still fits, in score order
-        current = self.size(keep)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        for score, li, i in order[lo:]:
-            if current + self.spectra[li].unit_params * itemsize > target:
-                continue
-            trial = list(keep)
-            trial[li] = torch.tensor(sorted(trial[li].tolist() + [i]), dtype=torch.long)
-            size = self.size(trial)
-            if size <= target:
-                keep, current = trial, size
-        kept_scores = [sc[idx] for sc, idx in zip(per_layer, keep) if sc is not None and idx.numel()]
-        self.threshold = float(torch.cat(kept_scores).min()) if kept_scores else None
-        return keep
 
 
 # --- the API -------------------------------------------------------------------------------------
@@ -583,7 +453,8 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, ou
         ranks = [idx.numel() for idx in keep if idx is not None and idx.numel()]
         return _metadata(metadata, recipe, spectra, keep, ranks)
 
-    selection = _Selection(spectra, recipe, base, pass_specs, metadata_for, out_dtype)
+    selection = Selection(spectra, recipe, base, pass_specs, lambda i, k: layer_specs(spectra[i], k, out_dtype),
+                          metadata_for)
     keep = selection.choose()
     if len(selection.all_scores):
         ordered = selection.all_scores.sort().values
