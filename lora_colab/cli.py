@@ -97,12 +97,13 @@ def _extract_options(args):
                 conv_alpha=args.conv_alpha, text_encoders=not args.no_text_encoders, min_diff=args.min_diff,
                 format=args.format, dtype=args.dtype, device=args.device, niter=args.niter,
                 oversample=args.oversample, energy=args.energy, scale=args.scale, groups=args.include,
-                on_nonfinite=args.on_nonfinite, progress=not args.quiet, bias_diff=args.bias_diff)
+                on_nonfinite=args.on_nonfinite, progress=not args.quiet, bias_diff=args.bias_diff,
+                recipe=args.recipe)
 
 
 def _finish(report, as_json):
     print(json.dumps(report.to_dict(), indent=2, default=str) if as_json else str(report))
-    return 1 if report.identical else 0
+    return 1 if report.identical or report.nothing_selected else 0
 
 
 def _cmd_extract(args):
@@ -144,7 +145,12 @@ def _cmd_resize(args):
 
 
 def _add_extract_options(p, rank_default):
-    p.add_argument("--rank", type=_POSITIVE_INT, default=rank_default, help="LoRA rank (default %(default)s)")
+    p.add_argument("--rank", type=_POSITIVE_INT, default=rank_default,
+                   help=f"LoRA rank, or with --recipe the most each layer may keep (default {rank_default or 32})")
+    p.add_argument("--recipe", default=None, metavar="RECIPE",
+                   help="choose each layer's rank as the resizer does, relative to the base's own weights, in the "
+                        "same pass: e.g. 'spn_ckpt=1,size=50' (the best LoRA of 50 MiB), 'fro_ckpt=1,thr=-2.5', "
+                        "'sv_fro=0.9' (see Resizing LoRAs)")
     p.add_argument("--alpha", type=_POSITIVE, default=None, help="alpha (default: = rank); only the factors' "
                    "scale depends on it: alpha/rank · up @ down always equals the extracted difference")
     p.add_argument("--scale", type=_POSITIVE, default=1.0, help="multiply the extracted difference (0.5 = half "
@@ -203,7 +209,7 @@ def build_parser():
     ext.add_argument("tuned", metavar="TUNED")
     ext.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
                      help="the LoRA file to write (a file, not a folder; written atomically)")
-    _add_extract_options(ext, 32)
+    _add_extract_options(ext, None)
     _add_source_options(ext)
     ext.set_defaults(func=_cmd_extract)
 

@@ -25,15 +25,20 @@ class ExtractConfig:
     format: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
+    recipe: str = ""              # "" = every layer at `rank`; else e.g. "spn_ckpt=1,size=50" (rank = the cap)
     output_name: str = "extracted_lora.safetensors"
 
     def extract_kwargs(self):
-        """Keyword arguments for lora_colab.extract."""
-        return dict(rank=self.rank, alpha=self.alpha or None, scale=self.scale,
+        """Keyword arguments for lora_colab.extract (a recipe with its own rank= sets the rank)."""
+        from .recipes import parse_recipe
+
+        recipe = self.recipe.strip() or None
+        return dict(rank=None if recipe and parse_recipe(recipe).rank else self.rank, alpha=self.alpha or None, scale=self.scale,
                     clamp_quantile=None if self.clamp_quantile >= 1.0 else self.clamp_quantile,
                     conv_rank=self.conv_rank or None, conv_alpha=self.conv_alpha or None,
                     text_encoders=self.text_encoders, format=self.format, bias_diff=None if self.bias_diff else False,
-                    dtype=None if self.dtype == "auto" else self.dtype, device=self.device)
+                    dtype=None if self.dtype == "auto" else self.dtype, device=self.device,
+                    recipe=recipe)
 
     def to_dict(self):
         return asdict(self)
@@ -43,6 +48,8 @@ class ExtractConfig:
         clamp = "off" if self.clamp_quantile >= 1.0 else f"{self.clamp_quantile:g}"
         conv = f", conv rank {self.conv_rank}" if self.conv_rank else ""
         biases = "" if self.bias_diff else ", no bias/norm changes"
+        if self.recipe.strip():
+            biases += f", recipe {self.recipe.strip()} (rank cap {self.rank})"
         return (f"rank {self.rank}, alpha {self.alpha:g}, strength {self.scale:g}, clamp {clamp}{conv}{biases}, "
                 f"format {self.format}, dtype {self.dtype}, device {self.device}")
 

@@ -18,12 +18,15 @@ from .io.locations import file_name
 from .io.quant_noise import is_lossy, noise_sq
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError, OptionError
-from .lora_format import build_metadata, module_tensors
-from .lowrank import BlockedDelta, clamp_outliers, max_abs, clamped_residual_sq, low_rank, norm_sq, product_change
+from .lora_format import build_metadata, module_specs, module_tensors
+from .io.buffers import empty_bytes
+from .lowrank import (BlockedDelta, RowBlocks, clamp_outliers, clamped_residual_sq, low_rank, max_abs,
+                      norm_sq, product_change)
 from .memory import bound_heap, peak_rss_bytes, purge, vram_bytes
 from .monitor import snapshot
 from .report import ExtractReport, LayerReport
-from .writer import SpillWriter
+from .recipe_extract import RecipeExtraction, parse_extract_recipe
+from .writer import SpillWriter, planned_size
 
 _PURGE_BYTES = 32 << 20  # after a difference this large, purge (gc, malloc_trim, CUDA cache); else once a second
 BLOCKED_BYTES = 256 << 20  # on the CPU, a larger float32 difference is built by rows into bf16 (BlockedDelta)
@@ -54,10 +57,12 @@ class _Differences:
     Remote sources read further ahead, up to `readahead` bytes of raw tensors beyond the next layer, so
     the network never idles while a large layer is factored."""
 
-    def __init__(self, base, tuned, targets, device, readahead=0):
+    def __init__(self, base, tuned, targets, device, readahead=0, keep_base=False):
         self._base, self._tuned, self._device = base, tuned, device
         self._targets = targets
         self.noise_sq = None  # expected ‖rounding noise‖² of the last yielded difference (quantized inputs)
+        self._keep_base = keep_base
+        self.base_weight = None  # with keep_base: the last yielded layer's base weight, a RowBlocks
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-colab-read")
         self._readahead = readahead
         self.wait_seconds = 0.0
@@ -86,7 +91,11 @@ class _Differences:
 
         def reader(view):
             return lambda a, b: view.read(target.key, rows=(a, b)).reshape(b - a, cols)
-        return BlockedDelta.build(reader(self._tuned), reader(self._base), (rows, cols))
+        base_out = None
+        if self._keep_base:
+            base_out = empty_bytes(rows * cols * 2).view(torch.bfloat16).reshape(rows, cols)
+            self.base_weight = RowBlocks(base_out)
+        return BlockedDelta.build(reader(self._tuned), reader(self._base), (rows, cols), base_out=base_out)
 
     def _load(self, target):
         """Raw tensors of a layer; None for a checkpoint whose reading is compute (GGUF), whose bytes are
@@ -134,9 +143,12 @@ class _Differences:
                 tuned, base = self._decode(loaded, target)
                 del loaded
                 self.noise_sq = self._noise_sq(target, tuned, base)
+                if self._keep_base:
+                    self.base_weight = RowBlocks(base.to(self._device))
                 delta = self._difference(tuned, base)
                 del tuned, base, future
             yield target, delta
+            self.base_weight = None
             del delta
 
     def _noise_sq(self, target, tuned, base):
@@ -175,17 +187,23 @@ def _choose_rank(s, total_sq, max_rank, energy):
     return int(reached[0]) + 1 if reached.numel() else max_rank
 
 
-def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, layer):
-    """Factor one difference: returns (up, down) with up @ down ≈ delta, and fills `layer` (a LayerReport).
-
-    up = U·√S and down = √S·Vᵀ (balanced, for fp16/bf16 headroom); with clamp_quantile, outlier rows of
-    up and columns of down are scaled down (see lowrank.clamp_outliers).
-    """
+def decompose_layer(delta, rank, niter, oversample, seed):
+    """(flat difference, U, S, V, ‖ΔW‖²) of one difference, its top `rank` directions."""
     flat = delta.reshape(delta.shape[0], -1)
     total_sq = flat.norm_sq if isinstance(flat, BlockedDelta) else norm_sq(flat)
     u, s, v = low_rank(flat, rank, niter=niter, oversample=oversample, generator_seed=seed)
-    r = _choose_rank(s, total_sq, s.numel(), energy)
-    u, s, v = u[:, :r], s[:r], v[:, :r]
+    return flat, u, s, v, total_sq
+
+
+def finish_layer(u, s, v, total_sq, clamp_quantile, layer, flat=None):
+    """Balanced factors (up, down) of the kept directions U·diag(S)·Vᵀ, clamped; fills `layer`.
+
+    up = U·√S and down = √S·Vᵀ (balanced, for fp16/bf16 headroom); with clamp_quantile, outlier rows of
+    up and columns of down are scaled down (see lowrank.clamp_outliers). With the difference `flat` the
+    clamped error is exact; without it (a recipe chose the directions after the pass) it adds the clamp's
+    change to the truncation error as if they were orthogonal.
+    """
+    r = s.numel()
     kept_sq = float(s.double().pow(2).sum())
     root = s.sqrt()
     up, down = u * root, root[:, None] * v.T
@@ -194,14 +212,22 @@ def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, l
     layer.diff_norm = math.sqrt(total_sq)
     layer.energy = min(1.0, kept_sq / total_sq) if total_sq else 1.0
     res_sq = total_sq - kept_sq  # exact: the SVD's part is an orthogonal projection of the difference
-    if clamp_quantile is not None and clamp_quantile < 1.0:
+    if clamp_quantile is not None and clamp_quantile < 1.0 and r:
         up, down, clamp = clamp_outliers(up, down, clamp_quantile)
         layer.clipped = clamp.cut_fraction
         layer.clamp_change = product_change(u * root, root[:, None] * v.T, clamp)
         if layer.clamp_change:
-            res_sq = clamped_residual_sq(flat, u, s, v, clamp, total_sq)
+            res_sq = (clamped_residual_sq(flat, u, s, v, clamp, total_sq) if flat is not None
+                      else res_sq + layer.clamp_change ** 2 * kept_sq)
     layer.rel_error = math.sqrt(max(res_sq, 0.0) / total_sq) if total_sq else 0.0
     return up, down
+
+
+def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, layer):
+    """Factor one difference: returns (up, down) with up @ down ≈ delta, and fills `layer` (a LayerReport)."""
+    flat, u, s, v, total_sq = decompose_layer(delta, rank, niter, oversample, seed)
+    r = _choose_rank(s, total_sq, s.numel(), energy)
+    return finish_layer(u[:, :r], s[:r], v[:, :r], total_sq, clamp_quantile, layer, flat)
 
 
 def _noise_notes(report, base, tuned, targets):
@@ -281,15 +307,15 @@ def _notices(arch, targets, rank, conv_rank):
     return notes
 
 
-def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
+def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
             text_encoders=True, min_diff=0.0, format="auto", dtype=None, device="auto", niter=4, oversample=8,
             energy=None, scale=1.0, groups=(), arch=None, seed=0, progress=True, on_layer=None,
-            kohya_hashes=True, title=None, on_nonfinite="stop", token=None, bias_diff=None):
+            kohya_hashes=True, title=None, on_nonfinite="stop", token=None, bias_diff=None, recipe=None):
     """Extract a LoRA from two checkpoints of one architecture; returns an ExtractReport.
 
     base, tuned: a path, URL or Hub source `open_checkpoint` takes (layouts may differ; remote files are
     read in place by range; `token` is sent to plain URLs' own hosts). out: the .safetensors to write.
-    rank/alpha: linear rank and alpha (alpha=None means alpha=rank); the factors are scaled so that
+    rank/alpha: linear rank (default 32) and alpha (alpha=None means alpha=rank); the factors are scaled so that
     alpha/rank · up @ down equals `scale` × the rank-r difference. conv_rank/conv_alpha: LoCon for k×k
     convolutions (off when conv_rank is None). clamp_quantile: scale rows of up and columns of down whose
     norm exceeds this quantile of their norms down to it (None or 1.0: off). energy: per-layer adaptive rank, the smallest rank ≤ `rank` keeping this
@@ -298,9 +324,15 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     (default) raises on a layer with NaN/Inf, naming the file and tensor; "skip" leaves the layer out and
     lists it in the report. bias_diff: write the changed biases and 1-D weights (norm scales) as
     `.diff_b`/`.diff` patches; None (default) does where every client of the format loads them (the comfy
-    format of most models; the report says when they are left out).
+    format of most models; the report says when they are left out). recipe: choose each layer's rank with
+    the resizer's grammar ("spn_ckpt=1,size=50", "fro_ckpt=1,thr=-2.5", "sv_fro=0.9"...), relative to the
+    base's own weights, from each layer's top `rank` directions, in the same one pass.
     """
     started = time.perf_counter()
+    recipe_obj = None
+    if recipe:
+        recipe_obj, rank = parse_extract_recipe(recipe, rank, energy)
+    rank = 32 if rank is None else rank
     _check_options(rank, alpha, clamp_quantile, energy, on_nonfinite, scale, conv_rank, conv_alpha, min_diff,
                    niter, oversample)
     out_dtype = parse_dtype(dtype)
@@ -325,20 +357,43 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
         report.warnings.extend(b.arch.format_notes(fmt, groups))
         if diff_note:
             report.warnings.append(diff_note)
+        def specs_of(target, k):
+            return module_specs(b.arch, fmt, target, k, out_dtype)
+
+        def metadata_of(ranks):
+            linear = [ra for ra, target in ranks if target.kind != "conv"]
+            conv = [ra for ra, target in ranks if target.kind == "conv"]
+            extra = {"lora_colab.clamp_quantile": str(clamp_quantile), "lora_colab.scale": str(scale),
+                     "lora_colab.bias_diff": str(len(report.diffs))}
+            if recipe_obj is not None:
+                extra["lora_colab.recipe"] = recipe_obj.text
+            return build_metadata(b.arch, fmt, [r for r, _ in linear], [a for _, a in linear], title or out.stem,
+                                  [r for r, _ in conv], [a for _, a in conv], extra=extra,
+                                  comment=f"extracted by lora_colab from {file_name(b.path)} and {file_name(t.path)}")
+
+        def alpha_of(target, r):
+            given = (conv_alpha if target.kind == "conv" else alpha) or None
+            return float(given if given is not None else r)
+
+        selecting = None
+        if recipe_obj is not None:
+            report.recipe = recipe_obj.text
+            _check_size_target(recipe_obj, metadata_of)
+            selecting = RecipeExtraction(recipe_obj, out, lambda target: sum(
+                math.prod(shape) for _, _, shape in specs_of(target, 1) if len(shape) >= 2))
         writer = SpillWriter(out, protect=b.ckpt.local_files + t.ckpt.local_files)
         remote = any(not s.local_path for s in b.ckpt.sources + t.ckpt.sources)
-        differences = _Differences(b, t, targets, device, READAHEAD_BYTES if remote else 0)
+        differences = _Differences(b, t, targets, device, READAHEAD_BYTES if remote else 0,
+                                   keep_base=bool(selecting and selecting.needs))
         bar = _progress_bar(len(targets), progress)
-        linear_ranks, conv_ranks = [], []
+        written = []  # ((rank, alpha), target) of every layer written
         last_purge = time.perf_counter()
         try:
             for target, delta in differences:
                 layer = LayerReport(target.module + (f" [{target.component}]" if target.component != "model" else ""),
                                     tuple(target.shape))
                 layer_start = time.perf_counter()
-                is_conv = target.kind == "conv"
-                layer_rank = conv_rank if is_conv else rank
-                layer_alpha = (conv_alpha if is_conv else alpha) or None
+                layer_rank = conv_rank if target.kind == "conv" else rank
                 layer.max_abs_diff = _max_abs(delta)
                 if not math.isfinite(layer.max_abs_diff):
                     error = _nonfinite_error(b, t, target)
@@ -347,18 +402,21 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
                     layer.skipped = f"NaN/Inf: {error}"
                 elif layer.max_abs_diff <= min_diff:
                     layer.skipped = f"max |difference| {layer.max_abs_diff:.3g} <= min_diff {min_diff:g}"
+                elif selecting is not None:
+                    flat, u, s, v, total_sq = decompose_layer(delta, layer_rank, niter, oversample,
+                                                              _layer_seed(seed, target.key))
+                    selecting.collect(target, layer, u, s, v, total_sq, differences.base_weight)
+                    layer.rank, layer.diff_norm = s.numel(), math.sqrt(total_sq)
+                    del flat, u, s, v
                 else:
                     up, down = factor_layer(delta, layer_rank, clamp_quantile, niter, oversample, energy,
                                             _layer_seed(seed, target.key), layer)
-                    if differences.noise_sq is not None and layer.diff_norm:
-                        layer.quant_noise = math.sqrt(differences.noise_sq) / layer.diff_norm
-                    r = layer.rank
-                    a = float(layer_alpha if layer_alpha is not None else r)
-                    c = math.sqrt(r / a * scale)
-                    for name, tensor in module_tensors(b.arch, fmt, target, down * c, up * c, a, out_dtype).items():
-                        writer.add(name, tensor)
-                    (conv_ranks if is_conv else linear_ranks).append((r, a))
+                    _write_layer(writer, b.arch, fmt, target, up, down, alpha_of(target, layer.rank), scale,
+                                 out_dtype)
+                    written.append(((layer.rank, alpha_of(target, layer.rank)), target))
                     del up, down
+                if differences.noise_sq is not None and layer.diff_norm:
+                    layer.quant_noise = math.sqrt(differences.noise_sq) / layer.diff_norm
                 big = delta.numel() * delta.element_size() >= _PURGE_BYTES
                 del delta
                 if big or time.perf_counter() - last_purge >= 1.0:
@@ -372,18 +430,17 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
             report.read_wait_seconds = differences.wait_seconds
             report.warnings.extend(_noise_notes(report, b, t, targets))
             _write_diffs(b, t, diff_targets, writer, out_dtype, scale, min_diff, report)
-            if report.extracted or report.diffs:
-                metadata = build_metadata(
-                    b.arch, fmt, [r for r, _ in linear_ranks], [a for _, a in linear_ranks],
-                    title or out.stem, [r for r, _ in conv_ranks], [a for _, a in conv_ranks],
-                    comment=f"extracted by lora_colab from {file_name(b.path)} and {file_name(t.path)}",
-                    extra={"lora_colab.clamp_quantile": str(clamp_quantile), "lora_colab.scale": str(scale),
-                           "lora_colab.bias_diff": str(len(report.diffs))})
-                writer.finish(metadata, kohya_hashes=kohya_hashes)
+            if selecting is not None and selecting.layers:
+                written = _write_selected(selecting, writer, specs_of, metadata_of, alpha_of, report,
+                                          clamp_quantile, b.arch, fmt, scale, out_dtype, kohya_hashes)
+            if written or (report.diffs and not report.nothing_selected):
+                writer.finish(metadata_of(written), kohya_hashes=kohya_hashes)
                 report.output, report.output_bytes = str(out), out.stat().st_size
         finally:
             differences.close()
             writer.abort()
+            if selecting is not None:
+                selecting.close()
             if bar is not None:
                 bar.close()
         report.bytes_read = b.ckpt.bytes_read + t.ckpt.bytes_read
@@ -392,6 +449,51 @@ def extract(base, tuned, out, rank=32, alpha=None, clamp_quantile=0.99, conv_ran
     report.peak_vram = vram_bytes()[1]
     report.wall_seconds = time.perf_counter() - started
     return report
+
+
+def _write_layer(writer, arch, fmt, target, up, down, alpha, scale, dtype):
+    """Add one layer's tensors, scaled so that alpha/rank · up @ down = scale × the kept difference."""
+    c = math.sqrt(up.shape[1] / alpha * scale)
+    for name, tensor in module_tensors(arch, fmt, target, down * c, up * c, alpha, dtype).items():
+        writer.add(name, tensor)
+
+
+def _check_size_target(recipe, metadata_of):
+    """Refuse, before any reading, a size= target that not even a LoRA of no layers meets."""
+    if recipe.size is not None and planned_size([], metadata_of([]), kohya_hashes=True) > recipe.size * 2**20:
+        raise OptionError(f"recipe {recipe.text!r}: size={recipe.size:g} MiB is smaller than the file's header "
+                          f"and metadata alone")
+
+
+def _write_selected(selecting, writer, specs_of, metadata_of, alpha_of, report, clamp_quantile, arch, fmt, scale,
+                    dtype, kohya_hashes):
+    """Choose the recipe's directions across the collected layers and write them; returns what was written."""
+    fixed = [(name, dtype, (size,)) for name, size, _ in report.diffs]
+    layers = selecting.layers
+
+    def metadata_for(keep):
+        return metadata_of([((idx.numel(), alpha_of(layer.target, idx.numel())), layer.target)
+                            for layer, idx in zip(layers, keep) if idx.numel()])
+
+    keep = selecting.select(fixed, lambda i, k: specs_of(layers[i].target, k), metadata_for, kohya_hashes)
+    selection = selecting.selection
+    report.threshold = selection.threshold
+    report.directions = (sum(idx.numel() for idx in keep), sum(layer.s.numel() for layer in layers))
+    if not report.directions[0]:
+        report.nothing_selected = True
+        return []
+    written = []
+    for i, (layer, idx) in enumerate(zip(layers, keep)):
+        if not idx.numel():
+            layer.report.rank = 0
+            layer.report.skipped = "the recipe kept none of its directions"
+            continue
+        u, s, v = selecting.directions(i, idx)
+        up, down = finish_layer(u, s, v, layer.total_sq, clamp_quantile, layer.report)
+        a = alpha_of(layer.target, idx.numel())
+        _write_layer(writer, arch, fmt, layer.target, up, down, a, scale, dtype)
+        written.append(((idx.numel(), a), layer.target))
+    return written
 
 
 def _write_diffs(base, tuned, targets, writer, dtype, scale, min_diff, report):

@@ -124,6 +124,56 @@ def _column_block(delta, start, stop, cols):
     return delta[start:stop].index_select(1, cols)
 
 
+class RowBlocks:
+    """A 2-D matrix kept in its stored dtype (bf16 for most checkpoints) and used in float32 row blocks:
+    products and norms of a base weight without a float32 copy of it."""
+
+    def __init__(self, data, block_bytes=8 << 20):
+        self.data = data.reshape(data.shape[0], -1)
+        self.shape = tuple(self.data.shape)
+        self.device = self.data.device
+        self._rows = max(1, block_bytes // max(1, self.shape[1] * 4))
+
+    def blocks(self):
+        for start in range(0, self.shape[0], self._rows):
+            yield start, self.data[start:start + self._rows].float()
+
+    def dense(self):
+        return self.data.float()
+
+    def mm(self, x):
+        """W @ x (x [n] or [n, k]), float32."""
+        return torch.cat([block @ x for _, block in self.blocks()])
+
+    mv = mm
+
+    def rmv(self, y):
+        """Wᵀ @ y for a vector y [m], float32."""
+        out = torch.zeros(self.shape[1], device=self.device)
+        for start, block in self.blocks():
+            out += block.T @ y[start:start + block.shape[0]]
+        return out
+
+    def fro(self):
+        """‖W‖_F."""
+        return math.sqrt(sum(float(torch.linalg.vector_norm(block).double() ** 2) for _, block in self.blocks()))
+
+
+def base_references(w, u, v, keys):
+    """The base-relative references of one layer's directions, as the resizer's scores use them:
+    {"spn_ckpt": ‖W‖₂, "fro_ckpt": ‖W‖_F, "subspace": |uᵢᵀ W vᵢ| per direction} for the `keys` asked,
+    W a RowBlocks of the base weight, (u, v) the difference's singular vectors."""
+    refs = {}
+    if "spn_ckpt" in keys:
+        small = min(w.shape) <= 128
+        refs["spn_ckpt"] = float(torch.linalg.matrix_norm(w.dense(), ord=2)) if small else spectral_norm(w)
+    if "fro_ckpt" in keys:
+        refs["fro_ckpt"] = w.fro()
+    if "subspace" in keys:
+        refs["subspace"] = (u * w.mm(v)).sum(dim=0).abs().cpu()
+    return refs
+
+
 def spectral_norm(w, rtol=1e-4, max_steps=160, seed=0):
     """σ₁ of W by Golub–Kahan–Lanczos bidiagonalization (full reorthogonalization), stopped by a residual
     test that bounds the error.
@@ -132,13 +182,17 @@ def spectral_norm(w, rtol=1e-4, max_steps=160, seed=0):
     exactly and ‖Wᵀũ − θṽ‖ = β_k·|p_k|, which bounds the distance from θ to a singular value of W; the loop
     stops when that is ≤ rtol·θ, and θ never exceeds σ₁. Two matrix-vector products a step, like power
     iteration, but on a flat spectrum (σ₂/σ₁ ≈ 0.98, where power iteration stalls 0.3–2% low) Lanczos
-    converges with the square root of the gap.
+    converges with the square root of the gap. `w`: a float32 tensor, or any other dtype (used through
+    RowBlocks, in float32 row blocks, without a float32 copy).
     """
+    if not isinstance(w, RowBlocks) and w.dtype != torch.float32:
+        w = RowBlocks(w)
     m, n = w.shape
     if min(m, n) <= 64:
-        return float(torch.linalg.matrix_norm(w.float(), ord=2))
+        return float(torch.linalg.matrix_norm(w.dense() if isinstance(w, RowBlocks) else w, ord=2))
+    mv, rmv = (w.mv, w.rmv) if isinstance(w, RowBlocks) else ((lambda x: w @ x), (lambda y: w.T @ y))
     steps = min(max_steps, min(m, n))
-    dtype = w.dtype
+    dtype = torch.float32
     vs = torch.zeros(steps + 1, n, dtype=dtype, device=w.device)
     us = torch.zeros(steps, m, dtype=dtype, device=w.device)
     alphas, betas = [], []
@@ -146,7 +200,7 @@ def spectral_norm(w, rtol=1e-4, max_steps=160, seed=0):
     vs[0] = v / v.norm()
     beta, theta = 0.0, 0.0
     for k in range(steps):
-        u = w @ vs[k]
+        u = mv(vs[k])
         if k:
             u -= beta * us[k - 1]
         u -= us[:k].T @ (us[:k] @ u)           # full reorthogonalization
@@ -154,7 +208,7 @@ def spectral_norm(w, rtol=1e-4, max_steps=160, seed=0):
         if alpha == 0.0:
             break
         us[k] = u / alpha
-        v = w.T @ us[k] - alpha * vs[k]
+        v = rmv(us[k]) - alpha * vs[k]
         v -= vs[:k + 1].T @ (vs[:k + 1] @ v)
         beta = float(v.norm())
         alphas.append(alpha)
@@ -197,8 +251,9 @@ class BlockedDelta:
         self._rows = max(1, (8 << 20) // max(1, self.shape[1] * 4))
 
     @classmethod
-    def build(cls, read_tuned, read_base, shape, block_bytes=8 << 20):
-        """From `read_x(start, stop)` (rows as float32 2-D) of a [m, n] weight."""
+    def build(cls, read_tuned, read_base, shape, block_bytes=8 << 20, base_out=None):
+        """From `read_x(start, stop)` (rows as float32 2-D) of a [m, n] weight; with `base_out` (a [m, n]
+        tensor), the base's rows are kept there too, from the same reads."""
         from .io.buffers import empty_bytes
 
         m, n = shape
@@ -208,7 +263,11 @@ class BlockedDelta:
         for start in range(0, m, rows):
             stop = min(m, start + rows)
             block = read_tuned(start, stop)
-            block.sub_(read_base(start, stop))
+            base = read_base(start, stop)
+            if base_out is not None:
+                base_out[start:stop].copy_(base)
+            block.sub_(base)
+            del base
             value = max_abs(block)
             peak = math.nan if math.isnan(value) or math.isnan(peak) else max(peak, value)
             data[start:stop].copy_(block)

@@ -135,7 +135,8 @@ def show_report(report, plot=True, top=12):
         done = report.extracted
         fig, axes = plt.subplots(1, 3, figsize=(15, 3))
         axes[0].bar(range(len(done)), [layer.rank for layer in done])
-        axes[0].set(title="rank per layer", xlabel="layer (file order)")
+        axes[0].set(title=f"kept rank per layer ({report.recipe})" if report.recipe else "rank per layer",
+                    xlabel="layer (file order)")
         axes[1].plot([layer.energy for layer in done], ".")
         axes[1].set(title="energy kept per layer", xlabel="layer (file order)", ylim=(0, 1.02))
         for layer in layers[:3]:  # the worst-reproduced layers' spectra

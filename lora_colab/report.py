@@ -46,6 +46,10 @@ class ExtractReport:
     bytes_read: int = 0          # header and tensor bytes read from both models
     network_bytes: int = 0       # of which over the network (read in place)
     diffs: list = field(default_factory=list)  # (tensor name, values, max |Δ|) of each .diff_b/.diff written
+    recipe: str = ""             # the recipe that chose the ranks ("" = a fixed rank)
+    threshold: float = None      # the recipe's score threshold (the lowest kept score for size=)
+    directions: tuple = (0, 0)   # (kept, decomposed) directions over all layers, with a recipe
+    nothing_selected: bool = False  # the recipe kept no direction: no file written
 
     @property
     def extracted(self):
@@ -58,7 +62,7 @@ class ExtractReport:
     @property
     def identical(self):
         """True when no layer differs: the models are identical and no file was written."""
-        return bool(self.layers) and not self.extracted and not self.diffs
+        return bool(self.layers) and not self.extracted and not self.diffs and not self.nothing_selected
 
     def to_dict(self):
         data = asdict(self)
@@ -80,6 +84,10 @@ class ExtractReport:
             if changed.clamp_change:
                 lines.append(f"clamp: largest change {changed.clamp_change:.2%} ({changed.name}), "
                              f"rows/columns cut up to {max(layer.clipped for layer in done):.2%}")
+        if self.recipe:
+            kept, total = self.directions
+            threshold = f", score threshold {self.threshold:.3f}" if self.threshold is not None else ""
+            lines.append(f"recipe {self.recipe}: kept {kept} of {total} directions{threshold}")
         if self.diffs:
             biases = sum(name.endswith(".diff_b") for name, _, _ in self.diffs)
             lines.append(f"bias and norm changes: {biases} biases (.diff_b) and {len(self.diffs) - biases} 1-D "
@@ -92,6 +100,8 @@ class ExtractReport:
                 lines.append(f"skipped: {names}{more} ({group[0].skipped})")
         if self.output:
             lines.append(f"wrote {self.output} ({fmt_bytes(self.output_bytes)})")
+        elif self.nothing_selected:
+            lines.append(f"the recipe {self.recipe} selects no direction of any layer: no LoRA written")
         elif self.identical:
             lines.append("the models are identical on every target layer: no LoRA written")
         if self.network_bytes:

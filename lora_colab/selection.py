@@ -72,8 +72,9 @@ class Selection:
     specs_of(i, k): the tensors layer i is written as at rank k; metadata_fn(keep): the file's metadata.
     """
 
-    def __init__(self, spectra, recipe, base, fixed_specs, specs_of, metadata_fn):
+    def __init__(self, spectra, recipe, base, fixed_specs, specs_of, metadata_fn, kohya_hashes=True):
         self.spectra, self.recipe, self.base = spectra, recipe, base
+        self.kohya_hashes = kohya_hashes
         self.fixed_specs, self.specs_of, self.metadata_fn = list(fixed_specs), specs_of, metadata_fn
         self.unscored = []  # layers kept unchanged: no base weight for a base-relative recipe
         self.threshold = None
@@ -87,7 +88,7 @@ class Selection:
         return specs
 
     def size(self, keep):
-        return planned_size(self.specs(keep), self.metadata_fn(keep), kohya_hashes=True)
+        return planned_size(self.specs(keep), self.metadata_fn(keep), kohya_hashes=self.kohya_hashes)
 
     def _unit_bytes(self, i):
         """Bytes one more direction of layer i adds at least (its factors' row and column)."""
@@ -112,14 +113,6 @@ class Selection:
             self.threshold = recipe.thr
             return [f if sc is None else (sc >= recipe.thr).nonzero().flatten() for f, sc in zip(full, per_layer)]
         return self._fit_size(per_layer, full)
-
-    def check_size_possible(self):
-        """Refuse a size target that not even an empty file (header, metadata, pass-through) meets."""
-        if self.recipe.size is not None:
-            empty = [torch.empty(0, dtype=torch.long) for _ in self.spectra]
-            if self.size(empty) > int(self.recipe.size * 2**20):
-                raise LoraColabError(f"recipe {self.recipe.text!r}: even an empty LoRA (header, metadata, "
-                                     f"pass-through tensors) exceeds {self.recipe.size:g} MiB")
 
     def _fit_size(self, per_layer, full):
         """Keep directions in score order while the exact file size stays within the target."""

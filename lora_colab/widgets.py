@@ -39,11 +39,13 @@ class ExtractForm:
                                 style=_STYLE)
         self.device = w.Dropdown(options=["auto", "cuda", "cpu"], value=c.device, description="device",
                                  style=_STYLE)
+        self.recipe = w.Text(value=c.recipe, placeholder="e.g. spn_ckpt=1,size=50 (empty: every layer at rank)",
+                             description="recipe (rank = its cap)", style=_STYLE, layout=w.Layout(width="60%"))
         self.output_name = w.Text(value=c.output_name, description="output file", style=_STYLE)
         self.preset.observe(self._apply_preset, names="value")
         self.box = w.VBox([self.preset, self.rank, self.alpha, self.scale, self.clamp, self.conv_rank,
                            self.conv_alpha, self.text_encoders, self.bias_diff, self.format, self.dtype, self.device,
-                           self.output_name])
+                           self.recipe, self.output_name])
 
     def _apply_preset(self, change):
         values = PRESETS.get(change["new"])
@@ -58,7 +60,7 @@ class ExtractForm:
         return ExtractConfig(rank=self.rank.value, alpha=self.alpha.value, scale=self.scale.value,
                              clamp_quantile=self.clamp.value, conv_rank=self.conv_rank.value,
                              conv_alpha=self.conv_alpha.value, text_encoders=self.text_encoders.value,
-                             bias_diff=self.bias_diff.value,
+                             bias_diff=self.bias_diff.value, recipe=self.recipe.value,
                              format=self.format.value, dtype=self.dtype.value, device=self.device.value,
                              output_name=self.output_name.value)
 

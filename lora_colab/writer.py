@@ -6,6 +6,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from .dtypes import ITEMSIZE, from_torch
 from .errors import CheckpointError
 from .io.buffers import byte_view
@@ -228,6 +230,15 @@ class SpillWriter:
 
     def __len__(self):
         return len(self._entries)
+
+    def read(self, name):
+        """A tensor added earlier, read back from the spill file."""
+        from .dtypes import to_torch
+
+        dtype, shape, offset, nbytes = self._entries[name]
+        data = bytearray(os.pread(self._spill.fileno(), nbytes, offset))
+        return torch.frombuffer(data, dtype=to_torch(dtype)).reshape(shape) if nbytes else \
+            torch.empty(shape, dtype=to_torch(dtype))
 
     def finish(self, metadata=None, kohya_hashes=False):
         """Write the final file (atomically) and drop the spill; returns the final path."""

@@ -1,0 +1,78 @@
+"""Extraction with a recipe (base-aware rank): during the one pass each layer is decomposed up to its rank
+cap, its singular vectors spilled to disk and its spectrum kept with the base weight's references (read
+while the base weight is in memory anyway); after the pass the resizer's selection chooses the directions
+across all layers (thresholds, an exact `size=`, kohya's methods) and only those are written."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import OptionError
+from .lowrank import base_references
+from .recipes import CHECKPOINT_KEYS, RecipeError, parse_recipes
+from .selection import Selection
+from .writer import SpillWriter
+
+
+def parse_extract_recipe(text, rank, energy):
+    """(Recipe, rank cap) for extraction; refuses several recipes and choices that conflict."""
+    recipes = parse_recipes(text)
+    if len(recipes) > 1:
+        raise RecipeError(f"recipe {text!r}: extraction takes one recipe (the resizer takes several)")
+    recipe = recipes[0]
+    if energy is not None:
+        raise OptionError(f"energy and recipe {recipe.text!r} both choose the ranks: give one")
+    if recipe.rank is not None and rank is not None and rank != recipe.rank:
+        raise OptionError(f"rank {rank} and recipe {recipe.text!r} (rank={recipe.rank}) conflict: give one")
+    return recipe, rank or recipe.rank or 32
+
+
+@dataclass
+class _Layer:
+    """One decomposed layer awaiting the selection (what Selection's scores read)."""
+
+    name: str
+    s: torch.Tensor
+    total_sq: float
+    unit_params: int
+    target: object
+    report: object
+    refs: dict = field(default_factory=dict)
+    base: tuple = None  # (canonical key, rows) when the base references are known
+
+
+class RecipeExtraction:
+    """Collects decomposed layers, then selects and hands back the kept directions."""
+
+    def __init__(self, recipe, out, unit_params):
+        self.recipe = recipe
+        self.needs = [key for key in CHECKPOINT_KEYS if key in recipe.weights]
+        self.layers = []
+        self._unit_params = unit_params
+        self._spill = SpillWriter(out.with_name(out.name + ".factors"))
+        self.selection = None
+
+    def collect(self, target, report, u, s, v, total_sq, base_weight):
+        """Keep one layer's spectrum (and base references); its vectors go to the spill file."""
+        i = len(self.layers)
+        layer = _Layer(report.name, s.double().cpu(), total_sq, self._unit_params(target), target, report)
+        if self.needs:
+            layer.refs = base_references(base_weight, u, v, self.needs)
+            layer.base = (target.key, None)
+        self._spill.add(f"{i}.u", u.float().cpu().contiguous())
+        self._spill.add(f"{i}.v", v.float().cpu().contiguous())
+        self.layers.append(layer)
+
+    def select(self, fixed_specs, specs_of, metadata_fn, kohya_hashes):
+        """[kept direction indices] per collected layer."""
+        self.selection = Selection(self.layers, self.recipe, None, fixed_specs, specs_of, metadata_fn,
+                                   kohya_hashes=kohya_hashes)
+        return self.selection.choose()
+
+    def directions(self, i, keep):
+        """(U, S, V) of layer i's kept directions, float32."""
+        layer = self.layers[i]
+        return (self._spill.read(f"{i}.u")[:, keep], layer.s[keep].float(), self._spill.read(f"{i}.v")[:, keep])
+
+    def close(self):
+        self._spill.abort()
