@@ -62,6 +62,32 @@ def lora_name_map(arch, targets):
     return names, by_format
 
 
+def norms_cache_path(sources):
+    """The norm cache file of the checkpoint read through `sources` (v2: spectral norms by Lanczos with a
+    bounded error; v1's power iteration could be 2% low)."""
+    return cache_dir() / f"norms_v2_{fingerprint(sources)}.json"
+
+
+def remember_norms(sources, norms):
+    """Add {canonical key: (spectral norm, Frobenius norm)} of whole base weights to the checkpoint's norm
+    cache (what an extraction with a recipe computed), so a later resize against that base reads nothing."""
+    if not norms:
+        return
+    path = norms_cache_path(sources)
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache.update({key: list(value) for key, value in norms.items()})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 class BaseReferences(Closeable):
     """Norms of the base layers a LoRA's modules patch."""
 
@@ -72,8 +98,7 @@ class BaseReferences(Closeable):
         self.targets = {target.key: target for target in targets}
         self.names, self._format_names = lora_name_map(self.view.arch, targets)
         self._flat_names = None
-        # v2: spectral norms by Lanczos with a bounded error (v1's power iteration could be 2% low)
-        self.cache_path = cache_dir() / f"norms_v2_{fingerprint(self.view.ckpt.sources)}.json"
+        self.cache_path = norms_cache_path(self.view.ckpt.sources)
         self._cache = self._load_cache()
         self._dirty = False
         self.norm_reads = 0

@@ -11,6 +11,7 @@ import torch
 
 from . import bias_diff as diffs
 from .arch import resolve_format
+from .base_refs import remember_norms
 from .canonical import open_canonical, pair
 from .io.checkpoint import cast
 from .io.hub import pinned_run
@@ -445,6 +446,8 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                 bar.close()
         report.bytes_read = b.ckpt.bytes_read + t.ckpt.bytes_read
         report.network_bytes = b.ckpt.network_bytes + t.ckpt.network_bytes
+        if selecting is not None:  # after the count: the cache's key re-reads the headers
+            remember_norms(b.ckpt.sources, selecting.base_norms())
     report.peak_rss = peak_rss_bytes()
     report.peak_vram = vram_bytes()[1]
     report.wall_seconds = time.perf_counter() - started

@@ -47,6 +47,8 @@ class RecipeExtraction:
     def __init__(self, recipe, out, unit_params):
         self.recipe = recipe
         self.needs = [key for key in CHECKPOINT_KEYS if key in recipe.weights]
+        if "spn_ckpt" in self.needs and "fro_ckpt" not in self.needs:
+            self.needs.append("fro_ckpt")  # cheap, and with it the pair goes to the resizer's norm cache
         self.layers = []
         self._unit_params = unit_params
         self._spill = SpillWriter(out.with_name(out.name + ".factors"))
@@ -73,6 +75,11 @@ class RecipeExtraction:
         """(U, S, V) of layer i's kept directions, float32."""
         layer = self.layers[i]
         return (self._spill.read(f"{i}.u")[:, keep], layer.s[keep].float(), self._spill.read(f"{i}.v")[:, keep])
+
+    def base_norms(self):
+        """{canonical key: (spectral norm, Frobenius norm)} of the base weights seen (for the norm cache)."""
+        return {layer.target.key: (layer.refs["spn_ckpt"], layer.refs["fro_ckpt"]) for layer in self.layers
+                if "spn_ckpt" in layer.refs}
 
     def close(self):
         self._spill.abort()

@@ -180,3 +180,17 @@ def test_cli_and_notebook_take_a_recipe(tmp_path, pair, capsys):
     assert out.stat().st_size <= 0.2 * 2**20
     assert ExtractConfig(recipe="spn_ckpt=1,size=50").extract_kwargs()["recipe"] == "spn_ckpt=1,size=50"
     assert ExtractConfig().extract_kwargs()["recipe"] is None
+
+
+def test_the_base_norms_it_computed_serve_a_later_resize(tmp_path, pair, monkeypatch):
+    from lora_colab.base_refs import BaseReferences
+    monkeypatch.setenv("LORA_COLAB_CACHE", str(tmp_path / "cache"))
+    base, tuned, _, _, weights = pair
+    extract(base, tuned, tmp_path / "e.safetensors", rank=CAP, recipe="spn_ckpt=1,thr=-2", progress=False,
+            device="cpu")
+    with BaseReferences(base) as refs:
+        for key, w in weights.items():
+            spn, fro = refs.norms(key, None)
+            assert spn == pytest.approx(float(torch.linalg.matrix_norm(w, ord=2)), rel=1e-4)
+            assert fro == pytest.approx(float(w.norm()), rel=1e-5)
+        assert refs.norm_reads == 0
