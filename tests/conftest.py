@@ -35,3 +35,12 @@ def gen():
 def scale_layout(entries, dim_map):
     """Shrink a real layout: every dim found in `dim_map` is replaced, others are kept."""
     return [(key, tuple(dim_map.get(d, d) for d in shape), dtype) for key, shape, dtype in entries]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_norm_cache(tmp_path_factory):
+    """Norm caches of the tests' checkpoints go to a temporary folder, not the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORA_COLAB_CACHE", str(tmp_path_factory.mktemp("norm_cache")))
+    yield
+    mp.undo()
