@@ -309,7 +309,7 @@ def _notices(arch, targets, rank, conv_rank):
 
 
 def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
-            text_encoders=True, min_diff=0.0, format="auto", dtype=None, device="auto", niter=4, oversample=8,
+            text_encoders=True, min_diff=0.0, format="auto", dtype=None, device="auto", niter=2, oversample=8,
             energy=None, scale=1.0, groups=(), arch=None, seed=0, progress=True, on_layer=None,
             kohya_hashes=True, title=None, on_nonfinite="stop", token=None, bias_diff=None, recipe=None):
     """Extract a LoRA from two checkpoints of one architecture; returns an ExtractReport.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 
-def low_rank(delta, rank, niter=4, oversample=8, generator_seed=0):
+def low_rank(delta, rank, niter=2, oversample=8, generator_seed=0):
     """Top-`rank` SVD of a 2-D float tensor: (U [m,r], S [r], V [n,r]).
 
     Randomized (`torch.svd_lowrank`, q = rank + oversample, `niter` power iterations) unless the
@@ -306,7 +306,7 @@ class BlockedDelta:
         return self.data.index_select(0, index).float()
 
 
-def low_rank_blocked(delta, rank, niter=4, oversample=8, generator_seed=0):
+def low_rank_blocked(delta, rank, niter=2, oversample=8, generator_seed=0):
     """Randomized SVD of a BlockedDelta (the algorithm of torch.svd_lowrank: range finder with QR between
     power iterations), one row block in float32 at a time. Returns (U [m,r], S [r], V [n,r])."""
     m, n = delta.shape

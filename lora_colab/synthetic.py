@@ -92,9 +92,12 @@ class PlantedPair:
     every weight `is_target` accepts. Each canonical tensor is regenerated from its own seed, so any
     layout can be written streaming, one tensor at a time."""
 
-    def __init__(self, is_target, rank=8, delta_scale=0.02, noise=0.0, weight_scale=0.02, seed=0):
+    def __init__(self, is_target, rank=8, delta_scale=0.02, noise=0.0, weight_scale=0.02, seed=0, decay=None):
         self.is_target, self.rank, self.delta_scale = is_target, rank, delta_scale
         self.noise, self.weight_scale, self.seed = noise, weight_scale, seed
+        # a full-rank change with σᵢ ∝ i^-decay (a fine-tune's spectrum) instead of rank-`rank`; (lo, hi): each
+        # layer's exponent drawn between them
+        self.decay = decay
 
     def base(self, key, shape):
         return torch.randn(shape, generator=_seeded(self.seed, key)) * self.weight_scale
@@ -107,8 +110,17 @@ class PlantedPair:
         rows, cols = shape[0], 1
         for d in shape[1:]:
             cols *= d
-        r = min(self.rank, rows, cols)
-        low = torch.randn(rows, r, generator=gen) @ torch.randn(r, cols, generator=gen)
+        if self.decay is not None:
+            k = min(rows, cols)
+            decay = self.decay
+            if isinstance(decay, (tuple, list)):
+                decay = decay[0] + (decay[1] - decay[0]) * float(torch.rand((), generator=gen))
+            left = torch.linalg.qr(torch.randn(rows, k, generator=gen)).Q
+            right = torch.linalg.qr(torch.randn(cols, k, generator=gen)).Q
+            low = (left * torch.arange(1, k + 1, dtype=torch.float32) ** -decay) @ right.T
+        else:
+            r = min(self.rank, rows, cols)
+            low = torch.randn(rows, r, generator=gen) @ torch.randn(r, cols, generator=gen)
         low *= self.delta_scale / max(float(low.pow(2).mean().sqrt()), 1e-30)
         if self.noise:
             low += torch.randn(rows, cols, generator=gen) * self.noise
@@ -155,7 +167,7 @@ def zimage_canonical_of(cfg):
 
 
 def make_zimage_pair(folder, cfg=DEMO_ZIMAGE, rank=8, noise=0.0, delta_scale=0.02, seed=0, dtype=torch.bfloat16,
-                     base_layout="diffusers", tuned_layout="single-file"):
+                     base_layout="diffusers", tuned_layout="single-file", decay=None):
     """Write a Z-Image base/tuned pair with a planted low-rank change on every default LoRA target.
 
     Returns (base path, tuned path, PlantedPair). The base is a diffusers folder (`transformer/`) and the
@@ -167,7 +179,8 @@ def make_zimage_pair(folder, cfg=DEMO_ZIMAGE, rank=8, noise=0.0, delta_scale=0.0
 
     folder = Path(folder)
     targets = {t.key for t in get("zimage").targets(dict(zimage_specs(cfg)), groups={"adaln"})}
-    planted = PlantedPair(targets.__contains__, rank=rank, noise=noise, delta_scale=delta_scale, seed=seed)
+    planted = PlantedPair(targets.__contains__, rank=rank, noise=noise, delta_scale=delta_scale, seed=seed,
+                          decay=decay)
     canonical_of = zimage_canonical_of(cfg)
     paths = []
     for role, layout, make in (("base", base_layout, planted.base), ("tuned", tuned_layout, planted.tuned)):
