@@ -53,12 +53,13 @@ def target_keys(base):
 
 # --- workers (each runs in its own process) ------------------------------------------------------
 
-def w_ours(base, tuned, out, rank, niter=2, **_):
+def w_ours(base, tuned, out, rank, niter=2, recipe=None, **_):
     from lora_colab.extractor import extract
-    report = extract(base, tuned, out, rank=rank, progress=False, device="cpu", niter=niter)
+    report = extract(base, tuned, out, rank=rank, progress=False, device="cpu", niter=niter, recipe=recipe)
     return {"layers": len(report.extracted), "read_wait": report.read_wait_seconds,
             "purge": report.purge_seconds, "bytes": report.output_bytes,
-            "worst_rel_error": max(layer.rel_error for layer in report.extracted)}
+            "worst_rel_error": max(layer.rel_error for layer in report.extracted),
+            "bytes_read": report.bytes_read, "ranks": sorted({layer.rank for layer in report.extracted})}
 
 
 def w_seed(base, tuned, out, rank, keys, **_):
@@ -177,6 +178,27 @@ def run(name, base, tuned, **args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def recipe_cost(base, tuned, out, args):
+    """A base-aware recipe (by default spn_ckpt + subspace, to an exact size) against a plain extraction at the
+    same rank cap: wall, peak memory and bytes read (the recipe reads nothing more), interleaved. The bench's
+    base weights are Gaussian, the worst case for the spectral norm's Lanczos (a flat top: 60-80 steps)."""
+    recipe = args.recipe
+    walls = {"plain": [], "recipe": []}
+    for _ in range(args.repeats):
+        plain = run("ours", base, tuned, out=out, rank=args.rank)
+        walls["plain"].append(plain["wall"])
+        chosen = run("ours", base, tuned, out=out, rank=args.rank, recipe=recipe)
+        walls["recipe"].append(chosen["wall"])
+    median = {k: sorted(v)[len(v) // 2] for k, v in walls.items()}
+    print(f"plain rank {args.rank}: {median['plain']:.1f} s, peak RSS {mib(plain['peak'])}, read "
+          f"{plain['bytes_read'] / 1e9:.2f} GB, {plain['bytes'] / 2**20:.1f} MiB file")
+    print(f"recipe {recipe} (cap {args.rank}): {median['recipe']:.1f} s, peak RSS {mib(chosen['peak'])}, read "
+          f"{chosen['bytes_read'] / 1e9:.2f} GB, {chosen['bytes'] / 2**20:.2f} MiB file, ranks {chosen['ranks'][0]}-"
+          f"{chosen['ranks'][-1]}")
+    print(f"RATIO recipe/plain wall: {median['recipe'] / median['plain']:.2f}x; peak RSS "
+          f"{chosen['peak'] / plain['peak']:.2f}x; bytes read {chosen['bytes_read'] / plain['bytes_read']:.3f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="/tmp/lc_bench")
@@ -186,6 +208,9 @@ def main():
     parser.add_argument("--kohya-layers", type=int, default=6, help="layers timed with kohya's full SVD")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved speed runs of each contender")
     parser.add_argument("--old", action="store_true", help="also time the defaults before issue 14 (niter 4)")
+    parser.add_argument("--recipe-only", action="store_true", help="only the base-aware recipe's cost against a "
+                        "plain extraction")
+    parser.add_argument("--recipe", default="spn_ckpt=1,subspace=0.5,size=20", help="the recipe --recipe-only times")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -196,6 +221,8 @@ def main():
     out = str(root / "out.safetensors")
     print(f"subset pair: {len(keys)} target layers at full width, rank {args.rank}, CPU, {torch.get_num_threads()} "
           f"threads", flush=True)
+    if args.recipe_only:
+        return recipe_cost(base, tuned, out, args)
     walls = {"ours": [], "seed": []}
     if args.old:
         walls["ours_before"] = []

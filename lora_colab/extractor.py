@@ -95,7 +95,7 @@ class _Differences:
         base_out = None
         if self._keep_base:
             base_out = empty_bytes(rows * cols * 2).view(torch.bfloat16).reshape(rows, cols)
-            self.base_weight = RowBlocks(base_out)
+            self.base_weight = RowBlocks(base_out, blocked=True)
         return BlockedDelta.build(reader(self._tuned), reader(self._base), (rows, cols), base_out=base_out)
 
     def _load(self, target):

@@ -128,8 +128,9 @@ class RowBlocks:
     """A 2-D matrix kept in its stored dtype (bf16 for most checkpoints) and used in float32 row blocks:
     products and norms of a base weight without a float32 copy of it."""
 
-    def __init__(self, data, block_bytes=8 << 20):
+    def __init__(self, data, block_bytes=8 << 20, blocked=False):
         self.data = data.reshape(data.shape[0], -1)
+        self.blocked = blocked  # the extractor holds this layer in row blocks: no float32 copy of it
         self.shape = tuple(self.data.shape)
         self.device = self.data.device
         self._rows = max(1, block_bytes // max(1, self.shape[1] * 4))
@@ -166,7 +167,12 @@ def base_references(w, u, v, keys):
     refs = {}
     if "spn_ckpt" in keys:
         small = min(w.shape) <= 128
-        refs["spn_ckpt"] = float(torch.linalg.matrix_norm(w.dense(), ord=2)) if small else spectral_norm(w)
+        # Lanczos takes some 30-160 products: a float32 copy beats casting the blocks each time, where it is
+        # no larger than the difference the extractor already holds (blocked layers keep the row blocks)
+        dense = w.dense() if small or w.data.dtype == torch.float32 or not w.blocked else None
+        refs["spn_ckpt"] = (float(torch.linalg.matrix_norm(dense, ord=2)) if small else
+                            spectral_norm(dense if dense is not None else w))
+        del dense
     if "fro_ckpt" in keys:
         refs["fro_ckpt"] = w.fro()
     if "subspace" in keys:
