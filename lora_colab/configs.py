@@ -4,9 +4,28 @@ from dataclasses import asdict, dataclass
 
 # presets named after what they do: the effect at weight 1.0 is scale × the extracted difference
 PRESETS = {
-    "subtle (rank 32, alpha 16: half strength)": dict(rank=32, alpha=16.0, scale=0.5),
-    "strong (rank 32, alpha 32: full strength)": dict(rank=32, alpha=32.0, scale=1.0),
-    "detailed (rank 64, alpha 32: half strength, more detail)": dict(rank=64, alpha=32.0, scale=0.5),
+    "subtle: rank 32, half strength": dict(rank=32, alpha=16.0, scale=0.5),
+    "strong: rank 32, full strength": dict(rank=32, alpha=32.0, scale=1.0),
+    "detailed: rank 64, half strength": dict(rank=64, alpha=32.0, scale=0.5),
+}
+
+# resize presets, in the user's words -> recipe
+RESIZE_PRESETS = {
+    "balanced: keep what is large next to the base's own layer": "spn_ckpt=1,thr=-1.2",
+    "smaller file: keep what differs from the base": "subspace=1,spn_ckpt=0.5,thr=-0.8",
+    "fixed size: the best 50 MiB": "spn_ckpt=1,size=50",
+    "kohya-style: 90% of the LoRA's own energy": "sv_fro=0.9",
+    "fixed rank 16": "rank=16",
+}
+
+# what each score term means, for the resize form
+SCORE_HELP = {
+    "spn_ckpt": "vs the base layer's largest singular value (its strongest direction)",
+    "fro_ckpt": "vs the base layer's overall size (Frobenius norm)",
+    "subspace": "vs what the base already does along that direction (favours what differs)",
+    "spn_lora": "vs the LoRA layer's own largest direction",
+    "fro_lora": "vs the LoRA layer's overall size",
+    "params": "per parameter it costs (favours cheap layers)",
 }
 
 

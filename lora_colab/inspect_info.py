@@ -159,3 +159,11 @@ def _metadata_lines(summary, max_meta_chars):
             value = value if len(value) <= max_meta_chars else value[:max_meta_chars] + f"... ({len(value)} chars)"
             lines.append(f"  {key}: {value}")
     return lines
+
+
+def require_lora(source, token=None):
+    """Open `source` as a LoRA (headers only); a model checkpoint or any other file is a one-line error."""
+    from .lora_file import LoraFile
+
+    with LoraFile(source, token):
+        pass

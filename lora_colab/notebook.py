@@ -11,6 +11,55 @@ from .memory import fmt_bytes
 IN_COLAB = "google.colab" in sys.modules
 
 
+class Missing:
+    """What a cell hands on when it could not do its job: later cells say what to fix instead of failing."""
+
+    def __init__(self, cell, why):
+        self.cell, self.why = cell, why
+
+    def __repr__(self):
+        return f"<not ready: cell {self.cell} failed: {self.why}>"
+
+    def __bool__(self):
+        return False
+
+
+def _problem(text):
+    """Show one readable line (red in a notebook), no traceback."""
+    try:
+        from IPython import get_ipython
+        if get_ipython() is not None:
+            from html import escape
+
+            from IPython.display import HTML, display
+            display(HTML(f"<div style='color:#b00020;font-weight:bold'>{escape(text)}</div>"))
+            return
+    except ImportError:
+        pass
+    print(text)
+
+
+def _failed(cell, exc):
+    """One line for an error a person can fix (bad path, repo, token, file kind); others propagate."""
+    from .errors import LoraColabError
+    if not isinstance(exc, (LoraColabError, OSError, ValueError)):
+        raise exc
+    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    _problem(f"cell {cell}: {why}")
+    return Missing(cell, why)
+
+
+def _not_ready(*values, needed_by):
+    """The first Missing among `values` (flattened), announced for the cell `needed_by`; else None."""
+    for value in values:
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(item, Missing):
+                _problem(f"cell {needed_by} cannot run: cell {item.cell} failed ({item.why}); fix it and run cell "
+                         f"{item.cell} again, then this one")
+                return item
+    return None
+
+
 def workdir():
     """Working folder for downloads and results: $LORA_COLAB_WORKDIR, else /content/lora_colab in Colab,
     else ~/lora_colab_work (never inside the repository the notebook sits in)."""
@@ -38,14 +87,21 @@ def prepare_models(base="", tuned="", folder=None, download=False, token=None):
         print(f"no models given: using the built-in Z-Image-shaped demo pair in {demo}")
         return demo / "base", demo / "tuned.safetensors"
     if not base or not tuned:
-        raise ValueError("give both the base and the fine-tuned model (or neither, for the demo)")
-    return (_prepare(base, "base", folder, download, token, check=True),
-            _prepare(tuned, "tuned", folder, download, token, check=True))
+        failed = Missing(2, "give both the base and the fine-tuned model (or neither, for the demo)")
+        _problem(f"cell 2: {failed.why}")
+        return failed, failed
+    try:
+        return (_prepare(base, "base", folder, download, token, check=True),
+                _prepare(tuned, "tuned", folder, download, token, check=True))
+    except Exception as exc:  # noqa: BLE001 (_failed re-raises what a person cannot fix)
+        failed = _failed(2, exc)
+        return failed, failed
 
 
-def _prepare(source, role, folder, download, token, check=False):
+def _prepare(source, role, folder, download, token, check=False, check_lora=False):
     """`source` itself (read in place), or a local copy (download, or a Drive file); with `check`, opens
-    it and prints what it is, so a wrong address fails here and not halfway through the run."""
+    it and prints what it is, so a wrong address fails here and not halfway through the run; with
+    `check_lora`, refuses a file that is a model rather than a LoRA."""
     from . import downloads
 
     source = str(source).strip()
@@ -54,15 +110,23 @@ def _prepare(source, role, folder, download, token, check=False):
     if check:
         from .inspect_info import describe_checkpoint
         print(f"{role}: {describe_checkpoint(source, token)}")
+    if check_lora:
+        from .inspect_info import require_lora
+        require_lora(source, token)
     return source
 
 
 def text_progress(**kwargs):
     """A tqdm bar written as text to the cell's output: it shows in Colab, JupyterLab and the classic
-    notebook alike, and a saved notebook keeps its final state (a widget bar is saved at 0)."""
+    notebook alike, and a saved notebook keeps its final state (a widget bar is saved at 0). The memory
+    line above it says what the bar's postfix would, so the bar keeps none."""
     from tqdm.std import tqdm
 
-    return tqdm(file=sys.stdout, ascii=False, ncols=100, mininterval=0.5, **kwargs)
+    class _Bar(tqdm):
+        def set_postfix_str(self, s="", refresh=True):
+            pass
+
+    return _Bar(file=sys.stdout, ascii=False, ncols=80, mininterval=0.5, **kwargs)
 
 
 def run_extract(base, tuned, config=None, folder=None, monitor=True):
@@ -72,12 +136,17 @@ def run_extract(base, tuned, config=None, folder=None, monitor=True):
     from .extractor import extract
     from .monitor import LiveMonitor
 
+    if _not_ready(base, tuned, needed_by=4):
+        return Missing(4, "the models were not ready")
     config = config or ExtractConfig()
     print(f"settings: {config.describe()}  (to change them: edit the form above and run this cell again)")
     live = LiveMonitor() if monitor else None
     out = Path(folder or workdir()) / config.output_name
-    report = extract(base, tuned, out, on_layer=live.update if live else None, progress=text_progress,
-                     **config.extract_kwargs())
+    try:
+        report = extract(base, tuned, out, on_layer=live.update if live else None, progress=text_progress,
+                         **config.extract_kwargs())
+    except Exception as exc:  # noqa: BLE001
+        return _failed(4, exc)
     print(report)
     return report
 
@@ -99,65 +168,137 @@ def prepare_resize_inputs(checkpoint="", loras="", folder=None, download=False, 
         report = run_demo(folder / "resize_demo", rank=16, progress=False)
         print(f"no inputs given: using a rank-16 LoRA extracted from the demo pair, {report.output}")
         return folder / "resize_demo" / "base", [report.output]
-    base = _prepare(checkpoint, "base", folder, download, token, check=True) if checkpoint else None
-    ready = [",".join(_prepare(path, "LoRA", folder, download, token) + (f":{weight:g}" if weight != 1.0 else "")
-                      for path, weight in _split_merge(entry)) for entry in entries]
+    try:
+        base = _prepare(checkpoint, "base", folder, download, token, check=True) if checkpoint else None
+        ready = [",".join(_prepare(path, "LoRA", folder, download, token, check_lora=True)
+                          + (f":{weight:g}" if weight != 1.0 else "") for path, weight in _split_merge(entry))
+                 for entry in entries]
+    except Exception as exc:  # noqa: BLE001
+        failed = _failed(2, exc)
+        return failed, [failed]
+    if not ready:
+        failed = Missing(2, "give at least one LoRA to resize")
+        _problem(f"cell 2: {failed.why}")
+        return base, [failed]
     return base, ready
 
 
-def run_resize(checkpoint, loras, config=None, folder=None):
-    """Resize every LoRA with every recipe; prints a summary per output and returns the reports."""
+def run_resize(checkpoint, loras, config=None, folder=None, monitor=True, plot=True):
+    """Resize every LoRA with every recipe, with a memory line and a progress bar; prints a summary per
+    output, shows what each recipe kept, and returns the reports."""
+    from .monitor import LiveMonitor
     from .resizer import resize
 
-    config = config or ResizeConfig()
+    if _not_ready(checkpoint, loras, needed_by=4):
+        return Missing(4, "the inputs were not ready")
+    try:
+        config = config or ResizeConfig()
+    except Exception as exc:  # noqa: BLE001
+        return _failed(3, exc)
     print(f"settings: {config.describe()}  (to change them: edit the form above and run this cell again)")
-    reports = resize(checkpoint, loras, folder or workdir(), **config.resize_kwargs())
+    live = LiveMonitor() if monitor else None
+    try:
+        reports = resize(checkpoint, loras, folder or workdir(), progress=text_progress,
+                         on_layer=live.update if live else None, **config.resize_kwargs())
+    except Exception as exc:  # noqa: BLE001
+        return _failed(4, exc)
     for report in reports:
         print(report.summary(config.verbose))
+    if plot:
+        show_resize(reports)
     return reports
 
 
-def show_report(report, plot=True, top=12):
-    """A per-layer table (worst layers first) and, with matplotlib, ranks and energy per layer."""
-    from IPython.display import HTML, display
-
-    layers = sorted(report.extracted, key=lambda layer: layer.rel_error, reverse=True)[:top]
-    rows = "".join(f"<tr><td>{layer.name}</td><td>{layer.rank}</td><td>{layer.energy:.4f}</td>"
-                   f"<td>{layer.rel_error:.4f}</td><td>{layer.clamp_change:.2%}</td></tr>" for layer in layers)
-    display(HTML(f"<p>{len(report.extracted)} layers, output {report.output} ({fmt_bytes(report.output_bytes)})"
-                 f"</p><table><tr><th>layer (worst first)</th><th>rank</th><th>energy kept</th>"
-                 f"<th>relative error</th><th>clamp change</th></tr>{rows}</table>"))
-    if plot:
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        done = report.extracted
-        fig, axes = plt.subplots(1, 3, figsize=(15, 3))
-        axes[0].bar(range(len(done)), [layer.rank for layer in done])
-        axes[0].set(title=f"kept rank per layer ({report.recipe})" if report.recipe else "rank per layer",
-                    xlabel="layer (file order)")
-        axes[1].plot([layer.energy for layer in done], ".")
-        axes[1].set(title="energy kept per layer", xlabel="layer (file order)", ylim=(0, 1.02))
-        for layer in layers[:3]:  # the worst-reproduced layers' spectra
-            axes[2].semilogy(layer.singular_values, label=layer.name)
-        axes[2].set(title="singular values (worst layers)", xlabel="direction")
-        axes[2].legend(fontsize="small")
+def show_resize(reports):
+    """Per output: the rank of each layer before and after, and the distribution of direction scores with
+    the threshold the recipe used (size= targets: the lowest kept score)."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    for report in reports:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 2.8))
+        old = [layer.old_rank for layer in report.layers]
+        new = [layer.new_rank for layer in report.layers]
+        axes[0].bar(range(len(old)), old, color="#cccccc", label="before")
+        axes[0].bar(range(len(new)), new, color="#1f77b4", label="after")
+        axes[0].set(title=f"rank per layer ({report.recipe['recipe']})", xlabel="layer (file order)")
+        axes[0].legend(fontsize="small")
+        if report.scores:
+            axes[1].hist(report.scores, bins=60, color="#1f77b4")
+            if report.threshold is not None:
+                axes[1].axvline(report.threshold, color="#d62728", label=f"threshold {report.threshold:.2f}")
+                axes[1].legend(fontsize="small")
+            axes[1].set(title="direction scores (kept: right of the line)", xlabel="log10 score")
+        else:
+            retained = [layer.retained for layer in report.layers]
+            axes[1].bar(range(len(retained)), retained)
+            axes[1].set(title="energy kept per layer", xlabel="layer (file order)",
+                        ylim=(min(retained + [1.0]) * 0.98, 1.0))
         fig.tight_layout()
         plt.show()
 
 
+def show_report(report, plot=True, top=12):
+    """A per-layer table (worst layers first) and, with matplotlib, the rank, the relative error and the
+    worst layers' spectra."""
+    from IPython.display import HTML, display
+
+    if _not_ready(report, needed_by=5) or report is None:
+        return
+    layers = sorted(report.extracted, key=lambda layer: layer.rel_error, reverse=True)[:top]
+    rows = "".join(f"<tr><td>{layer.name}</td><td>{layer.rank}</td><td>{layer.energy:.4f}</td>"
+                   f"<td>{layer.rel_error:.4f}</td><td>{layer.clamp_change:.2%}</td></tr>" for layer in layers)
+    where = f"output {Path(report.output).name} ({fmt_bytes(report.output_bytes)})" if report.output else "no file"
+    display(HTML(f"<p>{len(report.extracted)} layers, {where}</p><table><tr><th>layer (worst first)</th>"
+                 f"<th>rank</th><th>energy kept</th><th>relative error</th><th>clamp change</th></tr>{rows}</table>"))
+    if plot and report.extracted:
+        _plot_extraction(report, layers)
+
+
+def _plot_extraction(report, worst):
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    done = report.extracted
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3))
+    axes[0].bar(range(len(done)), [layer.rank for layer in done])
+    axes[0].set(title=f"kept rank per layer ({report.recipe})" if report.recipe else "rank per layer",
+                xlabel="layer (file order)")
+    errors = [layer.rel_error for layer in done]
+    axes[1].bar(range(len(done)), errors, color="#d62728")
+    axes[1].set(title="relative error per layer (‖ΔW − LoRA‖ / ‖ΔW‖)", xlabel="layer (file order)",
+                ylim=(0, max(errors) * 1.15 or 1.0))
+    for layer in worst[:3]:  # the worst-reproduced layers' spectra
+        axes[2].semilogy(layer.singular_values, label=layer.name)
+    axes[2].set(title="singular values kept (worst layers)", xlabel="direction")
+    axes[2].legend(fontsize="small")
+    fig.tight_layout()
+    plt.show()
+
+
 def save_results(paths, drive_folder="", hub_repo="", token=None):
-    """save_result for each path (a report, a path, or a list of either); returns every place."""
+    """save_result for each path (a report, a path, or a list of either): one line per place it went, with a
+    download link when it went nowhere else. Returns nothing (the lines say it all)."""
+    if _not_ready(paths, needed_by="6 (save)"):
+        return None
     items = paths if isinstance(paths, (list, tuple)) else [paths]
-    places = []
-    for item in items:
-        places += save_result(getattr(item, "output", item), drive_folder, hub_repo, token)
-    return places
+    outputs = [getattr(item, "output", item) for item in items]
+    if not any(outputs):
+        _problem("nothing to save: the run above wrote no file (its report says why)")
+        return None
+    for output in outputs:
+        if output:
+            try:
+                save_result(output, drive_folder, hub_repo, token)
+            except Exception as exc:  # noqa: BLE001
+                _failed("6 (save)", exc)
+    return None
 
 
 def save_result(path, drive_folder="", hub_repo="", token=None):
-    """Copy a result to Drive, upload it to a Hub repo, and/or offer a download link; returns where it went."""
+    """Copy a result to Drive, upload it to a Hub repo, and/or offer a download; returns where it went."""
     from .downloads import DRIVE_ROOT, SourceError, hf_token
 
     path = Path(path)
@@ -170,20 +311,38 @@ def save_result(path, drive_folder="", hub_repo="", token=None):
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / path.name)
         places.append(str(target / path.name))
+        print(f"saved to {target / path.name}")
     if hub_repo:
         from huggingface_hub import HfApi
         api = HfApi(token=token or hf_token())
         api.create_repo(hub_repo, exist_ok=True)
         api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=hub_repo)
         places.append(f"https://huggingface.co/{hub_repo}/blob/main/{path.name}")
+        print(f"uploaded to {places[-1]}")
     if not places:
-        from IPython.display import FileLink, display
-        if IN_COLAB:
-            from google.colab import files
-            files.download(str(path))
-        else:
-            display(FileLink(str(path)))
         places.append(str(path))
-    for place in places:
-        print(f"saved: {place}")
+        offer_download(path)
     return places
+
+
+def download_href(path, cwd=None):
+    """The link a notebook page downloads `path` from: relative to the notebook's folder (the kernel's
+    working directory), which JupyterLab and the classic notebook resolve under their file server."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(cwd or os.getcwd()).resolve())).as_posix()
+
+
+def offer_download(path):
+    """In Colab, the browser downloads the file; elsewhere one line with a download link."""
+    path = Path(path)
+    size = fmt_bytes(path.stat().st_size)
+    if IN_COLAB:
+        from google.colab import files
+        print(f"downloading {path.name} ({size}); it also stays at {path}")
+        files.download(str(path))
+        return
+    from html import escape
+
+    from IPython.display import HTML, display
+    href = escape(download_href(path), quote=True)
+    display(HTML(f"saved: <a href='{href}' download='{escape(path.name, quote=True)}'>{escape(path.name)}</a> "
+                 f"({size}, in {escape(str(path.parent))})"))

@@ -22,7 +22,7 @@ from .lora_file import LoraFile
 from .lowrank import low_rank
 from .memory import fmt_bytes
 from .recipes import CHECKPOINT_KEYS, parse_recipes
-from .selection import Selection, kohya_rank, scores, subspace_reference  # noqa: F401 (kohya_rank, scores: API)
+from .selection import Selection, kohya_rank  # noqa: F401 (kohya_rank: part of the resizer API)
 from .writer import SpillWriter
 
 MAX_REBUILT_RANK = 512  # LoHa/LoKr/Tucker/diff layers are rebuilt as ΔW and factored up to this rank
@@ -144,6 +144,7 @@ class ResizeReport:
     size_target: int = None
     size_bytes: int = 0
     score_quantiles: dict = field(default_factory=dict)
+    scores: list = field(default_factory=list)  # every scored direction's log10 score (for a histogram)
     warnings: list = field(default_factory=list)
     seconds: float = 0.0
 
@@ -231,7 +232,7 @@ def _add_patch(patches, lora, key, weight):
     patches[key] = (dtype, total + tensor.float() * weight)
 
 
-def _decompose_all(lora_arg, device, base=None, token=None):
+def _decompose_all(lora_arg, device, base=None, token=None, tick=None):
     """Spectra of a LoRA argument (one file, or a weighted merge), its pass-through tensors and metadata."""
     parts = _split_merge(lora_arg)
     loaded, passthrough, metadata, warnings = [], {}, {}, []
@@ -246,7 +247,11 @@ def _decompose_all(lora_arg, device, base=None, token=None):
                 passthrough[key] = lora.ckpt.read(key)
                 warnings.append(f"{key}: not a LoRA layer this tool understands; copied unchanged")
             spectra = {}
+            if tick is not None:
+                tick(total=len(lora.layers))
             for layer in lora.layers.values():
+                if tick is not None:
+                    tick()
                 if layer.kind == "diff" and len(lora.ckpt.shape(layer.tensors["diff"])) == 1:
                     _add_patch(patches, lora, layer.tensors["diff"], weight)  # a norm scale: no rank to cut
                     continue
@@ -374,7 +379,7 @@ def _refactor(name, up, down, out_shape, old_rank, has_alpha, suffixes, scale):
 
 
 def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2", dtype=None, device="auto",
-           verbose=0, progress=False, token=None):
+           verbose=0, progress=False, token=None, on_layer=None):
     """Resize each LoRA with each recipe; returns one ResizeReport per (LoRA, recipe).
 
     checkpoint: the base model (any layout or source `open_checkpoint` reads: remote files are read in
@@ -382,6 +387,8 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
     loras: sources, or "a.safetensors:0.7,b.safetensors:0.3" to merge with weights before resizing;
     outputs go to `output_folder`, else next to a local LoRA, else the working directory.
     recipes: `:`-separated recipes (see README); dtype: "16", "32", "bf16" (default: the input's).
+    progress: a bar per LoRA over its layers (True: tqdm's, or a tqdm-like factory); on_layer(): called
+    after each layer is decomposed and scored (e.g. a memory monitor's update).
     """
     if isinstance(loras, (str, os.PathLike)):
         loras = [loras]
@@ -394,19 +401,57 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
     if checkpoint is None and any(r.needs_checkpoint for r in recipe_list):
         raise LoraColabError("a recipe uses spn_ckpt/fro_ckpt/subspace: give the base checkpoint")
     with pinned_run():
-        return _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token)
+        return _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token,
+                           progress, on_layer)
 
 
-def _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token):
+def _ticker(progress, on_layer, lora_arg):
+    """A function called once per layer: advances a bar (when `progress`) and calls `on_layer`."""
+    state = {"bar": None}
+
+    def tick(total=None):
+        if total is not None:  # (re)start for `total` layers
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["bar"] = _bar(progress, total, _label(lora_arg)) if progress else None
+            return
+        if state["bar"] is not None:
+            state["bar"].update(1)
+        if on_layer is not None:
+            on_layer()
+
+    def close():
+        if state["bar"] is not None:
+            state["bar"].close()
+    tick.close = close
+    return tick
+
+
+def _bar(progress, total, desc):
+    if callable(progress):
+        return progress(total=total, desc=desc, unit="layer")
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="layer", dynamic_ncols=True)
+
+
+def _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token, progress=False,
+                on_layer=None):
     base = BaseReferences(checkpoint, device, token) if checkpoint is not None else None
     reports = ResizeReports()
     try:
         for lora_arg in loras:
             started = time.perf_counter()
-            spectra, passthrough, metadata, warnings = _decompose_all(lora_arg, device, base, token)
+            tick = _ticker(progress, on_layer, lora_arg)
+            try:
+                spectra, passthrough, metadata, warnings = _decompose_all(lora_arg, device, base, token, tick)
+                if base is not None:
+                    for sp in spectra:
+                        attach_references(sp, base)
+                        if on_layer is not None:
+                            on_layer()
+            finally:
+                tick.close()
             if base is not None:
-                for sp in spectra:
-                    attach_references(sp, base)
                 note = base_coverage(lora_arg, spectra, base, recipe_list, metadata)
                 if note:
                     warnings.append(note)
@@ -459,6 +504,7 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, ou
     if len(selection.all_scores):
         ordered = selection.all_scores.sort().values
         last = ordered.numel() - 1
+        report.scores = [round(float(x), 4) for x in ordered]
         report.score_quantiles = {f"{int(q * 100)}%": float(ordered[round(q * last)])
                                   for q in (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)}
     report.threshold = selection.threshold
