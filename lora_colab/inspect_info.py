@@ -167,3 +167,11 @@ def require_lora(source, token=None):
 
     with LoraFile(source, token):
         pass
+
+
+def require_model(source, token=None):
+    """Open `source` as a model checkpoint (headers only); a LoRA or an unreadable file is a one-line error."""
+    from .canonical import open_canonical
+
+    with open_canonical(source, token=token):
+        pass

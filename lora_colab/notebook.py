@@ -50,14 +50,14 @@ def _failed(cell, exc):
 
 
 def _not_ready(*values, needed_by):
-    """The first Missing among `values` (flattened), announced for the cell `needed_by`; else None."""
+    """True (after saying which cell to fix) when a value handed on by an earlier cell is Missing."""
     for value in values:
         for item in (value if isinstance(value, (list, tuple)) else [value]):
             if isinstance(item, Missing):
                 _problem(f"cell {needed_by} cannot run: cell {item.cell} failed ({item.why}); fix it and run cell "
                          f"{item.cell} again, then this one")
-                return item
-    return None
+                return True
+    return False
 
 
 def workdir():
@@ -108,7 +108,8 @@ def _prepare(source, role, folder, download, token, check=False, check_lora=Fals
     if download or downloads.is_drive(source):
         source = str(downloads.fetch(source, Path(folder) / "downloads", token=token))
     if check:
-        from .inspect_info import describe_checkpoint
+        from .inspect_info import describe_checkpoint, require_model
+        require_model(source, token)
         print(f"{role}: {describe_checkpoint(source, token)}")
     if check_lora:
         from .inspect_info import require_lora
@@ -244,7 +245,7 @@ def show_report(report, plot=True, top=12):
     worst layers' spectra."""
     from IPython.display import HTML, display
 
-    if _not_ready(report, needed_by=5) or report is None:
+    if report is None or _not_ready(report, needed_by=5):
         return
     layers = sorted(report.extracted, key=lambda layer: layer.rel_error, reverse=True)[:top]
     rows = "".join(f"<tr><td>{layer.name}</td><td>{layer.rank}</td><td>{layer.energy:.4f}</td>"

@@ -40,7 +40,7 @@ def _tooltip(text):
 
 
 def _note(text):
-    return _w().HTML(f"<div style='margin-left:{LABEL_WIDTH};max-width:{CONTROL_WIDTH};font-size:90%;"
+    return _w().HTML(f"<div style='margin-left:calc({LABEL_WIDTH} + 8px);max-width:{CONTROL_WIDTH};font-size:90%;"
                      f"color:#555'>{text}</div>")
 
 

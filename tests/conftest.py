@@ -44,3 +44,11 @@ def _private_norm_cache(tmp_path_factory):
     mp.setenv("LORA_COLAB_CACHE", str(tmp_path_factory.mktemp("norm_cache")))
     yield
     mp.undo()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each test's outcome on its item (fixtures that leave evidence of a failure read it)."""
+    outcome = yield
+    if call.when == "call":
+        item.rep_call = outcome.get_result()

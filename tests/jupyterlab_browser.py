@@ -48,6 +48,7 @@ class JupyterLab:
                            JUPYTERLAB_SETTINGS_DIR=str(config / "settings"),
                            JUPYTERLAB_WORKSPACES_DIR=str(config / "workspaces"),
                            JUPYTER_RUNTIME_DIR=str(config / "runtime"), **(env or {}))
+        environment.pop("MPLBACKEND", None)  # a test process may have set Agg: the kernel picks its inline one
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
@@ -74,7 +75,7 @@ class JupyterLab:
         raise RuntimeError(f"jupyter lab did not start: {self.log_path.read_text()[-2000:]}")
 
     def url(self, notebook):
-        return f"{self.base}/lab/tree/{notebook}?token={self.token}"
+        return f"{self.base}/lab/tree/{notebook}?reset&token={self.token}"
 
     def close(self):
         self.process.terminate()
@@ -117,9 +118,12 @@ const [first, last, done] = [arguments[0], arguments[1], arguments[arguments.len
 const app = window.jupyterapp;
 const panel = app.shell.currentWidget;
 (async () => {
+  window.__lcProgress = [];
   for (let i = first; i <= last && i < panel.content.widgets.length; i++) {
     panel.content.activeCellIndex = i;
+    window.__lcProgress.push('run ' + i);
     await app.commands.execute('notebook:run-cell');
+    window.__lcProgress.push('ran ' + i);
   }
   const kernel = panel.sessionContext.session.kernel;
   while (kernel.status !== 'idle') { await new Promise(r => setTimeout(r, 200)); }
@@ -151,7 +155,12 @@ class Notebook:
 
     def run(self, first, last):
         """Run cells first..last (0-based, inclusive) and wait for the kernel to be idle."""
-        result = self.driver.execute_async_script(_RUN, first, last)
+        from selenium.common.exceptions import TimeoutException
+        try:
+            result = self.driver.execute_async_script(_RUN, first, last)
+        except TimeoutException:
+            steps = self.driver.execute_script("return window.__lcProgress")
+            raise TimeoutError(f"{self.name}: cells {first}-{last} did not finish (steps: {steps})") from None
         if isinstance(result, str):
             raise RuntimeError(f"{self.name}: {result}")
         time.sleep(0.5)  # outputs render after the idle message

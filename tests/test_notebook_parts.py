@@ -100,6 +100,7 @@ def test_resize_inputs_take_several_loras_on_one_line_and_read_remote_ones_in_pl
     monkeypatch.setattr(downloads, "fetch", fake_fetch)
     monkeypatch.setattr(inspect_info, "describe_checkpoint", lambda source, token=None: f"{source}: checked")
     monkeypatch.setattr(inspect_info, "require_lora", lambda source, token=None: None)
+    monkeypatch.setattr(inspect_info, "require_model", lambda source, token=None: None)
     base, loras = notebook.prepare_resize_inputs(
         "owner/base:model.safetensors", "owner/a:a.safetensors:0.7,drive:MyDrive/b.safetensors:0.3; c.safetensors:0.5;"
         "d.safetensors", folder=tmp_path, download=download)
