@@ -69,35 +69,6 @@ def test_nvfp4_weights_decode_as_their_definition_says(tmp_path, declared):
         assert float((decoded - weight).norm() / weight.norm()) < 0.15  # what 4-bit floats give
 
 
-def test_extraction_from_an_nvfp4_fine_tune_equals_extraction_from_its_decoded_values(tmp_path):
-    cfg = ZImageConfig(dim=128, n_layers=1, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
-    base, tuned, _ = make_zimage_pair(tmp_path, cfg, rank=4, delta_scale=0.05)
-    quantized, decoded, layers = {}, {}, {}
-    with open_checkpoint(tuned) as ckpt:
-        for key in ckpt.keys():
-            value = ckpt.read(key, dtype=torch.float32)
-            if value.dim() == 2 and value.shape[1] % 64 == 0 and key.endswith(".weight"):
-                packed, scales, global_scale, decoded[key] = nvfp4(value)
-                layer = key[: -len(".weight")]
-                quantized.update({key: packed, layer + ".weight_scale": scales, layer + ".weight_scale_2": global_scale})
-                layers[layer] = {"format": "nvfp4"}
-            else:
-                quantized[key] = decoded[key] = value
-    assert len(layers) >= 8
-    st_save_file(quantized, str(tmp_path / "nvfp4.safetensors"),
-                 metadata={"_quantization_metadata": json.dumps({"layers": layers})})
-    save_file(decoded, tmp_path / "decoded.safetensors")
-    a = extract(base, tmp_path / "nvfp4.safetensors", tmp_path / "a.safetensors", rank=8, progress=False, device="cpu")
-    b = extract(base, tmp_path / "decoded.safetensors", tmp_path / "b.safetensors", rank=8, progress=False,
-                device="cpu")
-    assert len(a.extracted) == len(b.extracted) == 15
-    assert any(w.startswith("quantization noise (tuned") and "NVFP4" in w for w in a.warnings)
-    assert any(layer.quant_noise > 0 for layer in a.extracted)
-    with open_checkpoint(tmp_path / "a.safetensors") as x, open_checkpoint(tmp_path / "b.safetensors") as y:
-        for key in x.keys():
-            assert torch.equal(x.read(key), y.read(key)), key
-
-
 def test_musubi_block_wise_fp8_scales_apply_per_block(tmp_path):
     fp8 = torch.randn(6, 64, generator=torch.Generator().manual_seed(1)).to(torch.float8_e4m3fn)
     scale = torch.tensor([[[0.5], [2.0]], [[1.0], [4.0]], [[0.25], [1.0]], [[1.0], [1.0]], [[3.0], [0.5]],
@@ -164,27 +135,43 @@ def test_mxfp8_weights_decode_as_their_definition_says(tmp_path, scale_dtype):
         assert float((decoded - weight).norm() / weight.norm()) < 0.04  # what a 3-bit mantissa gives
 
 
-def test_extraction_from_an_mxfp8_fine_tune_equals_extraction_from_its_decoded_values(tmp_path):
+def nvfp4_tensors(key, value):
+    """(stored tensors, decoded values) of one weight in ComfyUI's NVFP4."""
+    packed, scales, global_scale, decoded = nvfp4(value)
+    layer = key[: -len(".weight")]
+    return {key: packed, layer + ".weight_scale": scales, layer + ".weight_scale_2": global_scale}, decoded
+
+
+def mxfp8_tensors(key, value):
+    """(stored tensors, decoded values) of one weight in ComfyUI's MXFP8."""
+    codes, scales, decoded = mxfp8(value)
+    return {key: codes, key[: -len(".weight")] + ".weight_scale": scales}, decoded
+
+
+@pytest.mark.parametrize("fmt, encode, block", [("nvfp4", nvfp4_tensors, 64), ("mxfp8", mxfp8_tensors, 32)])
+def test_extraction_from_a_quantized_fine_tune_equals_extraction_from_its_decoded_values(tmp_path, fmt, encode,
+                                                                                         block):
     cfg = ZImageConfig(dim=128, n_layers=1, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
     base, tuned, _ = make_zimage_pair(tmp_path, cfg, rank=4, delta_scale=0.05)
     quantized, decoded, layers = {}, {}, {}
     with open_checkpoint(tuned) as ckpt:
         for key in ckpt.keys():
             value = ckpt.read(key, dtype=torch.float32)
-            if value.dim() == 2 and value.shape[1] % 32 == 0 and key.endswith(".weight"):
-                quantized[key], scales, decoded[key] = mxfp8(value)
-                quantized[key[: -len(".weight")] + ".weight_scale"] = scales
-                layers[key[: -len(".weight")]] = {"format": "mxfp8"}
+            if value.dim() == 2 and value.shape[1] % block == 0 and key.endswith(".weight"):
+                stored, decoded[key] = encode(key, value)
+                quantized.update(stored)
+                layers[key[: -len(".weight")]] = {"format": fmt}
             else:
                 quantized[key] = decoded[key] = value
     assert len(layers) >= 8
-    st_save_file(quantized, str(tmp_path / "mxfp8.safetensors"),
+    st_save_file(quantized, str(tmp_path / "q.safetensors"),
                  metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})})
     save_file(decoded, tmp_path / "decoded.safetensors")
-    a = extract(base, tmp_path / "mxfp8.safetensors", tmp_path / "a.safetensors", rank=8, progress=False, device="cpu")
+    a = extract(base, tmp_path / "q.safetensors", tmp_path / "a.safetensors", rank=8, progress=False, device="cpu")
     b = extract(base, tmp_path / "decoded.safetensors", tmp_path / "b.safetensors", rank=8, progress=False,
                 device="cpu")
     assert len(a.extracted) == len(b.extracted) == 15
+    assert any(w.startswith("quantization noise (tuned") and fmt.upper() in w for w in a.warnings)
     assert any(layer.quant_noise > 0 for layer in a.extracted)
     with open_checkpoint(tmp_path / "a.safetensors") as x, open_checkpoint(tmp_path / "b.safetensors") as y:
         for key in x.keys():
