@@ -79,13 +79,19 @@ def remember_norms(sources, norms):
     except (OSError, ValueError):
         cache = {}
     cache.update({key: list(value) for key, value in norms.items()})
+    _write_cache(path, cache)
+
+
+def _write_cache(path, cache):
+    """Write a norm cache atomically; False (quietly) where the cache folder is not writable."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, path)
+        return True
     except OSError:
-        pass
+        return False
 
 
 class BaseReferences(Closeable):
@@ -164,16 +170,8 @@ class BaseReferences(Closeable):
 
     def save(self):
         """Write the norm cache (atomically); quietly skipped where the cache folder is not writable."""
-        if not self._dirty:
-            return
-        try:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._cache))
-            os.replace(tmp, self.cache_path)
+        if self._dirty and _write_cache(self.cache_path, self._cache):
             self._dirty = False
-        except OSError:
-            pass
 
     def close(self):
         self.save()

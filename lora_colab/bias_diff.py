@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .arch.common import Target
+from .canonical import nonfinite_error
 from .errors import CheckpointError, OptionError
 
 SUFFIXES = {".bias": ".diff_b", ".weight": ".diff"}
@@ -84,8 +85,5 @@ def difference(base, tuned, target, scale):
     """scale × (tuned − base) of one 1-D tensor, float32 on the CPU; a non-finite one names its file."""
     delta = tuned.read(target.key) - base.read(target.key)
     if not bool(torch.isfinite(delta).all()):
-        for view in (tuned, base):
-            if not bool(torch.isfinite(view.read(target.key)).all()):
-                raise CheckpointError(view.path, "has NaN or Inf values", target.key)
-        raise CheckpointError(tuned.path, "difference with the base overflows to Inf", target.key)
+        raise nonfinite_error(base, tuned, target.key)
     return delta * scale

@@ -120,6 +120,15 @@ class CanonicalCheckpoint(Closeable):
         self.ckpt.close()
 
 
+def nonfinite_error(base, tuned, key):
+    """The checkpoint holding NaN/Inf in canonical tensor `key`, as a CheckpointError naming file and tensor
+    (or, when both are finite, the difference that overflowed)."""
+    for view in (tuned, base):
+        if not bool(torch.isfinite(view.read(key)).all()):
+            return CheckpointError(view.path, "has NaN or Inf values", key)
+    return CheckpointError(tuned.path, "difference with the base overflows to Inf", key)
+
+
 def open_canonical(source, arch=None, token=None):
     """open_checkpoint + CanonicalCheckpoint; closes the file if detection fails."""
     ckpt = open_checkpoint(source, token)

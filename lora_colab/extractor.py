@@ -12,13 +12,13 @@ import torch
 from . import bias_diff as diffs
 from .arch import resolve_format
 from .base_refs import remember_norms
-from .canonical import open_canonical, pair
+from .canonical import nonfinite_error, open_canonical, pair
 from .io.checkpoint import cast
 from .io.hub import pinned_run
 from .io.locations import file_name
 from .io.quant_noise import is_lossy, noise_sq
 from .dtypes import parse_dtype
-from .errors import CheckpointError, LoraColabError, OptionError
+from .errors import LoraColabError, OptionError
 from .lora_format import build_metadata, module_specs, module_tensors
 from .io.buffers import empty_bytes
 from .lowrank import (BlockedDelta, RowBlocks, clamp_outliers, clamped_residual_sq, low_rank, max_abs,
@@ -386,7 +386,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
         remote = any(not s.local_path for s in b.ckpt.sources + t.ckpt.sources)
         differences = _Differences(b, t, targets, device, READAHEAD_BYTES if remote else 0,
                                    keep_base=bool(selecting and selecting.needs))
-        bar = _progress_bar(len(targets), progress)
+        bar = progress_bar(len(targets), progress)
         written = []  # ((rank, alpha), target) of every layer written
         last_purge = time.perf_counter()
         try:
@@ -397,7 +397,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                 layer_rank = conv_rank if target.kind == "conv" else rank
                 layer.max_abs_diff = _max_abs(delta)
                 if not math.isfinite(layer.max_abs_diff):
-                    error = _nonfinite_error(b, t, target)
+                    error = nonfinite_error(b, t, target.key)
                     if on_nonfinite != "skip":
                         raise error
                     layer.skipped = f"NaN/Inf: {error}"
@@ -516,22 +516,15 @@ def _max_abs(delta):
     return delta.max_abs if isinstance(delta, BlockedDelta) else max_abs(delta)
 
 
-def _nonfinite_error(base, tuned, target):
-    """The checkpoint holding NaN/Inf in this layer, as a CheckpointError naming file and tensor."""
-    for ckpt in (tuned, base):
-        if not bool(torch.isfinite(ckpt.read(target.key)).all()):
-            return CheckpointError(ckpt.path, "has NaN or Inf values", target.key)
-    return CheckpointError(tuned.path, "difference with the base overflows to Inf", target.key)
-
-
-def _progress_bar(total, progress):
-    """None (progress=False), tqdm.auto's bar (True), or `progress(**kwargs)` (a tqdm-like factory)."""
+def progress_bar(total, progress, desc="extract"):
+    """None (progress=False), tqdm.auto's bar (True), or `progress(**kwargs)` (a tqdm-like factory), over
+    `total` layers."""
     if not progress:
         return None
     if callable(progress):
-        return progress(total=total, desc="extract", unit="layer")
+        return progress(total=total, desc=desc, unit="layer")
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc="extract", unit="layer", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="layer", dynamic_ncols=True)
 
 
 def _advance(bar, layer):

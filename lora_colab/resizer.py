@@ -15,7 +15,7 @@ from .arch import guess_lora_arch
 from .base_refs import BaseReferences
 from .dtypes import parse_dtype
 from .errors import CheckpointError, LoraColabError, OptionError
-from .extractor import resolve_device
+from .extractor import progress_bar, resolve_device
 from .io.hub import pinned_run
 from .io.locations import describe, file_name
 from .lora_file import LoraFile
@@ -413,7 +413,7 @@ def _ticker(progress, on_layer, lora_arg):
         if total is not None:  # (re)start for `total` layers
             if state["bar"] is not None:
                 state["bar"].close()
-            state["bar"] = _bar(progress, total, _label(lora_arg)) if progress else None
+            state["bar"] = progress_bar(total, progress, _label(lora_arg))
             return
         if state["bar"] is not None:
             state["bar"].update(1)
@@ -425,13 +425,6 @@ def _ticker(progress, on_layer, lora_arg):
             state["bar"].close()
     tick.close = close
     return tick
-
-
-def _bar(progress, total, desc):
-    if callable(progress):
-        return progress(total=total, desc=desc, unit="layer")
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="layer", dynamic_ncols=True)
 
 
 def _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token, progress=False,
