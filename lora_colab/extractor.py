@@ -19,7 +19,7 @@ from .io.locations import file_name
 from .io.quant_noise import is_lossy, noise_sq
 from .dtypes import parse_dtype
 from .errors import LoraColabError, OptionError
-from .lora_format import build_metadata, module_specs, module_tensors
+from .lora_format import build_metadata, piece_specs, piece_tensors, pieces
 from .io.buffers import empty_bytes
 from .lowrank import (BlockedDelta, RowBlocks, clamp_outliers, clamped_residual_sq, low_rank, max_abs,
                       norm_sq, product_change)
@@ -358,8 +358,10 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
         report.warnings.extend(b.arch.format_notes(fmt, groups))
         if diff_note:
             report.warnings.append(diff_note)
-        def specs_of(target, k):
-            return module_specs(b.arch, fmt, target, k, out_dtype)
+        parts = {target.key: pieces(b.arch, fmt, target) for target in targets}
+
+        def specs_of(piece, k):
+            return piece_specs(piece, k, out_dtype)
 
         def metadata_of(ranks):
             linear = [ra for ra, target in ranks if target.kind != "conv"]
@@ -380,60 +382,69 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
         if recipe_obj is not None:
             report.recipe = recipe_obj.text
             _check_size_target(recipe_obj, metadata_of)
-            selecting = RecipeExtraction(recipe_obj, out, lambda target: sum(
-                math.prod(shape) for _, _, shape in specs_of(target, 1) if len(shape) >= 2))
+            selecting = RecipeExtraction(recipe_obj, out, lambda piece: sum(
+                math.prod(shape) for _, _, shape in specs_of(piece, 1) if len(shape) >= 2))
         writer = SpillWriter(out, protect=b.ckpt.local_files + t.ckpt.local_files)
         remote = any(not s.local_path for s in b.ckpt.sources + t.ckpt.sources)
         differences = _Differences(b, t, targets, device, READAHEAD_BYTES if remote else 0,
                                    keep_base=bool(selecting and selecting.needs))
-        bar = progress_bar(len(targets), progress)
-        written = []  # ((rank, alpha), target) of every layer written
+        bar = progress_bar(sum(len(p) for p in parts.values()), progress)
+        written = []  # ((rank, alpha), target) of every piece written
         last_purge = time.perf_counter()
         try:
             for target, delta in differences:
-                layer = LayerReport(target.module + (f" [{target.component}]" if target.component != "model" else ""),
-                                    tuple(target.shape))
-                layer_start = time.perf_counter()
                 layer_rank = conv_rank if target.kind == "conv" else rank
-                layer.max_abs_diff = _max_abs(delta)
-                if not math.isfinite(layer.max_abs_diff):
+                largest = _max_abs(delta)
+                error = None
+                if not math.isfinite(largest):
                     error = nonfinite_error(b, t, target.key)
                     if on_nonfinite != "skip":
                         raise error
-                    layer.skipped = f"NaN/Inf: {error}"
-                elif layer.max_abs_diff <= min_diff:
-                    layer.skipped = f"max |difference| {layer.max_abs_diff:.3g} <= min_diff {min_diff:g}"
-                elif selecting is not None:
-                    flat, u, s, v, total_sq = decompose_layer(delta, layer_rank, niter, oversample,
-                                                              _layer_seed(seed, target.key))
-                    selecting.collect(target, layer, u, s, v, total_sq, differences.base_weight)
-                    layer.rank, layer.diff_norm = s.numel(), math.sqrt(total_sq)
-                    del flat, u, s, v
-                else:
-                    up, down = factor_layer(delta, layer_rank, clamp_quantile, niter, oversample, energy,
-                                            _layer_seed(seed, target.key), layer)
-                    _write_layer(writer, b.arch, fmt, target, up, down, alpha_of(target, layer.rank), scale,
-                                 out_dtype)
-                    written.append(((layer.rank, alpha_of(target, layer.rank)), target))
-                    del up, down
-                if differences.noise_sq is not None and layer.diff_norm:
-                    layer.quant_noise = math.sqrt(differences.noise_sq) / layer.diff_norm
+                for piece in parts[target.key]:
+                    layer = LayerReport(piece.label, piece.shape)
+                    piece_start = time.perf_counter()
+                    part = _rows(delta, piece)
+                    layer.max_abs_diff = largest if piece.whole or error else _max_abs(part)
+                    if error is not None:
+                        layer.skipped = f"NaN/Inf: {error}"
+                    elif layer.max_abs_diff <= min_diff:
+                        layer.skipped = f"max |difference| {layer.max_abs_diff:.3g} <= min_diff {min_diff:g}"
+                    elif selecting is not None:
+                        flat, u, s, v, total_sq = decompose_layer(part, layer_rank, niter, oversample,
+                                                                  _piece_seed(seed, piece))
+                        base_rows = differences.base_weight
+                        if base_rows is not None:
+                            base_rows = base_rows.rows(*piece.rows)
+                        selecting.collect(piece, layer, u, s, v, total_sq, base_rows)
+                        layer.rank, layer.diff_norm = s.numel(), math.sqrt(total_sq)
+                        del flat, u, s, v
+                    else:
+                        up, down = factor_layer(part, layer_rank, clamp_quantile, niter, oversample, energy,
+                                                _piece_seed(seed, piece), layer)
+                        a = alpha_of(target, layer.rank)
+                        _write_piece(writer, piece, up, down, a, scale, out_dtype)
+                        written.append(((layer.rank, a), target))
+                        del up, down
+                    if differences.noise_sq is not None and layer.diff_norm:
+                        share = (piece.rows[1] - piece.rows[0]) / target.shape[0]
+                        layer.quant_noise = math.sqrt(differences.noise_sq * share) / layer.diff_norm
+                    del part
+                    layer.seconds = time.perf_counter() - piece_start
+                    report.layers.append(layer)
+                    _advance(bar, layer)
+                    if on_layer is not None:
+                        on_layer(layer)
                 big = delta.numel() * delta.element_size() >= _PURGE_BYTES
                 del delta
                 if big or time.perf_counter() - last_purge >= 1.0:
                     report.purge_seconds += purge(full=False).seconds
                     last_purge = time.perf_counter()
-                layer.seconds = time.perf_counter() - layer_start
-                report.layers.append(layer)
-                _advance(bar, layer)
-                if on_layer is not None:
-                    on_layer(layer)
             report.read_wait_seconds = differences.wait_seconds
             report.warnings.extend(_noise_notes(report, b, t, targets))
             _write_diffs(b, t, diff_targets, writer, out_dtype, scale, min_diff, report)
             if selecting is not None and selecting.layers:
                 written = _write_selected(selecting, writer, specs_of, metadata_of, alpha_of, report,
-                                          clamp_quantile, b.arch, fmt, scale, out_dtype, kohya_hashes)
+                                          clamp_quantile, scale, out_dtype, kohya_hashes)
             if written or (report.diffs and not report.nothing_selected):
                 writer.finish(metadata_of(written), kohya_hashes=kohya_hashes)
                 report.output, report.output_bytes = str(out), out.stat().st_size
@@ -454,11 +465,26 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
     return report
 
 
-def _write_layer(writer, arch, fmt, target, up, down, alpha, scale, dtype):
-    """Add one layer's tensors, scaled so that alpha/rank · up @ down = scale × the kept difference."""
+def _write_piece(writer, piece, up, down, alpha, scale, dtype):
+    """Add one piece's tensors, scaled so that alpha/rank · up @ down = scale × its kept difference."""
     c = math.sqrt(up.shape[1] / alpha * scale)
-    for name, tensor in module_tensors(arch, fmt, target, down * c, up * c, alpha, dtype).items():
+    for name, tensor in piece_tensors(piece, down * c, up * c, alpha, dtype).items():
         writer.add(name, tensor)
+
+
+def _rows(delta, piece):
+    """The piece's rows of a target's difference (a view; a BlockedDelta slice for blocked layers)."""
+    if piece.whole:
+        return delta
+    if isinstance(delta, BlockedDelta):
+        return delta.rows(*piece.rows)
+    return delta.reshape(delta.shape[0], -1)[piece.rows[0]:piece.rows[1]]
+
+
+def _piece_seed(seed, piece):
+    """A piece's sketch seed: the target's (whole pieces), or one of its own for a slice."""
+    key = piece.target.key if piece.whole else f"{piece.target.key}[{piece.rows[0]}:{piece.rows[1]}]"
+    return _layer_seed(seed, key)
 
 
 def _check_size_target(recipe, metadata_of):
@@ -468,9 +494,9 @@ def _check_size_target(recipe, metadata_of):
                           f"and metadata alone")
 
 
-def _write_selected(selecting, writer, specs_of, metadata_of, alpha_of, report, clamp_quantile, arch, fmt, scale,
-                    dtype, kohya_hashes):
-    """Choose the recipe's directions across the collected layers and write them; returns what was written."""
+def _write_selected(selecting, writer, specs_of, metadata_of, alpha_of, report, clamp_quantile, scale, dtype,
+                    kohya_hashes):
+    """Choose the recipe's directions across the collected pieces and write them; returns what was written."""
     fixed = [(name, dtype, (size,)) for name, size, _ in report.diffs]
     layers = selecting.layers
 
@@ -478,7 +504,7 @@ def _write_selected(selecting, writer, specs_of, metadata_of, alpha_of, report, 
         return metadata_of([((idx.numel(), alpha_of(layer.target, idx.numel())), layer.target)
                             for layer, idx in zip(layers, keep) if idx.numel()])
 
-    keep = selecting.select(fixed, lambda i, k: specs_of(layers[i].target, k), metadata_for, kohya_hashes)
+    keep = selecting.select(fixed, lambda i, k: specs_of(layers[i].piece, k), metadata_for, kohya_hashes)
     selection = selecting.selection
     report.threshold = selection.threshold
     report.directions = (sum(idx.numel() for idx in keep), sum(layer.s.numel() for layer in layers))
@@ -494,7 +520,7 @@ def _write_selected(selecting, writer, specs_of, metadata_of, alpha_of, report, 
         u, s, v = selecting.directions(i, idx)
         up, down = finish_layer(u, s, v, layer.total_sq, clamp_quantile, layer.report)
         a = alpha_of(layer.target, idx.numel())
-        _write_layer(writer, arch, fmt, layer.target, up, down, a, scale, dtype)
+        _write_piece(writer, layer.piece, up, down, a, scale, dtype)
         written.append(((idx.numel(), a), layer.target))
     return written
 

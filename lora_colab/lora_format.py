@@ -3,6 +3,7 @@
 import datetime
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -20,42 +21,86 @@ def factor_shapes(target, rank):
     return (rank, in_features), (out_features, rank)
 
 
-def module_specs(arch, fmt, target, rank, dtype):
-    """[(name, dtype, shape)] of every tensor written for `target` at `rank`."""
-    down_shape, up_shape = factor_shapes(target, rank)
-    specs = []
-    for module in arch.lora_modules(target, resolve_format(arch, fmt)):
-        rows = module.rows or (0, up_shape[0])
-        down_suffix, up_suffix = module.factor_suffixes
-        specs.append((module.name + down_suffix, dtype, down_shape))
-        specs.append((module.name + up_suffix, dtype, (rows[1] - rows[0],) + up_shape[1:]))
-        if module.alpha:
-            specs.append((module.name + ".alpha", torch.float32, ()))
+@dataclass(frozen=True)
+class Piece:
+    """One written LoRA module of a target and the rows of the target's difference it holds: the unit that
+    is decomposed on its own. A fused weight written as several modules (row slices: bigG's q/k/v, Flux's
+    qkv as to_q/to_k/to_v) is several pieces, each the best rank-r approximation of its own change."""
+
+    target: object
+    module: object  # LoraModule
+    rows: tuple     # (start, stop) of the target's output rows
+
+    @property
+    def whole(self):
+        return self.rows == (0, self.target.shape[0])
+
+    @property
+    def shape(self):
+        return (self.rows[1] - self.rows[0],) + tuple(self.target.shape[1:])
+
+    @property
+    def label(self):
+        """The name reports show: the target's module; for a slice the split's own module path, or the fused
+        module's path and the split's short name (`layers.0.attention.qkv.to_q`)."""
+        if self.whole:
+            name = self.target.module
+        else:
+            split = next((n for n, a, b in self.target.splits if (a, b) == self.rows), None)
+            name = (f"{self.target.module}[{self.rows[0]}:{self.rows[1]}]" if split is None
+                    else split if "." in split else f"{self.target.module}.{split}")
+        return name + (f" [{self.target.component}]" if self.target.component != "model" else "")
+
+
+def pieces(arch, fmt, target):
+    """The Pieces `target` is written as in `fmt`: one per LoRA module."""
+    rows = target.shape[0]
+    return [Piece(target, module, tuple(module.rows) if module.rows else (0, rows))
+            for module in arch.lora_modules(target, resolve_format(arch, fmt))]
+
+
+def piece_specs(piece, rank, dtype):
+    """[(name, dtype, shape)] of the tensors one piece is written as at `rank`."""
+    down_shape, up_shape = factor_shapes(piece.target, rank)
+    module = piece.module
+    down_suffix, up_suffix = module.factor_suffixes
+    specs = [(module.name + down_suffix, dtype, down_shape),
+             (module.name + up_suffix, dtype, (piece.shape[0],) + up_shape[1:])]
+    if module.alpha:
+        specs.append((module.name + ".alpha", torch.float32, ()))
     return specs
 
 
-def module_tensors(arch, fmt, target, down, up, alpha, dtype):
-    """{name: tensor} for `target` from 2-D float factors (up @ down · alpha/rank = the delta).
-
-    Formats without alpha (PEFT) fold alpha/rank into the factors, √ to each side.
-    """
+def piece_tensors(piece, down, up, alpha, dtype):
+    """{name: tensor} of one piece from 2-D float factors of its own rows (up @ down · alpha/rank = its
+    delta). Formats without alpha (PEFT) fold alpha/rank into the factors, √ to each side."""
     rank = down.shape[0]
     if alpha is None or not alpha > 0:
-        raise ValueError(f"{target.module}: alpha must be > 0, got {alpha}")
-    down_shape, up_shape = factor_shapes(target, rank)
+        raise ValueError(f"{piece.label}: alpha must be > 0, got {alpha}")
+    down_shape, up_shape = factor_shapes(piece.target, rank)
+    module = piece.module
+    if not module.alpha:
+        s = math.sqrt(alpha / rank)
+        down, up = down * s, up * s
+    down_suffix, up_suffix = module.factor_suffixes
+    tensors = {module.name + down_suffix: down.reshape(down_shape).to(dtype).contiguous(),
+               module.name + up_suffix: up.reshape((up.shape[0],) + up_shape[1:]).to(dtype).contiguous()}
+    if module.alpha:
+        tensors[module.name + ".alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return tensors
+
+
+def module_specs(arch, fmt, target, rank, dtype):
+    """[(name, dtype, shape)] of every tensor written for `target` at `rank` (every piece at that rank)."""
+    return [spec for piece in pieces(arch, fmt, target) for spec in piece_specs(piece, rank, dtype)]
+
+
+def module_tensors(arch, fmt, target, down, up, alpha, dtype):
+    """{name: tensor} for `target` from 2-D float factors of the whole target (up @ down · alpha/rank = the
+    delta): each piece takes its rows of `up` and the shared `down`."""
     tensors = {}
-    for module in arch.lora_modules(target, resolve_format(arch, fmt)):
-        d, u = down, up
-        if module.rows:
-            u = u[module.rows[0]:module.rows[1]]
-        if not module.alpha:
-            s = math.sqrt(alpha / rank)
-            d, u = d * s, u * s
-        down_suffix, up_suffix = module.factor_suffixes
-        tensors[module.name + down_suffix] = d.reshape(down_shape).to(dtype).contiguous()
-        tensors[module.name + up_suffix] = u.reshape((u.shape[0],) + up_shape[1:]).to(dtype).contiguous()
-        if module.alpha:
-            tensors[module.name + ".alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    for piece in pieces(arch, fmt, target):
+        tensors.update(piece_tensors(piece, down, up[piece.rows[0]:piece.rows[1]], alpha, dtype))
     return tensors
 
 

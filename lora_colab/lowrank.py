@@ -135,6 +135,12 @@ class RowBlocks:
         self.device = self.data.device
         self._rows = max(1, block_bytes // max(1, self.shape[1] * 4))
 
+    def rows(self, start, stop):
+        """Rows start:stop of the matrix, a RowBlocks sharing its storage."""
+        if (start, stop) == (0, self.shape[0]):
+            return self
+        return RowBlocks(self.data[start:stop], blocked=self.blocked)
+
     def blocks(self):
         for start in range(0, self.shape[0], self._rows):
             yield start, self.data[start:start + self._rows].float()
@@ -280,6 +286,15 @@ class BlockedDelta:
             norm += float(torch.linalg.vector_norm(data[start:stop].float(), dim=1).double().pow(2).sum())
             del block
         return cls(data, norm, peak)
+
+    def rows(self, start, stop):
+        """Rows start:stop as a BlockedDelta sharing this one's storage (itself when that is every row)."""
+        if (start, stop) == (0, self.shape[0]):
+            return self
+        data = self.data[start:stop]
+        norm = sum(float(torch.linalg.vector_norm(data[i:i + self._rows].float(), dim=1).double().pow(2).sum())
+                   for i in range(0, data.shape[0], self._rows))
+        return BlockedDelta(data, norm, max_abs(data))
 
     def numel(self):
         return self.data.numel()

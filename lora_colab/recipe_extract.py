@@ -29,16 +29,20 @@ def parse_extract_recipe(text, rank, energy):
 
 @dataclass
 class _Layer:
-    """One decomposed layer awaiting the selection (what Selection's scores read)."""
+    """One decomposed piece (a written module) awaiting the selection (what Selection's scores read)."""
 
     name: str
     s: torch.Tensor
     total_sq: float
     unit_params: int
-    target: object
+    piece: object
     report: object
     refs: dict = field(default_factory=dict)
     base: tuple = None  # (canonical key, rows) when the base references are known
+
+    @property
+    def target(self):
+        return self.piece.target
 
 
 class RecipeExtraction:
@@ -54,13 +58,14 @@ class RecipeExtraction:
         self._spill = SpillWriter(out.with_name(out.name + ".factors"))
         self.selection = None
 
-    def collect(self, target, report, u, s, v, total_sq, base_weight):
-        """Keep one layer's spectrum (and base references); its vectors go to the spill file."""
+    def collect(self, piece, report, u, s, v, total_sq, base_weight):
+        """Keep one piece's spectrum (and the references of its rows of the base weight, `base_weight`); its
+        vectors go to the spill file."""
         i = len(self.layers)
-        layer = _Layer(report.name, s.double().cpu(), total_sq, self._unit_params(target), target, report)
+        layer = _Layer(report.name, s.double().cpu(), total_sq, self._unit_params(piece), piece, report)
         if self.needs:
             layer.refs = base_references(base_weight, u, v, self.needs)
-            layer.base = (target.key, None)
+            layer.base = (piece.target.key, None if piece.whole else piece.rows)
         self._spill.add(f"{i}.u", u.float().cpu().contiguous())
         self._spill.add(f"{i}.v", v.float().cpu().contiguous())
         self.layers.append(layer)
@@ -79,7 +84,7 @@ class RecipeExtraction:
     def base_norms(self):
         """{canonical key: (spectral norm, Frobenius norm)} of the base weights seen (for the norm cache)."""
         return {layer.target.key: (layer.refs["spn_ckpt"], layer.refs["fro_ckpt"]) for layer in self.layers
-                if "spn_ckpt" in layer.refs}
+                if "spn_ckpt" in layer.refs and layer.piece.whole}
 
     def close(self):
         self._spill.abort()

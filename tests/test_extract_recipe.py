@@ -194,3 +194,40 @@ def test_the_base_norms_it_computed_serve_a_later_resize(tmp_path, pair, monkeyp
             assert spn == pytest.approx(float(torch.linalg.matrix_norm(w, ord=2)), rel=1e-4)
             assert fro == pytest.approx(float(w.norm()), rel=1e-5)
         assert refs.norm_reads == 0
+
+
+def test_split_modules_are_scored_against_their_own_rows_of_the_base_blocked_or_not(tmp_path, pair, monkeypatch):
+    """The diffusers spelling writes Z-Image's fused qkv as to_q/to_k/to_v: each is decomposed on its own and
+    scored against the spectral norm of its own rows of the base weight (what a resize of that file does)."""
+    from lora_colab.lora_format import pieces
+    base, tuned, _, _, weights = pair
+    z = arch.get("zimage")
+    with open_canonical(tuned) as view:
+        changes = {key: view.read(key) - w for key, w in weights.items()}
+    expected = {}  # piece label -> its top-CAP directions' spn_ckpt scores, from an exact SVD of its own change
+    for target in z.targets({k: tuple(w.shape) for k, w in weights.items()}):
+        for piece in pieces(z, "diffusers", target):
+            rows = slice(*piece.rows)
+            s = torch.linalg.svdvals(changes[target.key][rows].double())[:CAP]
+            expected[piece.label] = torch.log10(s) - torch.log10(
+                torch.linalg.matrix_norm(weights[target.key][rows].double(), ord=2))
+    assert sum(".to_q" in label for label in expected) == 4
+    every = torch.cat(list(expected.values()))
+    thr = float(every.median())
+    while bool(((every - thr).abs() < 1e-3).any()):
+        thr += 0.0011
+    runs = {}
+    for label, blocked in (("whole", False), ("blocked", True)):
+        if blocked:
+            monkeypatch.setattr(extractor_module, "BLOCKED_BYTES", 1)  # every layer built by row blocks
+        runs[label] = extract(base, tuned, tmp_path / f"{label}.safetensors", rank=CAP, format="diffusers",
+                              recipe=f"spn_ckpt=1,thr={thr}", clamp_quantile=None, dtype="fp32", progress=False,
+                              device="cpu")
+        got = {layer.name: layer.rank for layer in runs[label].layers}
+        assert got == {name: int((sc >= thr).sum()) for name, sc in expected.items()}, label
+    a, b = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "blocked.safetensors"))
+    assert a.keys() == b.keys()
+    for name in [k for k in a if k.endswith("lora_A.weight")]:
+        up = name.replace("lora_A", "lora_B")
+        want = a[up] @ a[name]  # blocked layers hold the difference in bf16: agreement to its rounding
+        torch.testing.assert_close(b[up] @ b[name], want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import arch, extract
-from lora_colab.lora_format import module_tensors
+from lora_colab.lora_format import module_tensors, pieces
 
 from comfy_rules import unet_key_map
 from conftest import LAYOUTS
@@ -263,8 +263,8 @@ def test_extracted_lora_reproduces_the_tuned_layers_through_diffusers(tmp_path, 
     for label, base_path in (("cross-layout", tmp_path / "base"), ("native", tmp_path / "base_native.safetensors")):
         out = tmp_path / f"{label}.safetensors"
         report = extract(base_path, tmp_path / "tuned.safetensors", out, rank=4, format=fmt, progress=False)
-        assert report.architecture.startswith(a.title) and len(report.extracted) == len(a.targets(
-            {k: tuple(v.shape) for k, v in base.items()}))
+        written = [p for t in a.targets({k: tuple(v.shape) for k, v in base.items()}) for p in pieces(a, fmt, t)]
+        assert report.architecture.startswith(a.title) and len(report.extracted) == len(written)
         assert report.dtype == "bfloat16"
         if label == "cross-layout" and a.name != "qwen_image":  # Qwen-Image has one layout
             assert report.architecture.endswith(" / native") and "(diffusers" in report.architecture

@@ -290,16 +290,18 @@ def test_cli_resize(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def three_spellings(tmp_path_factory):
-    """One Z-Image pair extracted three times: kohya, ComfyUI and diffusers (PEFT, split qkv) spellings."""
+    """One Z-Image pair extracted three times: kohya, ComfyUI and diffusers (PEFT, split qkv) spellings. The
+    pair is float32, so each spelling holds the planted rank-4 change exactly (the fused qkv at rank 4, each of
+    its q/k/v slices at rank 4 on its own) and the three agree to float32 rounding."""
     from lora_colab import extract
     from lora_colab.synthetic import make_zimage_pair
     folder = tmp_path_factory.mktemp("spellings")
-    base, tuned, _ = make_zimage_pair(folder, Z, rank=4)
+    base, tuned, planted = make_zimage_pair(folder, Z, rank=4, dtype=torch.float32)
     paths = {}
     for fmt in ("kohya", "comfy", "diffusers"):
         paths[fmt] = folder / f"{fmt}.safetensors"
         extract(base, tuned, paths[fmt], rank=4, format=fmt, clamp_quantile=None, progress=False, dtype="fp32")
-    return base, paths
+    return base, paths, planted
 
 
 def _deltas(path, base):
@@ -317,9 +319,20 @@ def _deltas(path, base):
     return out
 
 
+def test_every_spelling_holds_the_planted_change(three_spellings):
+    base, paths, planted = three_spellings
+    for fmt, path in paths.items():
+        got = _deltas(path, base)
+        assert got
+        for key, delta in got.items():
+            want = planted.delta(key, tuple(delta.shape))
+            torch.testing.assert_close(delta, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()),
+                                       msg=lambda m: f"{fmt} {key}: {m}")
+
+
 @pytest.mark.parametrize("second", ["comfy", "diffusers"])
 def test_merging_one_model_in_different_spellings_combines_layers(tmp_path, three_spellings, second):
-    base, paths = three_spellings
+    base, paths, _ = three_spellings
     kohya_keys = set(load_file(str(paths["kohya"])))
     report = resize(base, [f"{paths['kohya']}:0.5,{paths[second]}:0.5"], tmp_path, "rank=64")[0]
     merged = load_file(report.output)
@@ -331,7 +344,7 @@ def test_merging_one_model_in_different_spellings_combines_layers(tmp_path, thre
 
 
 def test_merge_spelled_as_the_first_lora_even_when_it_is_diffusers(tmp_path, three_spellings):
-    base, paths = three_spellings
+    base, paths, _ = three_spellings
     report = resize(base, [f"{paths['diffusers']}:1,{paths['comfy']}:-1"], tmp_path, "rank=64")[0]
     # the two cancel: nothing remains
     assert not [k for k in load_file(report.output) if "lora" in k]
@@ -343,7 +356,7 @@ def test_merge_spelled_as_the_first_lora_even_when_it_is_diffusers(tmp_path, thr
 
 
 def test_single_lora_weight_scales_it(tmp_path, three_spellings):
-    base, paths = three_spellings
+    base, paths, _ = three_spellings
     report = resize(None, [f"{paths['kohya']}:0.5"], tmp_path, "rank=64")[0]
     got, want = _deltas(report.output, base), _deltas(paths["kohya"], base)
     for key in want:
@@ -352,7 +365,7 @@ def test_single_lora_weight_scales_it(tmp_path, three_spellings):
 
 def test_base_of_another_architecture_is_one_line_naming_both(tmp_path, three_spellings, capsys):
     from lora_colab.synthetic import write_checkpoint
-    _, paths = three_spellings
+    _, paths, _ = three_spellings
     flux = [("double_blocks.0.img_attn.qkv.weight", (96, 32)), ("double_blocks.0.img_attn.proj.weight", (32, 32))]
     other = write_checkpoint(tmp_path / "flux.safetensors", flux, lambda k, s: torch.randn(s))
     assert main(["resize", str(other), str(paths["kohya"]), "-o", str(tmp_path / "o")]) == 2
@@ -363,7 +376,7 @@ def test_base_of_another_architecture_is_one_line_naming_both(tmp_path, three_sp
 
 
 def test_base_covering_some_layers_says_how_many_and_which_terms(tmp_path, three_spellings):
-    base, paths = three_spellings
+    base, paths, _ = three_spellings
     tensors = load_file(str(paths["kohya"]))
     tensors.update({"lora_unet_not_a_layer.lora_down.weight": torch.randn(2, 8),
                     "lora_unet_not_a_layer.lora_up.weight": torch.randn(8, 2),
@@ -374,3 +387,46 @@ def test_base_covering_some_layers_says_how_many_and_which_terms(tmp_path, three
     notes = [w for w in report.warnings if "patch no weight of the base" in w]
     assert len(notes) == 1 and notes[0].startswith("1 of ") and "fro_ckpt, spn_ckpt could not be computed" in notes[0]
     assert kept_ranks(report.output)["lora_unet_not_a_layer"] == 2
+
+
+def _split_lora(path, targets, seed, rank=4):
+    """A diffusers-spelled Z-Image LoRA whose to_q/to_k/to_v each carry their own rank-`rank` change (own down
+    factors); returns {module name: ΔW}."""
+    from lora_colab.lora_format import piece_tensors, pieces
+    z = arch.get("zimage")
+    gen = torch.Generator().manual_seed(seed)
+    tensors, deltas = {}, {}
+    for t in targets:
+        for piece in pieces(z, "diffusers", t):
+            down = torch.randn(rank, t.shape[1], generator=gen) / 8
+            up = torch.randn(piece.shape[0], rank, generator=gen) * torch.logspace(0, -1, rank)
+            tensors.update(piece_tensors(piece, down, up, float(rank), torch.float32))
+            deltas[piece.module.name] = up @ down
+    st_save_file(tensors, str(path))
+    return deltas
+
+
+def _module_deltas(path):
+    lora = load_file(str(path))
+    return {name[: -len(".lora_A.weight")]: lora[name[: -len("A.weight")] + "B.weight"] @ lora[name]
+            for name in lora if name.endswith(".lora_A.weight")}
+
+
+def test_split_modules_are_resized_and_merged_each_on_its_own(tmp_path):
+    """A LoRA whose modules are row slices of one base weight (Z-Image's to_q/to_k/to_v of the fused qkv):
+    each written module is the best rank-k approximation of its own change, resized alone or merged."""
+    targets = arch.get("zimage").targets(dict(zimage_specs(Z)))
+    a = _split_lora(tmp_path / "a.safetensors", targets, 1)
+    b = _split_lora(tmp_path / "b.safetensors", targets, 2)
+    assert sum(name.endswith(".to_q") for name in a) == 4
+    one = resize(None, [tmp_path / "a.safetensors"], tmp_path / "one", "rank=2", dtype="32")[0]
+    base = zimage_base(tmp_path)
+    merged = resize(base, ["%s:1,%s:-0.5" % (tmp_path / "a.safetensors", tmp_path / "b.safetensors")],
+                    tmp_path / "merged", "rank=3", dtype="32")[0]
+    for report, want, k in ((one, a, 2), (merged, {n: a[n] - 0.5 * b[n] for n in a}, 3)):
+        got = _module_deltas(report.output)
+        assert got.keys() == want.keys()
+        for name, delta in want.items():
+            u, s, vh = torch.linalg.svd(delta.double())
+            best = (u[:, :k] * s[:k]) @ vh[:k]
+            torch.testing.assert_close(got[name].double(), best, rtol=1e-4, atol=1e-6 * float(s[0]))
