@@ -1,0 +1,213 @@
+"""Every module a LoRA holds is its own best approximation, and the whole model is reproduced through every
+client: for each architecture, a tiny model of diffusers' own class, a planted fine-tune whose change differs
+per slice of every fused weight, the LoRA extracted in every format at the rank that holds the planted change
+exactly per written module, loaded by that format's clients (the pipeline's own `load_lora_weights`;
+ComfyUI's key rules and patch arithmetic), then a full forward pass against the fine-tune's."""
+
+import pytest
+import torch
+from safetensors.torch import save_file as st_save_file
+
+from lora_colab import arch, extract
+from lora_colab.lora_format import pieces
+
+from whole_model import (PLANTED_RANK, LoaderWarnings, canonical_of, comfy_apply, comfy_transformer_key_map, exact_rank,
+                         forward, gap, lora_modules_loaded, make_pipeline, make_transformer, plant,
+                         transformer_inputs, transformer_spec, with_canonical)
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+FAMILIES = ["flux", "chroma", "zimage", "qwen_image", "qwen_image_2_1", "wan", "flux2", "krea2", "ltx2"]
+FORMATS = ["kohya", "comfy", "diffusers"]
+GAP = 0.02
+
+
+def diffusers_loads(a, fmt):
+    """Whether diffusers' pipeline loader is a client of `fmt` for this family at the tiny width: its own
+    PEFT spelling always; the `auto` spelling where the report names no other client (Flux.1's and Chroma's
+    kohya converters need the real 3072 width: covered by test_new_architectures at that width)."""
+    if fmt == "diffusers":
+        return True
+    if a.name in ("flux", "chroma") or a.format_notes(fmt, []):
+        return False
+    return fmt == arch.resolve_format(a, "auto") or (fmt == "comfy" and a.diffusers_reads_comfy)
+
+
+@pytest.fixture(scope="module")
+def family_pairs(tmp_path_factory):
+    """name -> (folder, arch, base state, tuned state, base canonical, base/tuned files) built once."""
+    cache = {}
+
+    def build(name):
+        if name in cache:
+            return cache[name]
+        folder = tmp_path_factory.mktemp(name)
+        model = make_transformer(name)
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        detected = arch.detect(set(state))
+        a = detected.arch
+        assert a.name == name, (name, a.name)
+        base = canonical_of(a, state, detected.layout, detected.prefix)
+        targets = a.targets({k: tuple(v.shape) for k, v in base.items()})
+        tuned = plant(targets, base, torch.Generator().manual_seed(7))
+        (folder / "base" / "transformer").mkdir(parents=True)
+        st_save_file(state, str(folder / "base" / "transformer" / "diffusion_pytorch_model.safetensors"))
+        st_save_file({k: v.contiguous() for k, v in tuned.items()}, str(folder / "tuned.safetensors"))
+        tuned_state = with_canonical(a, state, detected.layout, tuned, detected.prefix)
+        cache[name] = (folder, a, detected, state, tuned_state, base, targets)
+        return cache[name]
+    return build
+
+
+def run_forward(name, state):
+    model = make_transformer(name)
+    model.load_state_dict(state)
+    return forward(model, transformer_inputs(name))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_base_plus_lora_is_the_fine_tune_through_every_client(family_pairs, name, fmt):
+    folder, a, detected, state, tuned_state, base, targets = family_pairs(name)
+    rank = exact_rank(a, fmt, targets)
+    out = folder / f"lora_{fmt}.safetensors"
+    report = extract(folder / "base", folder / "tuned.safetensors", out, rank=rank, format=fmt,
+                     clamp_quantile=None, bias_diff=False, progress=False, device="cpu")
+    written = [p for t in targets for p in pieces(a, fmt, t)]
+    want, was = run_forward(name, tuned_state), run_forward(name, state)
+    clients = []
+    if fmt in ("kohya", "comfy"):
+        key_map = comfy_transformer_key_map(a.name, {k: tuple(v.shape) for k, v in base.items()})
+        patched = comfy_apply(out, key_map, base)
+        got = run_forward(name, with_canonical(a, state, detected.layout, patched, detected.prefix))
+        clients.append(("ComfyUI", gap(got, want, was)))
+    if diffusers_loads(a, fmt):
+        model = make_transformer(name)
+        pipe = make_pipeline(transformer_spec(name)[1], transformer=model)
+        with LoaderWarnings() as caught:
+            pipe.load_lora_weights(str(folder), weight_name=out.name, adapter_name="x")
+        assert not caught.bad, caught.bad[:3]
+        # diffusers splits fused spellings itself: one PEFT layer per module of its own spelling
+        assert lora_modules_loaded(model) == sum(len(pieces(a, "diffusers", t)) for t in targets)
+        got = forward(model, transformer_inputs(name))
+        clients.append(("diffusers", gap(got, want, was)))
+    assert clients
+    assert all(g <= GAP for _, g in clients), clients
+    # one decomposition per written module, each holding its own planted change: the truncation loses nothing
+    assert len(report.extracted) == len(written)
+    assert max(layer.rel_error for layer in report.extracted) < 1e-3
+
+
+# --- SD1.5 and SDXL: the UNet and the text encoders ----------------------------------------------------
+
+def sd_state(name, seed=0):
+    """{"unet." / "text_encoder." / "text_encoder_2." key: tensor} of a tiny pipeline."""
+    from test_sd_pipelines import pipeline_state
+    return {f"{c}.{k}": v for c, sd in pipeline_state(name, seed).items() for k, v in sd.items()}
+
+
+def sd_models(name, state):
+    """{component: model} of a tiny pipeline loaded with `state`."""
+    import transformers
+    from test_sd_pipelines import CLIP, UNETS
+    models = {"unet": diffusers.UNet2DConditionModel(**UNETS[name]),
+              "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP))}
+    if name == "sdxl":
+        models["text_encoder_2"] = transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**{**CLIP, "projection_dim": 32}))
+    for component, model in models.items():
+        model.load_state_dict({k[len(component) + 1:]: v for k, v in state.items() if k.startswith(component + ".")})
+        model.eval()
+    return models
+
+
+def sd_forward(name, models):
+    """{component: its outputs flattened}: the UNet on a noisy latent with text and (SDXL) size conditioning,
+    each text encoder on a token sequence."""
+    gen = torch.Generator().manual_seed(5)
+    cross = 64 if name == "sdxl" else 32
+    extra = {}
+    if name == "sdxl":
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32, generator=gen),
+                                      "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])}
+    inputs = {"unet": dict(sample=torch.randn(1, 4, 16, 16, generator=gen), timestep=torch.tensor([500]),
+                           encoder_hidden_states=torch.randn(1, 8, cross, generator=gen), **extra)}
+    ids = torch.randint(0, 100, (1, 8), generator=gen)
+    for component in ("text_encoder", "text_encoder_2"):
+        inputs[component] = dict(input_ids=ids)
+    return {component: forward(model, inputs[component]) for component, model in models.items()}
+
+
+def sd_comfy_key_map(name, state):
+    """ComfyUI's names for an SD pipeline's weights: the UNet by LDM names (`lora_unet_<ldm>`,
+    `diffusion_model.<ldm>`) and diffusers names (`lora_unet_<diffusers>`, through its unet_to_diffusers
+    table), CLIP-L as `lora_te_`/`lora_te1_`, bigG as `lora_te2_` (ComfyUI holds both in HF layout)."""
+    from lora_colab.arch.stable_diffusion import diffusers_to_sgm
+    from test_sd_pipelines import up_attention_levels
+    unet = {k[len("unet."):]: k for k in state if k.startswith("unet.") and k.endswith(".weight")}
+    levels = up_attention_levels(unet)
+    key_map = {}
+    for local, key in unet.items():
+        ldm = diffusers_to_sgm(local, levels)
+        if ldm is None:
+            continue
+        ldm_module = ldm[: -len(".weight")]
+        module = local[: -len(".weight")]
+        for alias in ("lora_unet_" + ldm_module.replace(".", "_"), "diffusion_model." + ldm_module,
+                      "lora_unet_" + module.replace(".", "_")):
+            key_map[alias] = (key, None)
+    te_names = {"text_encoder": ("lora_te", "lora_te1")} if name == "sd15" else \
+        {"text_encoder": ("lora_te", "lora_te1"), "text_encoder_2": ("lora_te2",)}
+    for component, prefixes in te_names.items():
+        for key in state:
+            if not (key.startswith(component + ".") and key.endswith(".weight") and ".encoder.layers." in key):
+                continue
+            module = "text_model." + key[len(component) + 1: -len(".weight")].removeprefix("text_model.")
+            for prefix in prefixes:
+                key_map[f"{prefix}_{module.replace('.', '_')}"] = (key, None)
+    return key_map
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_stable_diffusion_base_plus_lora_is_the_fine_tune_in_unet_and_text_encoders(tmp_path, name, fmt):
+    from test_sd_pipelines import write_pipeline, write_single_file
+    a = arch.get(name)
+    state = sd_state(name)
+    base = canonical_of(a, state, "diffusers")
+    targets = a.targets({k: tuple(v.shape) for k, v in base.items()})
+    assert any(t.splits for t in targets) == (name == "sdxl")  # bigG's fused in_proj
+    tuned_state = with_canonical(a, state, "diffusers", plant(targets, base, torch.Generator().manual_seed(9)))
+
+    def components(flat):
+        return {c: {k[len(c) + 1:]: v.contiguous() for k, v in flat.items() if k.startswith(c + ".")}
+                for c in ("unet", "text_encoder", "text_encoder_2") if any(k.startswith(c + ".") for k in flat)}
+    write_pipeline(tmp_path / "base", components(state))
+    write_single_file(tmp_path / "tuned.safetensors", name, components(tuned_state))  # a cross-layout pair
+    rank = exact_rank(a, fmt, targets)
+    assert rank == PLANTED_RANK  # every written module is one planted slice (bigG q/k/v are written split)
+    out = tmp_path / f"lora_{fmt}.safetensors"
+    report = extract(tmp_path / "base", tmp_path / "tuned.safetensors", out, rank=rank, format=fmt,
+                     clamp_quantile=None, progress=False, device="cpu")
+    want, was = sd_forward(name, sd_models(name, tuned_state)), sd_forward(name, sd_models(name, state))
+    results = {}
+    if fmt in ("kohya", "comfy"):
+        patched = comfy_apply(out, sd_comfy_key_map(name, state), state)
+        got = sd_forward(name, sd_models(name, {k: v.float() for k, v in patched.items()}))
+        results["ComfyUI"] = {c: gap(got[c], want[c], was[c]) for c in want}
+    if fmt in ("kohya", "diffusers"):
+        models = sd_models(name, state)
+        pipe = make_pipeline("StableDiffusionXLPipeline" if name == "sdxl" else "StableDiffusionPipeline",
+                             **models)
+        with LoaderWarnings() as caught:
+            pipe.load_lora_weights(str(tmp_path), weight_name=out.name, adapter_name="x")
+        assert not caught.bad, caught.bad[:3]
+        assert sum(lora_modules_loaded(m) for m in models.values()) == sum(len(pieces(a, "diffusers", t))
+                                                                           for t in targets)
+        got = sd_forward(name, models)
+        results["diffusers"] = {c: gap(got[c], want[c], was[c]) for c in want}
+    assert results
+    assert all(g <= GAP for per in results.values() for g in per.values()), results
+    assert len(report.extracted) == sum(len(pieces(a, fmt, t)) for t in targets)
+    assert max(layer.rel_error for layer in report.extracted) < 1e-3
