@@ -11,7 +11,9 @@ between 0.8 and 1.8 per layer); --full adds the 2 x 12.3 GB memory run.
 
 The seed approach is the seed script's: safe_open + get_tensor, `torch.svd_lowrank(delta, q=rank)` with
 torch's default 2 power iterations, one save at the end. Our defaults are q = rank + 8 and 2 power
-iterations (they were 4 before issue 14: `--old` adds that configuration to the table).
+iterations (they were 4 before issue 14: `--old` adds that configuration to the table). A bf16 pair on a CPU
+with fast bf16 products is factored from its bf16 difference (bf16 sketch, float32 last range product and
+projection); `ours_fp32` is the same run with LORA_COLAB_BF16_SKETCH=0 (the float32 path before issue 20).
 """
 
 import argparse
@@ -85,12 +87,15 @@ def w_seed(base, tuned, out, rank, keys, **_):
 
 
 def _deltas(base, tuned, keys):
+    """(key, float32 difference, bf16 difference or None) of each layer."""
     from lora_colab import open_checkpoint
     with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
         for key in keys:
-            delta = t.read(key, dtype=torch.float32)
-            delta.sub_(b.read(key))
-            yield key, delta
+            raw_t, raw_b = t.read(key, dtype=None), b.read(key, dtype=None)
+            delta = raw_t.float()
+            delta.sub_(raw_b)
+            low = raw_t - raw_b if raw_t.dtype == raw_b.dtype == torch.bfloat16 else None
+            yield key, delta, low
 
 
 def w_read_only(base, tuned, keys, **_):
@@ -108,13 +113,17 @@ def w_compute_only(base, tuned, keys, rank, **_):
     from lora_colab import open_checkpoint
     from lora_colab.io.checkpoint import cast
     from lora_colab.extractor import factor_layer, subtract_
+    from lora_colab.lowrank import bf16_products_fast
     from lora_colab.report import LayerReport
     compute = 0.0
     with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
         for key in keys:
             raw_tuned, raw_base = t.read(key), b.read(key)
             start = time.perf_counter()
-            delta = subtract_(cast(raw_tuned, torch.float32), raw_base)
+            if raw_tuned.dtype == raw_base.dtype == torch.bfloat16 and bf16_products_fast():
+                delta = raw_tuned.sub_(raw_base)  # what the extractor does with a bf16 pair
+            else:
+                delta = subtract_(cast(raw_tuned, torch.float32), raw_base)
             factor_layer(delta, rank, 0.99, 2, 8, None, 0, LayerReport(key, tuple(delta.shape)))
             compute += time.perf_counter() - start
             del delta, raw_tuned, raw_base
@@ -124,9 +133,9 @@ def w_compute_only(base, tuned, keys, rank, **_):
 def w_quality(base, tuned, keys, rank, full_svd, **_):
     """Per layer: the residual ‖Δ − Δ_r‖ of each randomized configuration (ours now, ours before, the seed's)
     over the optimal one (exact SVD), and the time of ours against kohya's full SVD."""
-    from lora_colab.lowrank import low_rank
+    from lora_colab.lowrank import low_rank, low_rank_bf16
     rows = []
-    for key, delta in _deltas(base, tuned, keys):
+    for key, delta, low in _deltas(base, tuned, keys):
         row = {"key": key}
         optimal = None
         start = time.perf_counter()
@@ -141,6 +150,11 @@ def w_quality(base, tuned, keys, rank, full_svd, **_):
             start = time.perf_counter()
             if name == "seed":
                 u, s, v = torch.svd_lowrank(delta, q=q(rank), niter=niter)
+            elif name == "ours_bf16":
+                if low is None:
+                    row[name], row[name + "_s"] = float("nan"), 0.0
+                    continue
+                u, s, v = low_rank_bf16(low, rank, niter=niter, oversample=q(rank) - rank)
             else:
                 u, s, v = low_rank(delta, rank, niter=niter, oversample=q(rank) - rank)
             row[name + "_s"] = time.perf_counter() - start
@@ -151,7 +165,8 @@ def w_quality(base, tuned, keys, rank, full_svd, **_):
 
 
 # name -> (q as a function of rank, power iterations)
-CONFIGS = {"ours": (lambda r: r + 8, 2), "ours_before": (lambda r: r + 8, 4), "seed": (lambda r: r, 2)}
+CONFIGS = {"ours_bf16": (lambda r: r + 8, 2), "ours": (lambda r: r + 8, 2), "ours_before": (lambda r: r + 8, 4),
+           "seed": (lambda r: r, 2)}
 
 
 WORKERS = {"ours": w_ours, "seed": w_seed, "read_only": w_read_only, "compute_only": w_compute_only,
@@ -168,11 +183,12 @@ def worker_main(name, args):
     print(json.dumps(result))
 
 
-def run(name, base, tuned, **args):
+def run(name, base, tuned, env=None, **args):
     evict(base)
     evict(tuned)
     payload = json.dumps({"base": str(base), "tuned": str(tuned), **args})
-    out = subprocess.run([sys.executable, __file__, "--worker", name, payload], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--worker", name, payload], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
     if out.returncode:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -223,12 +239,14 @@ def main():
           f"threads", flush=True)
     if args.recipe_only:
         return recipe_cost(base, tuned, out, args)
-    walls = {"ours": [], "seed": []}
+    walls = {"ours": [], "ours_fp32": [], "seed": []}
     if args.old:
         walls["ours_before"] = []
     for repeat in range(args.repeats):  # interleaved: the machine's drift hits every contender alike
         ours = run("ours", base, tuned, out=out, rank=args.rank)
         walls["ours"].append(ours["wall"])
+        walls["ours_fp32"].append(run("ours", base, tuned, {"LORA_COLAB_BF16_SKETCH": "0"}, out=out,
+                                      rank=args.rank)["wall"])
         seed = run("seed", base, tuned, out=out, rank=args.rank, keys=keys)
         walls["seed"].append(seed["wall"])
         if args.old:
@@ -244,6 +262,7 @@ def main():
     median = {k: sorted(v)[len(v) // 2] for k, v in walls.items()}
     print("wall (median of interleaved runs): " + ", ".join(f"{k} {v:.1f} s" for k, v in median.items()))
     print(f"RATIO seed/ours wall: {median['seed'] / median['ours']:.2f}x (goal >= 1.6)")
+    print(f"RATIO ours float32 path/ours wall: {median['ours_fp32'] / median['ours']:.2f}x")
     if args.old:
         print(f"RATIO ours before (niter 4)/ours wall: {median['ours_before'] / median['ours']:.2f}x")
     floor = max(read["wall"], compute["compute"])

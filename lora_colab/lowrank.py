@@ -7,20 +7,30 @@ from dataclasses import dataclass
 import torch
 
 
-def low_rank(delta, rank, niter=2, oversample=8, generator_seed=0):
+def low_rank(delta, rank, niter=2, oversample=8, generator_seed=0, stats=None):
     """Top-`rank` SVD of a 2-D float tensor: (U [m,r], S [r], V [n,r]).
 
-    Randomized (`torch.svd_lowrank`, q = rank + oversample, `niter` power iterations) unless the
-    matrix is small enough that the exact thin SVD is as cheap; never `full_matrices=True`.
+    Randomized (q = rank + oversample, `niter` power iterations) unless the matrix is small enough that the
+    exact thin SVD is as cheap; never `full_matrices=True`. A float32 matrix goes through `torch.svd_lowrank`;
+    a bf16 one (and a BlockedDelta, on a CPU whose bf16 products are fast) through `low_rank_bf16`, which
+    puts ‖delta‖² in `stats["norm_sq"]` (a dict, when given) from the pass it makes anyway.
     """
     m, n = delta.shape
     rank = min(rank, m, n)
     q = min(rank + oversample, m, n)
+    small = min(m, n) <= max(64, 2 * q)
     if isinstance(delta, BlockedDelta):
-        if min(m, n) > max(64, 2 * q):
+        if small:
+            delta = delta.data.float()
+        elif delta.device.type == "cpu" and bf16_products_fast():
+            return low_rank_bf16(delta.data, rank, niter, oversample, generator_seed, stats)
+        else:
             return low_rank_blocked(delta, rank, niter, oversample, generator_seed)
-        delta = delta.data.float()
-    if min(m, n) <= max(64, 2 * q):
+    if delta.dtype != torch.float32:
+        if not small and delta.dtype == torch.bfloat16:
+            return low_rank_bf16(delta, rank, niter, oversample, generator_seed, stats)
+        delta = delta.float()
+    if small:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank].T
     devices = [delta.device] if delta.device.type == "cuda" else []
@@ -28,6 +38,78 @@ def low_rank(delta, rank, niter=2, oversample=8, generator_seed=0):
         torch.manual_seed(generator_seed)
         u, s, v = torch.svd_lowrank(delta, q=q, niter=niter)
     return u[:, :rank], s[:rank], v[:, :rank]
+
+
+_BF16_FAST = {}
+
+
+def bf16_products_fast():
+    """Whether this CPU multiplies bf16 matrices clearly faster than float32 ones (AVX-512 BF16, AMX), timed
+    once per process on a sketch-shaped product; LORA_COLAB_BF16_SKETCH=1/0 forces the answer."""
+    import os
+    forced = os.environ.get("LORA_COLAB_BF16_SKETCH")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if "cpu" not in _BF16_FAST:
+        import time
+        a = torch.randn(1536, 2048)
+        x = torch.randn(2048, 40)
+        ab, xb = a.bfloat16(), x.bfloat16()
+
+        times = {"bf16": [], "fp32": []}
+        for _ in range(6):  # interleaved, the fastest of each: a busy machine slows both alike
+            for name, f in (("bf16", lambda: ab @ xb), ("fp32", lambda: a @ x)):
+                start = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - start)
+        _BF16_FAST["cpu"] = min(times["bf16"]) < 0.7 * min(times["fp32"])
+    return _BF16_FAST["cpu"]
+
+
+def _rows_fp32(a, block_bytes=8 << 20):
+    """Row blocks of a low-precision matrix as float32: (start, block), one cache-sized block at a time, cast
+    into one reused buffer (a fresh 8 MiB tensor per block costs its page faults each time: 5x the cast)."""
+    rows = min(a.shape[0], max(1, block_bytes // max(1, a.shape[1] * 4)))
+    buffer = torch.empty(rows, a.shape[1], device=a.device)
+    for start in range(0, a.shape[0], rows):
+        block = buffer[:min(rows, a.shape[0] - start)]
+        block.copy_(a[start:start + rows])
+        yield start, block
+
+
+def low_rank_bf16(a, rank, niter=2, oversample=8, generator_seed=0, stats=None):
+    """Randomized SVD of a bf16 matrix (a difference of bf16 checkpoints, exact in bf16 where the weights
+    are close): the sketch and the first power iterations multiply in bf16 (half the bytes, twice the
+    speed where the CPU has bf16 dot products); the last range product and the projection B = QᵀA run in
+    float32 row blocks, so the subspace and the singular values are as accurate as the float32 algorithm's
+    (same q, same iterations: ≤ 1.007x the optimal residual on power-law spectra, like torch.svd_lowrank).
+    Returns (U [m,r], S [r], V [n,r]); with a dict `stats`, also ‖A‖² in stats["norm_sq"] (from the
+    projection's float32 blocks: no pass of its own)."""
+    m, n = a.shape
+    rank = min(rank, m, n)
+    q = min(rank + oversample, m, n)
+    gen = torch.Generator().manual_seed(generator_seed)
+    omega = torch.randn(n, q, generator=gen).to(a.device, torch.bfloat16)
+    basis = torch.linalg.qr((a @ omega).float()).Q
+    for i in range(niter):
+        back = torch.linalg.qr((a.T @ basis.bfloat16()).float()).Q
+        if i < niter - 1:
+            basis = torch.linalg.qr((a @ back.bfloat16()).float()).Q
+        else:
+            product = torch.empty(m, q, device=a.device)
+            for start, block in _rows_fp32(a):
+                torch.mm(block, back, out=product[start:start + block.shape[0]])
+            basis = torch.linalg.qr(product).Q
+    projected = torch.zeros(n, q, device=a.device)  # Aᵀ Q = (Qᵀ A)ᵀ
+    total = 0.0
+    for start, block in _rows_fp32(a):
+        projected.addmm_(block.T, basis[start:start + block.shape[0]])
+        if stats is not None:
+            total += float(torch.linalg.vector_norm(block, dim=1).double().pow(2).sum())
+    if stats is not None:
+        stats["norm_sq"] = total
+    u_small, s, vh = torch.linalg.svd(projected.T, full_matrices=False)
+    return (basis @ u_small)[:, :rank], s[:rank], vh[:rank].T
 
 
 def quantile(values, q):
@@ -79,6 +161,10 @@ def norm_sq(x):
     """‖x‖²_F accurate enough for ‖Δ‖² − ‖S‖² cancellations: float32 norms of rows (short sums) added in
     double. A float64 cast of the whole tensor costs ~10x more; one float32 reduction loses ~1e-4."""
     rows = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
+    if rows.dtype in (torch.bfloat16, torch.float16):  # in float32 row blocks: bf16 sums lose digits, and
+        # vector_norm's own upcast is ~10x slower than a cast and a float32 norm
+        return sum(float(torch.linalg.vector_norm(block, dim=1).double().pow(2).sum())
+                   for _, block in _rows_fp32(rows))
     return float(torch.linalg.vector_norm(rows, dim=1).double().pow(2).sum())
 
 

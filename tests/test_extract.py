@@ -73,6 +73,30 @@ def test_exact_low_rank_is_recovered_after_bf16_rounding(tmp_path):
         assert float((delta - products[key]).norm() / delta.norm()) < 1e-2, key
 
 
+@pytest.mark.parametrize("bf16", ["1", "0"])
+def test_a_bf16_pair_is_factored_from_its_bf16_difference_or_in_float32_alike(tmp_path, monkeypatch, bf16):
+    """A bf16 pair takes the bf16 difference and sketch where the CPU's bf16 products are fast (forced here
+    both ways): each layer within 1.02x of the optimal residual of the exact difference, and the report's
+    relative error is that residual."""
+    import lora_colab.extractor as extractor_module
+    monkeypatch.setenv("LORA_COLAB_BF16_SKETCH", bf16)
+    seen = []
+    real = extractor_module.decompose_layer
+    monkeypatch.setattr(extractor_module, "decompose_layer", lambda d, *a: seen.append(d.dtype) or real(d, *a))
+    base, tuned, _ = make_zimage_pair(tmp_path, ZImageConfig(dim=256, n_layers=1, n_refiner_layers=1, n_heads=4,
+                                                             cap_feat_dim=32), rank=6, noise=0.002)
+    report = extract(base, tuned, tmp_path / "lora.safetensors", rank=8, clamp_quantile=None, dtype="fp32",
+                     progress=False, device="cpu")
+    assert set(seen) == {torch.bfloat16 if bf16 == "1" else torch.float32}
+    architecture, targets, deltas = true_differences(base, tuned)
+    products = lora_products(tmp_path / "lora.safetensors", architecture, targets)
+    for key, delta in deltas.items():
+        ours = float((delta - products[key]).norm())
+        assert ours <= 1.02 * optimal_residual(delta, 8), key
+        layer = next(x for x in report.layers if x.name == key[: -len(".weight")])
+        assert layer.rel_error == pytest.approx(ours / float(delta.norm()), rel=1e-3)
+
+
 def test_alpha_and_scale_semantics_and_metadata(tmp_path):
     base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=4, dtype=torch.float32)
     a = extract(base, tuned, tmp_path / "a.safetensors", rank=8, alpha=4, clamp_quantile=None, dtype="fp32",
