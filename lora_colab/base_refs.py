@@ -4,6 +4,7 @@ weight's spectral and Frobenius norms, cached on disk by checkpoint content."""
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -86,7 +87,7 @@ def _write_cache(path, cache):
     """Write a norm cache atomically; False (quietly) where the cache folder is not writable."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")  # concurrent runs
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, path)
         return True

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -13,6 +14,12 @@ from .errors import CheckpointError
 from .io.buffers import byte_view
 
 _HAS_PWRITE = hasattr(os, "pwrite")
+
+
+def temporary_name(path, suffix):
+    """`OUT.<pid>-<random>.<suffix>` beside `path`: each run's temporary files are its own, so two runs
+    writing one output never truncate each other's (the last to finish renames a complete file into place)."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(3)}.{suffix}")
 
 
 def _same_file(a, b):
@@ -26,8 +33,8 @@ class SafetensorsWriter:
     """Write a safetensors file whose tensor names, dtypes and shapes are known up front.
 
     The header is written at once; each `write(name, tensor)` puts one tensor's bytes at its own offset
-    (any order, nothing buffered); `close()` checks every tensor arrived, fsyncs and renames `OUT.tmp` to
-    `OUT`. On an error or `abort()` the temporary file is removed and `OUT` is left untouched.
+    (any order, nothing buffered); `close()` checks every tensor arrived, fsyncs and renames the run's own
+    `OUT.<pid>-<random>.tmp` to `OUT`. On an error or `abort()` the temporary file is removed and `OUT` is left untouched.
 
     specs: iterable of (name, dtype, shape) with dtype a torch dtype or safetensors name.
     protect: input paths the output must never replace.
@@ -35,7 +42,7 @@ class SafetensorsWriter:
 
     def __init__(self, path, specs, metadata=None, protect=()):
         self.path = Path(os.fspath(path))
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.tmp_path = temporary_name(self.path, "tmp")
         for source in protect:
             if source is not None and self.path.exists() and _same_file(self.path, source):
                 raise CheckpointError(self.path, "output path is one of the inputs; refusing to overwrite it")
@@ -195,14 +202,15 @@ _COPY_CHUNK = 16 << 20
 class SpillWriter:
     """Collect tensors whose names and shapes are not known up front, then write one safetensors file.
 
-    Each `add` appends the tensor's bytes to `OUT.parts.tmp` (so memory holds one tensor at a time);
+    Each `add` appends the tensor's bytes to the run's own `OUT.<pid>-<random>.parts.tmp` (so memory holds
+    one tensor at a time);
     `finish` writes the final file atomically through SafetensorsWriter, optionally with kohya's
     `sshs_model_hash` (sha256 of the data area) and `sshs_legacy_hash`, and removes the spill file.
     """
 
     def __init__(self, path, protect=()):
         self.path = Path(os.fspath(path))
-        self.spill_path = self.path.with_name(self.path.name + ".parts.tmp")
+        self.spill_path = temporary_name(self.path, "parts.tmp")
         self._protect = protect
         for source in protect:
             if source is not None and self.path.exists() and _same_file(self.path, source):

@@ -259,3 +259,42 @@ def test_subtract_matches_float_subtraction_for_every_input_dtype():
     conv = torch.randn(8, 4, 3, 3, generator=gen)
     other = torch.randn(8, 4, 3, 3, generator=gen).bfloat16()
     assert torch.equal(subtract_(conv.clone(), other, chunk_bytes=100), conv - other.float())
+
+
+def test_two_runs_writing_one_output_at_once_leave_one_complete_file(tmp_path):
+    """Each run's temporary files are its own: two extractions (rank 8 and rank 4) on one output, interleaved
+    layer by layer, both finish; the file left is one run's, whole: one rank throughout, reproducing the
+    planted change, and no temporary file remains."""
+    import threading
+    base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=4, dtype=torch.float32)
+    out = tmp_path / "same.safetensors"
+    turn = threading.Barrier(2)
+
+    def step(layer):
+        try:
+            turn.wait(timeout=10)  # the two runs advance together, layer by layer
+        except threading.BrokenBarrierError:
+            pass
+
+    reports, errors = {}, []
+
+    def run(rank):
+        try:
+            reports[rank] = extract(base, tuned, out, rank=rank, clamp_quantile=None, dtype="fp32", progress=False,
+                                    on_layer=step, device="cpu")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(r,)) for r in (8, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and set(reports) == {8, 4}
+    lora = load_file(str(out))
+    ranks = {v.shape[0] for k, v in lora.items() if k.endswith("lora_down.weight")}
+    assert len(ranks) == 1 and ranks <= {8, 4}
+    architecture, targets, deltas = true_differences(base, tuned)
+    products = lora_products(out, architecture, targets)
+    for key, delta in deltas.items():
+        assert float((delta - products[key]).norm() / delta.norm()) < 1e-4, key
+    assert not list(tmp_path.glob("*.tmp"))
