@@ -141,7 +141,7 @@ def _cmd_resize(args):
     else:
         for report in reports:
             print(report.summary(args.verbose))
-    return 0
+    return 1 if any(report.nothing_kept for report in reports) else 0
 
 
 def _add_extract_options(p, rank_default):

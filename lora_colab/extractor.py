@@ -390,7 +390,9 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
         selecting = None
         if recipe_obj is not None:
             report.recipe = recipe_obj.text
-            _check_size_target(recipe_obj, metadata_of)
+            least = min((p for ps in parts.values() for p in ps), key=lambda p: planned_size(specs_of(p, 1)))
+            _check_size_target(recipe_obj, metadata_of, (specs_of(least, 1), metadata_of(
+                [((1, alpha_of(least.target, 1)), least.target)])))
             selecting = RecipeExtraction(recipe_obj, out, lambda piece: sum(
                 math.prod(shape) for _, _, shape in specs_of(piece, 1) if len(shape) >= 2))
         writer = SpillWriter(out, protect=b.ckpt.local_files + t.ckpt.local_files)
@@ -496,11 +498,19 @@ def _piece_seed(seed, piece):
     return _layer_seed(seed, key)
 
 
-def _check_size_target(recipe, metadata_of):
-    """Refuse, before any reading, a size= target that not even a LoRA of no layers meets."""
-    if recipe.size is not None and planned_size([], metadata_of([]), kohya_hashes=True) > recipe.size * 2**20:
+def _check_size_target(recipe, metadata_of, smallest):
+    """Refuse, before any reading, a size= target that not even a LoRA of no layers meets, or that no LoRA
+    holding one direction of the smallest module (`smallest`: (specs, metadata) of it) meets."""
+    if recipe.size is None:
+        return
+    limit = recipe.size * 2**20
+    if planned_size([], metadata_of([]), kohya_hashes=True) > limit:
         raise OptionError(f"recipe {recipe.text!r}: size={recipe.size:g} MiB is smaller than the file's header "
                           f"and metadata alone")
+    least = planned_size(*smallest, kohya_hashes=True)
+    if least > limit:
+        raise OptionError(f"recipe {recipe.text!r}: size={recipe.size:g} MiB is smaller than the smallest LoRA of "
+                          f"this model ({least / 1024:.1f} KiB: one direction of its smallest module)")
 
 
 def _write_selected(selecting, writer, specs_of, metadata_of, alpha_of, report, clamp_quantile, scale, dtype,
@@ -519,6 +529,8 @@ def _write_selected(selecting, writer, specs_of, metadata_of, alpha_of, report, 
     report.directions = (sum(idx.numel() for idx in keep), sum(layer.s.numel() for layer in layers))
     if not report.directions[0]:
         report.nothing_selected = True
+        for layer in layers:  # the report shows what was kept: nothing, not the directions decomposed
+            layer.report.rank, layer.report.skipped = 0, "the recipe kept none of its directions"
         return []
     written = []
     for i, (layer, idx) in enumerate(zip(layers, keep)):

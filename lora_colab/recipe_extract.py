@@ -15,16 +15,20 @@ from .writer import SpillWriter
 
 
 def parse_extract_recipe(text, rank, energy):
-    """(Recipe, rank cap) for extraction; refuses several recipes and choices that conflict."""
+    """(Recipe, rank cap) for extraction: the cap is `rank` (32 when not given), and a recipe's own `rank=`
+    must fit under it; refuses several recipes and choices that conflict."""
     recipes = parse_recipes(text)
     if len(recipes) > 1:
         raise RecipeError(f"recipe {text!r}: extraction takes one recipe (the resizer takes several)")
     recipe = recipes[0]
     if energy is not None:
         raise OptionError(f"energy and recipe {recipe.text!r} both choose the ranks: give one")
-    if recipe.rank is not None and rank is not None and rank != recipe.rank:
-        raise OptionError(f"rank {rank} and recipe {recipe.text!r} (rank={recipe.rank}) conflict: give one")
-    return recipe, rank or recipe.rank or 32
+    cap = rank or 32
+    if recipe.rank is not None and recipe.rank > cap:
+        given = f"--rank {rank}" if rank else "--rank, 32 by default"
+        raise OptionError(f"recipe {recipe.text!r} keeps up to {recipe.rank} directions per layer, above the rank "
+                          f"cap ({given}): give --rank {recipe.rank} too")
+    return recipe, cap
 
 
 @dataclass

@@ -147,6 +147,7 @@ class ResizeReport:
     scores: list = field(default_factory=list)  # every scored direction's log10 score (for a histogram)
     warnings: list = field(default_factory=list)
     seconds: float = 0.0
+    nothing_kept: bool = False  # the recipe kept no direction of any layer: no file written
 
     @property
     def total_rank(self):
@@ -156,6 +157,11 @@ class ResizeReport:
         return asdict(self)
 
     def summary(self, verbose=1):
+        if self.nothing_kept:
+            lines = [f"{_label(self.lora)} [{self.recipe['recipe']}]: the recipe keeps no direction of any layer; "
+                     f"no file written (lower the threshold or raise the size)"]
+            lines.extend(f"  warning: {w}" for w in self.warnings)
+            return "\n".join(lines)
         lines = [f"{_label(self.lora)} [{self.recipe['recipe']}] -> {self.output} ({fmt_bytes(self.size_bytes)})"]
         if verbose >= 1:
             old = sum(layer.old_rank for layer in self.layers)
@@ -392,6 +398,10 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
     """
     if isinstance(loras, (str, os.PathLike)):
         loras = [loras]
+    for lora_arg in loras:
+        for path, weight in _split_merge(lora_arg):
+            if weight == 0:
+                raise OptionError(f"{file_name(path)}:0: a merge weight of 0 adds nothing; leave that LoRA out")
     recipe_list = parse_recipes(recipes) if isinstance(recipes, str) else list(recipes)
     dtype = parse_dtype(dtype)
     if output_folder is not None and Path(output_folder).exists() and not Path(output_folder).is_dir():
@@ -503,6 +513,10 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, ou
     report.threshold = selection.threshold
     if recipe.size is not None:
         report.size_target = int(recipe.size * 2**20)
+    if not any(idx.numel() for idx in keep):
+        report.output, report.nothing_kept = None, True
+        report.layers = [LayerChange(sp.name, sp.old_rank or sp.s.numel(), 0, 0.0) for sp in spectra]
+        return report
     writer = SpillWriter(out, protect=inputs)
     try:
         for key, tensor in passthrough.items():

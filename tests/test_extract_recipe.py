@@ -140,15 +140,29 @@ def test_a_recipe_that_selects_nothing_writes_no_file(tmp_path, pair, capsys):
     report = extract(base, tuned, out, rank=4, recipe="spn_ckpt=1,thr=5", progress=False, device="cpu")
     assert report.nothing_selected and not report.output and not out.exists() and not report.identical
     assert "selects no direction of any layer: no LoRA written" in str(report)
+    # the report shows what was kept, nothing: no ranks or errors of directions never written
+    assert not report.extracted and all(layer.rank == 0 for layer in report.layers)
+    assert "ranks" not in str(report) and "worst relative error" not in str(report)
     assert not list(tmp_path.glob("*.tmp"))
     assert main(["extract", str(base), str(tuned), "-o", str(out), "--rank", "4", "--recipe", "spn_ckpt=1,thr=5",
                  "-q"]) == 1
     assert "selects no direction" in capsys.readouterr().out
 
 
+def test_a_recipe_rank_under_the_cap_keeps_that_rank(tmp_path, pair):
+    base, tuned, plain, _, _ = pair
+    report = extract(base, tuned, tmp_path / "r.safetensors", rank=CAP, recipe="rank=5", progress=False,
+                     device="cpu")
+    assert {layer.rank for layer in report.extracted} == {5} and len(report.extracted) == len(plain.extracted)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(recipe="spn_ckpt=1,size=0.0001"), OptionError, r"size=0\.0001 MiB is smaller than the file's header"),
-    (dict(recipe="rank=8", rank=16), OptionError, r"rank 16 and recipe 'rank=8' \(rank=8\) conflict"),
+    (dict(recipe="rank=64"), OptionError, r"recipe 'rank=64' keeps up to 64 directions per layer, above the rank "
+                                          r"cap \(--rank, 32 by default\): give --rank 64 too"),
+    (dict(recipe="rank=16", rank=8), OptionError, r"above the rank cap \(--rank 8\)"),
+    (dict(recipe="spn_ckpt=1,size=0.001"), OptionError, r"size=0\.001 MiB is smaller than the smallest LoRA of this "
+                                                        r"model \(\d+\.\d KiB: one direction of its smallest module\)"),
     (dict(recipe="spn_ckpt=1,thr=-2", energy=0.9), OptionError, r"energy and recipe .* both choose the ranks"),
     (dict(recipe="rank=4:rank=8"), RecipeError, r"extraction takes one recipe"),
     (dict(recipe="spn_ckpt=1"), RecipeError, r"give exactly one selection"),

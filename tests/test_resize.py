@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,8 +347,8 @@ def test_merging_one_model_in_different_spellings_combines_layers(tmp_path, thre
 def test_merge_spelled_as_the_first_lora_even_when_it_is_diffusers(tmp_path, three_spellings):
     base, paths, _ = three_spellings
     report = resize(base, [f"{paths['diffusers']}:1,{paths['comfy']}:-1"], tmp_path, "rank=64")[0]
-    # the two cancel: nothing remains
-    assert not [k for k in load_file(report.output) if "lora" in k]
+    # the two cancel: nothing remains, and no file is written
+    assert report.nothing_kept and report.output is None and report.total_rank == 0
     report = resize(base, [f"{paths['diffusers']}:0.25,{paths['comfy']}:0.75"], tmp_path, "rank=64")[0]
     assert set(load_file(report.output)) == set(load_file(str(paths["diffusers"])))
     got, want = _deltas(report.output, base), _deltas(paths["comfy"], base)
@@ -430,3 +431,26 @@ def test_split_modules_are_resized_and_merged_each_on_its_own(tmp_path):
             u, s, vh = torch.linalg.svd(delta.double())
             best = (u[:, :k] * s[:k]) @ vh[:k]
             torch.testing.assert_close(got[name].double(), best, rtol=1e-4, atol=1e-6 * float(s[0]))
+
+
+def test_a_recipe_that_keeps_nothing_writes_nothing_and_exits_1(tmp_path, capsys):
+    base = zimage_base(tmp_path)
+    path, _ = zimage_lora(tmp_path, {"layers.0.attention.qkv.weight": [1e-3, 5e-4]})
+    report = resize(base, [path], tmp_path / "out", "spn_ckpt=1,thr=10:rank=1")
+    assert report[0].nothing_kept and report[0].output is None and report[0].total_rank == 0
+    assert "keeps no direction of any layer; no file written" in str(report[0])
+    assert not report[1].nothing_kept and report[1].total_rank == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [Path(report[1].output).name]
+    assert main(["resize", str(base), str(path), "-r", "spn_ckpt=1,thr=10", "-o", str(tmp_path / "o2")]) == 1
+    assert "no file written" in capsys.readouterr().out
+    assert not (tmp_path / "o2").exists() or not list((tmp_path / "o2").iterdir())
+
+
+def test_a_merge_weight_of_zero_is_refused_before_reading(tmp_path, capsys):
+    path, _ = zimage_lora(tmp_path, {"layers.0.attention.qkv.weight": [1.0]})
+    with pytest.raises(LoraColabError, match=r"lora\.safetensors:0: a merge weight of 0 adds nothing"):
+        resize(None, [f"{path}:0,{path}:1"], tmp_path / "out", "rank=1")
+    assert main(["resize", "none", f"{path}:0", "-r", "rank=1", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "merge weight of 0" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
