@@ -1,7 +1,15 @@
 """lora_colab: memory-safe LoRA extraction and resizing for diffusion models.
 
-The public names are imported on first use, so `lora-colab --help` and `import lora_colab.errors` do not
-load torch.
+Quick start::
+
+    import lora_colab
+    report = lora_colab.extract("base.safetensors", "tuned.safetensors", "lora.safetensors", rank=32)
+    print(report)                      # per-layer ranks, errors, the file written
+    lora_colab.resize("base.safetensors", ["lora.safetensors"], "out/", "spn_ckpt=1,thr=-1.2")
+
+Sources may be paths, URLs or Hub files (`owner/repo:file`), read in place; `lora-colab --help` and the
+README list the rest. The public names are imported on first use, so `lora-colab --help` and
+`import lora_colab.errors` do not load torch.
 """
 
 import importlib

@@ -9,10 +9,12 @@ from .errors import LoraColabError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: `lora-colab extract: error: argument --dtype: ...`, exit 2."""
+    """argparse with one-line errors under the one prefix every error has: `lora-colab: error: extract:
+    argument --dtype: ... (see lora-colab extract --help)`, exit 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"lora-colab: error: {command}{message} (see {self.prog} --help)\n")
 
 
 def _optional_groups():
@@ -135,7 +137,7 @@ def _cmd_resize(args):
     loras = [",".join(str(_local_or_remote(path, args)) + (f":{weight:g}" if weight != 1.0 else "")
                       for path, weight in _split_merge(lora)) for lora in args.loras] if args.download else args.loras
     reports = resize(checkpoint, loras, args.output_folder, args.recipes, dtype=args.dtype,
-                     device=args.device, verbose=0, token=args.token)
+                     device=args.device, verbose=0, token=args.token, progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2, default=str))
     else:
@@ -167,7 +169,7 @@ def _add_extract_options(p, rank_default):
                    help="adaptive rank: per layer the smallest rank <= --rank keeping this fraction of ‖ΔW‖²")
     p.add_argument("--min-diff", type=_number(float, lambda v: v >= 0, ">= 0"), default=0.0,
                    help="skip layers whose |difference| never exceeds this (default %(default)s)")
-    p.add_argument("--format", default="auto", choices=("auto", "kohya", "comfy", "diffusers"),
+    p.add_argument("--format", default="auto", choices=("auto", "kohya", "comfy", "diffusers", "peft"),
                    help="key naming (default auto: what loads in the most clients for the architecture)")
     p.add_argument("-t", "--dtype", type=_dtype_value, default=None,
                    help="factor dtype: bf16, fp16 (or 16) or fp32 (or 32) (default bf16 for DiTs, fp16 for SD/SDXL)")
@@ -245,6 +247,7 @@ def build_parser():
     res.add_argument("-v", "--verbose", action="count", default=0,
                      help="-v: totals, threshold, size and score quantiles; -vv: every layer's old -> new rank")
     res.add_argument("--json", action="store_true", help="print the reports as JSON")
+    res.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_source_options(res)
     res.set_defaults(func=_cmd_resize)
     return parser
@@ -261,6 +264,7 @@ def main(argv=None):
         parser.print_help()
         return 2
     try:
+        _import_torch_holding_ctrl_c()
         return args.func(args)
     except LoraColabError as exc:
         print(f"lora-colab: error: {exc}", file=sys.stderr)
@@ -271,6 +275,24 @@ def main(argv=None):
     except BrokenPipeError:  # `lora-colab inspect --json | head`: the reader left, nothing to report
         _silence_stdout()
         return 0
+
+
+def _import_torch_holding_ctrl_c():
+    """Import torch with Ctrl-C held back until the import is done: an interrupt inside torch's native
+    import is lost, or aborts the process (pybind11 error_already_set, exit 134). Held, it is honoured right
+    after the import as a KeyboardInterrupt (exit 130, nothing written)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread() or "torch" in sys.modules:
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _silence_stdout():

@@ -362,7 +362,8 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
         out_dtype = out_dtype or parse_dtype(b.arch.default_dtype)
         report = ExtractReport(base=b.path, tuned=t.path, architecture=b.detected.describe()
                                + (f" / {t.detected.layout}" if t.detected.layout != b.detected.layout else ""),
-                               format=fmt, dtype=str(out_dtype).replace("torch.", ""), device=str(device))
+                               format=fmt, dtype=str(out_dtype).replace("torch.", ""), device=str(device),
+                               scale=scale)
         report.warnings.extend(_notices(b.arch, targets, rank, conv_rank))
         report.warnings.extend(b.arch.format_notes(fmt, groups))
         if diff_note:

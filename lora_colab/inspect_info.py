@@ -4,6 +4,7 @@ from collections import Counter
 
 from .io.checkpoint import ShardedCheckpoint
 from .canonical import CanonicalCheckpoint
+from .memory import fmt_bytes
 
 
 def _target_counts(ckpt):
@@ -60,6 +61,7 @@ def summarize_lora(ckpt):
         "tensors": len(ckpt),
         "dtypes": dict(Counter(ckpt.st_dtype(k) for k in ckpt.keys()).most_common()),
         "total_bytes": ckpt.total_bytes,
+        "file_bytes": sum(source.size for source in ckpt.sources),
         "spelling": lora_spelling(layers),
         "modules": len(layers),
         "layer_kinds": dict(Counter(layer.kind for layer in layers.values()).most_common()),
@@ -92,6 +94,7 @@ def summarize(ckpt):
         "tensors": len(ckpt),
         "dtypes": dict(dtypes.most_common()),
         "total_bytes": ckpt.total_bytes,
+        "file_bytes": sum(source.size for source in ckpt.sources),
         "detected": detected,
         "lora_targets": targets,
         "metadata": dict(ckpt.metadata),
@@ -122,7 +125,6 @@ def _counts(counts):
 
 def format_summary(summary, max_meta_chars=200):
     """Human-readable lines for a summary dict."""
-    gib = summary["total_bytes"] / 2**30
     dtypes = ", ".join(f"{name} x{count}" for name, count in summary["dtypes"].items())
     if summary.get("kind") == "LoRA":
         lines = [
@@ -136,7 +138,7 @@ def format_summary(summary, max_meta_chars=200):
             f"tensors:   {summary['tensors']}" + (f" ({summary['other_tensors']} not LoRA layers)"
                                                   if summary["other_tensors"] else ""),
             f"dtypes:    {dtypes or '-'}",
-            f"size:      {summary['total_bytes']:,} bytes ({gib:.2f} GiB)",
+            _size_line(summary),
         ]
         return lines + _metadata_lines(summary, max_meta_chars)
     lines = [
@@ -146,9 +148,16 @@ def format_summary(summary, max_meta_chars=200):
         "targets:   " + ", ".join(f"{n} {k}" for k, n in summary["lora_targets"].items()),
         f"tensors:   {summary['tensors']}",
         f"dtypes:    {dtypes or '-'}",
-        f"size:      {summary['total_bytes']:,} bytes ({gib:.2f} GiB)",
+        _size_line(summary),
     ]
     return lines + _metadata_lines(summary, max_meta_chars)
+
+
+def _size_line(summary):
+    """The files' size in a unit that fits (a 40 KiB LoRA is not '0.00 GiB'), and the tensors' share."""
+    files = summary.get("file_bytes", summary["total_bytes"])
+    return (f"size:      {fmt_bytes(files)} ({files:,} bytes on disk; tensors {summary['total_bytes']:,} bytes, "
+            f"the rest header and metadata)")
 
 
 def _metadata_lines(summary, max_meta_chars):

@@ -35,6 +35,7 @@ class ExtractReport:
     format: str = ""
     dtype: str = ""
     device: str = ""
+    scale: float = 1.0           # the strength the LoRA was written at (1 = the full difference)
     layers: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     output_bytes: int = 0
@@ -70,8 +71,9 @@ class ExtractReport:
         return data
 
     def __str__(self):
+        scale = f", scale {self.scale:g}" if self.scale != 1.0 else ""
         lines = [f"{self.architecture}: {len(self.extracted)} layers extracted, {len(self.skipped)} skipped "
-                 f"({self.format}, {self.dtype}, {self.device})"]
+                 f"({self.format}, {self.dtype}, {self.device}{scale})"]
         done = self.extracted
         if done:
             ranks = sorted({layer.rank for layer in done})

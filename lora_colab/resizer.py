@@ -385,7 +385,7 @@ def _refactor(name, up, down, out_shape, old_rank, has_alpha, suffixes, scale):
 
 
 def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2", dtype=None, device="auto",
-           verbose=0, progress=False, token=None, on_layer=None):
+           verbose=0, progress=True, token=None, on_layer=None):
     """Resize each LoRA with each recipe; returns one ResizeReport per (LoRA, recipe).
 
     checkpoint: the base model (any layout or source `open_checkpoint` reads: remote files are read in
@@ -393,7 +393,8 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
     loras: sources, or "a.safetensors:0.7,b.safetensors:0.3" to merge with weights before resizing;
     outputs go to `output_folder`, else next to a local LoRA, else the working directory.
     recipes: `:`-separated recipes (see README); dtype: "16", "32", "bf16" (default: the input's).
-    progress: a bar per LoRA over its layers (True: tqdm's, or a tqdm-like factory); on_layer(): called
+    progress: a bar per LoRA over its layers (True, the default, as extract: tqdm's; False: none; or a
+    tqdm-like factory); on_layer(): called
     after each layer is decomposed and scored (e.g. a memory monitor's update).
     """
     if isinstance(loras, (str, os.PathLike)):
@@ -499,7 +500,7 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, ou
 
     def metadata_for(keep):
         ranks = [idx.numel() for idx in keep if idx is not None and idx.numel()]
-        return _metadata(metadata, recipe, spectra, keep, ranks)
+        return {**_metadata(metadata, recipe, spectra, keep, ranks), **merge_metadata(lora_arg)}
 
     selection = Selection(spectra, recipe, base, pass_specs, lambda i, k: layer_specs(spectra[i], k, out_dtype),
                           metadata_for)
@@ -567,3 +568,12 @@ def _metadata(metadata, recipe, spectra, keep, ranks):
                                           else "")
     meta["lora_colab.resize_recipe"] = json.dumps(recipe.to_dict())
     return meta
+
+
+def merge_metadata(lora_arg):
+    """{"lora_colab.merge": JSON [[file name, weight], ...]} for a merge (several LoRAs or a weight other than
+    1), else {}: the file says what it was made of."""
+    parts = _split_merge(lora_arg)
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return {}
+    return {"lora_colab.merge": json.dumps([[file_name(path), weight] for path, weight in parts])}

@@ -16,6 +16,34 @@ def _w():
     return ipywidgets
 
 
+def widgets_available():
+    """Whether ipywidgets can be imported (Colab has it; local Jupyter needs `lora_colab[colab]`)."""
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class DefaultsForm:
+    """Stands in for a form where ipywidgets is missing: one line on how to get it, and the default options,
+    so the later cells still run."""
+
+    def __init__(self, config):
+        self._config = config
+
+    def show(self):
+        print("the options form needs ipywidgets, which is not installed here: run %pip install "
+              "'lora_colab[colab]' in a cell and restart the kernel; until then the default options are used")
+        return self
+
+    def apply_preset(self, name):
+        raise RuntimeError("no form without ipywidgets: pip install 'lora_colab[colab]'")
+
+    def config(self):
+        return self._config
+
+
 def _layout(width=CONTROL_WIDTH):
     return _w().Layout(width=width)
 
@@ -47,6 +75,11 @@ def _note(text):
 class ExtractForm:
     """Rank, alpha, strength, clamp, LoCon, text encoders, bias/norm changes, format, dtype, device, recipe,
     and presets."""
+
+    def __new__(cls, config=None):
+        if not widgets_available():
+            return DefaultsForm(config or ExtractConfig())
+        return super().__new__(cls)
 
     def __init__(self, config=None):
         w = _w()
@@ -106,6 +139,11 @@ _SELECTIONS = {"thr": ("threshold (log10 score)", -1.2), "size": ("target size (
 class ResizeForm:
     """Presets in plain words, a recipe builder (what each score compares with, then a threshold or a size)
     feeding an editable list of recipes."""
+
+    def __new__(cls, config=None):
+        if not widgets_available():
+            return DefaultsForm(config or ResizeConfig())
+        return super().__new__(cls)
 
     def __init__(self, config=None):
         w = _w()

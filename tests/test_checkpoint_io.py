@@ -328,7 +328,9 @@ def test_pickle_checkpoints_inspect_and_fingerprint(tmp_path, capsys):
     from lora_colab.cli import main
     torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "m.ckpt")
     assert main(["inspect", str(tmp_path / "m.ckpt")]) == 0
-    assert "size:      576 bytes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    size = (tmp_path / "m.ckpt").stat().st_size  # the file's bytes, in a unit that fits, and the tensors' share
+    assert f"size:      {size / 1024:.2f} KiB ({size:,} bytes on disk; tensors 576 bytes" in out
     with open_checkpoint(tmp_path / "m.ckpt") as ckpt:
         assert len(fingerprint(ckpt.sources)) == 32
     torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(4, 4, 3, 3)}, tmp_path / "n.ckpt")
@@ -355,3 +357,4 @@ def test_byte_view_keeps_its_tensor_alive():
     assert alive() is None
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         byte_view(torch.zeros(4, 4).T)
+

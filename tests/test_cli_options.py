@@ -43,13 +43,14 @@ def one_error_line(capsys):
     (["--energy", "1.5"], "--energy: '1.5': must be in (0, 1]"),
     (["--include", "foo"], "--include foo: not an optional target group of Z-Image; its groups: adaln"),
     (["--include", "modulation"], "--include modulation: not an optional target group of Z-Image"),
-    (["--format", "peft"], "argument --format: invalid choice"),
+    (["--format", "pef"], "argument --format: invalid choice"),
 ])
 def test_bad_options_are_one_line_and_exit_2(demo, tmp_path, capsys, options, says):
     base, tuned, _ = demo
     out = tmp_path / "out.safetensors"
     assert main(["extract", str(base), str(tuned), "-o", str(out), "-q"] + options) == 2
-    assert says in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert says in line and line.startswith("lora-colab: error: ")  # one prefix for every error
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -177,3 +178,49 @@ def test_help_does_not_load_torch():
             "with contextlib.redirect_stdout(io.StringIO()):\n    main(['extract', '--help'])\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_argparse_errors_share_the_one_prefix(capsys):
+    assert main(["extract", "a.safetensors", "b.safetensors"]) == 2
+    assert one_error_line(capsys).startswith("lora-colab: error: extract: the following arguments are required: -o")
+
+
+def test_peft_is_the_diffusers_spelling_and_the_report_names_the_scale(demo, tmp_path):
+    base, tuned, _ = demo
+    report = extract(base, tuned, tmp_path / "p.safetensors", rank=4, format="peft", scale=0.5, progress=False)
+    keys = set(load_file(str(tmp_path / "p.safetensors")))
+    assert report.format == "diffusers" and any(k.endswith(".lora_A.weight") for k in keys)
+    assert "scale 0.5)" in str(report).splitlines()[0]
+    assert "scale" not in str(extract(base, tuned, tmp_path / "q.safetensors", rank=4, progress=False)).splitlines()[0]
+
+
+def test_a_merge_names_its_sources_and_weights(demo, tmp_path):
+    from safetensors import safe_open
+    _, _, lora = demo
+    report = resize(None, [f"{lora}:0.5,{lora}:-0.25"], tmp_path, "rank=2", progress=False)[0]
+    with safe_open(report.output, "pt") as f:
+        assert json.loads(f.metadata()["lora_colab.merge"]) == [["lora.safetensors", 0.5], ["lora.safetensors", -0.25]]
+    single = resize(None, [lora], tmp_path / "one", "rank=2", progress=False)[0]
+    with safe_open(single.output, "pt") as f:
+        assert "lora_colab.merge" not in f.metadata()
+
+
+def test_help_has_a_quick_start():
+    import lora_colab
+    assert "Quick start" in lora_colab.__doc__ and "lora_colab.extract(" in lora_colab.__doc__
+
+
+@pytest.mark.parametrize("after", [0.3, 0.7, 1.2])
+def test_ctrl_c_while_torch_loads_stops_cleanly(tmp_path, after):
+    """Ctrl-C during the first second (torch's import) is honoured once the import is done: exit 130 with
+    the one 'interrupted' line, never lost and never an abort from inside torch's native import."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "lora_colab", "demo", "-o", str(tmp_path / "demo"), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-500:])
+    assert "interrupted" in err and "terminate called" not in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.tmp"))

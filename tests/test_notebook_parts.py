@@ -127,3 +127,17 @@ def test_run_cells_say_which_settings_they_used(tmp_path, capsys):
     assert out.startswith("settings: rank 4, alpha 2, strength 1, clamp 0.99, format auto, dtype auto, device auto")
     assert "edit the form above and run this cell again" in out
     assert "extract: 100%" in out and f"{len(report.layers)}/{len(report.layers)}" in out  # a text bar, finished
+
+
+def test_without_ipywidgets_the_forms_say_how_to_get_them_and_use_the_defaults(monkeypatch, capsys):
+    """Local Jupyter after a plain `pip install .`: no traceback at the options cell, one line naming the
+    extras, and the later cells run with the default options."""
+    import sys
+    from lora_colab.configs import ExtractConfig, ResizeConfig
+    from lora_colab.widgets import ExtractForm, ResizeForm
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import ipywidgets raises ImportError
+    for form, default in ((ExtractForm, ExtractConfig()), (ResizeForm, ResizeConfig())):
+        shown = form().show()
+        assert shown.config() == default
+        out = capsys.readouterr().out
+        assert out.count("\n") == 1 and "%pip install 'lora_colab[colab]'" in out

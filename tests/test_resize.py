@@ -369,7 +369,7 @@ def test_base_of_another_architecture_is_one_line_naming_both(tmp_path, three_sp
     _, paths, _ = three_spellings
     flux = [("double_blocks.0.img_attn.qkv.weight", (96, 32)), ("double_blocks.0.img_attn.proj.weight", (32, 32))]
     other = write_checkpoint(tmp_path / "flux.safetensors", flux, lambda k, s: torch.randn(s))
-    assert main(["resize", str(other), str(paths["kohya"]), "-o", str(tmp_path / "o")]) == 2
+    assert main(["resize", str(other), str(paths["kohya"]), "-o", str(tmp_path / "o"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "Flux.1" in err and "looks like a Z-Image LoRA" in err and "none of its" in err

@@ -74,10 +74,14 @@ def get(name):
                          f"{', '.join(list(ARCHITECTURES) + ['generic'])}") from None
 
 
+FORMAT_ALIASES = {"peft": "diffusers"}  # the diffusers spelling is PEFT's lora_A/lora_B
+
+
 def resolve_format(arch, fmt):
     """The concrete output format for `fmt` ('auto' picks what loads in the most clients for `arch`)."""
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
     if fmt not in FORMATS:
-        raise OptionError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise OptionError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)} (peft = diffusers)")
     return arch.auto_format if fmt == "auto" else fmt
 
 
