@@ -358,32 +358,3 @@ def test_byte_view_keeps_its_tensor_alive():
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         byte_view(torch.zeros(4, 4).T)
 
-
-def test_large_reads_bypass_the_page_cache_and_return_the_exact_bytes(tmp_path, monkeypatch):
-    """Reads of DIRECT_MIN bytes or more go through O_DIRECT (an aligned bounce buffer) where the file system
-    takes it: any offset and length returns the file's own bytes, a read past the end is one line."""
-    import os
-    import random
-
-    import lora_colab.io.local_file as local_file
-    monkeypatch.setattr(local_file, "DIRECT_MIN", 1)
-    monkeypatch.setattr(local_file, "_BOUNCE", 1 << 16)  # many bounce rounds per read
-    data = os.urandom(3_000_000 + 17)
-    (tmp_path / "f.bin").write_bytes(data)
-    f = local_file.LocalFile(tmp_path / "f.bin")
-    direct = f._direct is not None
-    rng = random.Random(0)
-    for _ in range(200):
-        offset = rng.randrange(len(data))
-        n = min(len(data) - offset, rng.choice([1, 4095, 4096, 4097, 65536, rng.randrange(1, 1_000_000)]))
-        buf = bytearray(n)
-        f.readinto(memoryview(buf), offset)
-        assert bytes(buf) == data[offset:offset + n], (offset, n)
-    assert f.bytes_read > 0 and (f._direct is not None) == direct
-    with pytest.raises(CheckpointError, match="file ended 50 bytes early"):
-        f.readinto(memoryview(bytearray(100)), len(data) - 50)
-    f.close()
-    monkeypatch.setenv("LORA_COLAB_DIRECT_IO", "0")
-    buffered = local_file.LocalFile(tmp_path / "f.bin")
-    assert buffered._direct is None
-    buffered.close()

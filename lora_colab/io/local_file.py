@@ -1,7 +1,5 @@
-"""A local file read with positional reads into caller buffers (no mmap), releasing its page cache. Large
-reads bypass the page cache (O_DIRECT) where the file system allows it."""
+"""A local file read with positional reads into caller buffers (no mmap), releasing its page cache."""
 
-import mmap
 import os
 import threading
 
@@ -11,9 +9,6 @@ from .byte_source import ByteSource
 _HAS_PREAD = hasattr(os, "preadv")
 _HAS_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 _CHUNK = 1 << 30  # Linux returns at most ~2 GiB per read call; stay well below
-DIRECT_MIN = 4 << 20      # reads at least this large go around the page cache (O_DIRECT)
-_DIRECT_ALIGN = 4096      # O_DIRECT offsets, lengths and buffers: multiples of the logical block size
-_BOUNCE = 16 << 20        # per-thread aligned buffer the direct reads land in before their copy
 
 
 class LocalFile(ByteSource):
@@ -30,8 +25,6 @@ class LocalFile(ByteSource):
         self.fd = self._f.fileno()
         self.size = os.fstat(self.fd).st_size
         self._lock = None if _HAS_PREAD else threading.Lock()
-        self._direct = _open_direct(self.path) if _HAS_PREAD else None
-        self._bounce = threading.local()
         self._previous_start = 0
         stat = os.fstat(self.fd)
         self.identity = f"{self.size}:{stat.st_mtime_ns}"
@@ -39,9 +32,6 @@ class LocalFile(ByteSource):
     def readinto(self, view, offset, tensor=None):
         """Fill the writable memoryview `view` from `offset`; raise CheckpointError on a short file."""
         view = view.cast("B")
-        if self._direct is not None and len(view) >= DIRECT_MIN and self._read_direct(view, offset, tensor):
-            self.bytes_read += len(view)
-            return
         done, total = 0, len(view)
         while done < total:
             chunk = view[done:done + _CHUNK]
@@ -54,35 +44,6 @@ class LocalFile(ByteSource):
                                       tensor)
             done += got
         self.bytes_read += total
-
-    def _read_direct(self, view, offset, tensor):
-        """Read `view` with O_DIRECT through an aligned bounce buffer: the disk's DMA lands in it and one
-        copy moves it, where a buffered read costs the page cache's kernel work (here: 6.3 s of CPU per
-        3.4 GB against 0.2 s, and half the speed). False (nothing read) where the file system refuses it."""
-        bounce = getattr(self._bounce, "buffer", None)
-        if bounce is None:
-            bounce = self._bounce.buffer = mmap.mmap(-1, _BOUNCE)  # page-aligned
-        total, done = len(view), 0
-        while done < total:
-            start = offset + done
-            aligned = start - start % _DIRECT_ALIGN
-            want = min(_BOUNCE, -(-(start + total - done - aligned) // _DIRECT_ALIGN) * _DIRECT_ALIGN)
-            try:
-                got = os.preadv(self._direct, [bounce], aligned) if want == _BOUNCE else \
-                    os.preadv(self._direct, [memoryview(bounce)[:want]], aligned)
-            except OSError as exc:
-                if done == 0 and exc.errno == 22:  # EINVAL: this file system takes no direct reads
-                    os.close(self._direct)
-                    self._direct = None
-                    return False
-                raise CheckpointError(self.path, f"read failed: {exc.strerror or exc}", tensor) from None
-            useful = min(got - (start - aligned), total - done)
-            if useful <= 0:
-                raise CheckpointError(self.path, f"file ended {total - done} bytes early (changed while reading?)",
-                                      tensor)
-            view[done:done + useful] = memoryview(bounce)[start - aligned:start - aligned + useful]
-            done += useful
-        return True
 
     def _read_some(self, chunk, offset):
         if self._lock is None:
@@ -109,18 +70,4 @@ class LocalFile(ByteSource):
         self._previous_start = offset
 
     def close(self):
-        if self._direct is not None:
-            os.close(self._direct)
-            self._direct = None
         self._f.close()
-
-
-def _open_direct(path):
-    """A second descriptor of `path` opened with O_DIRECT, or None where the platform or file system has none."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag or os.environ.get("LORA_COLAB_DIRECT_IO") == "0":
-        return None
-    try:
-        return os.open(path, os.O_RDONLY | flag)
-    except OSError:
-        return None
