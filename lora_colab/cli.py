@@ -255,6 +255,14 @@ def build_parser():
 
 def main(argv=None):
     """Entry point of `lora-colab` and `python -m lora_colab`; returns the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the command ran (parsing): nothing was written
+        print("lora-colab: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+
+
+def _main(argv):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
