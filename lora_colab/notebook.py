@@ -50,14 +50,16 @@ def _failed(cell, exc):
 
 
 def _not_ready(*values, needed_by):
-    """True (after saying which cell to fix) when a value handed on by an earlier cell is Missing."""
+    """The first Missing among values handed on by earlier cells (after saying which cell to fix), else None.
+    `needed_by` names this cell by what it does ("extract", "save"): the notebooks number their cells
+    differently, and the cell to fix is the one that failed first, which the Missing carries on."""
     for value in values:
         for item in (value if isinstance(value, (list, tuple)) else [value]):
             if isinstance(item, Missing):
-                _problem(f"cell {needed_by} cannot run: cell {item.cell} failed ({item.why}); fix it and run cell "
-                         f"{item.cell} again, then this one")
-                return True
-    return False
+                _problem(f"this cell ({needed_by}) cannot run: cell {item.cell} failed ({item.why}); fix it and "
+                         f"run cell {item.cell} again, then this one")
+                return item
+    return None
 
 
 def workdir():
@@ -137,8 +139,9 @@ def run_extract(base, tuned, config=None, folder=None, monitor=True):
     from .extractor import extract
     from .monitor import LiveMonitor
 
-    if _not_ready(base, tuned, needed_by=4):
-        return Missing(4, "the models were not ready")
+    missing = _not_ready(base, tuned, needed_by="extract")
+    if missing is not None:
+        return missing
     config = config or ExtractConfig()
     print(f"settings: {config.describe()}  (to change them: edit the form above and run this cell again)")
     live = LiveMonitor() if monitor else None
@@ -190,8 +193,9 @@ def run_resize(checkpoint, loras, config=None, folder=None, monitor=True, plot=T
     from .monitor import LiveMonitor
     from .resizer import resize
 
-    if _not_ready(checkpoint, loras, needed_by=4):
-        return Missing(4, "the inputs were not ready")
+    missing = _not_ready(checkpoint, loras, needed_by="resize")
+    if missing is not None:
+        return missing
     try:
         config = config or ResizeConfig()
     except Exception as exc:  # noqa: BLE001
@@ -245,7 +249,7 @@ def show_report(report, plot=True, top=12):
     worst layers' spectra."""
     from IPython.display import HTML, display
 
-    if report is None or _not_ready(report, needed_by=5):
+    if report is None or _not_ready(report, needed_by="results") is not None:
         return
     layers = sorted(report.extracted, key=lambda layer: layer.rel_error, reverse=True)[:top]
     rows = "".join(f"<tr><td>{layer.name}</td><td>{layer.rank}</td><td>{layer.energy:.4f}</td>"
@@ -282,7 +286,7 @@ def _plot_extraction(report, worst):
 def save_results(paths, drive_folder="", hub_repo="", token=None):
     """save_result for each path (a report, a path, or a list of either): one line per place it went, with a
     download link when it went nowhere else. Returns nothing (the lines say it all)."""
-    if _not_ready(paths, needed_by="6 (save)"):
+    if _not_ready(paths, needed_by="save") is not None:
         return None
     items = paths if isinstance(paths, (list, tuple)) else [paths]
     outputs = [getattr(item, "output", item) for item in items]
