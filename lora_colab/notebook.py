@@ -1,5 +1,6 @@
 """What the notebook cells call: one function per cell, so no logic lives only in a notebook."""
 
+import importlib
 import os
 import shutil
 import sys
@@ -336,8 +337,36 @@ def download_href(path, cwd=None):
     return Path(os.path.relpath(Path(path).resolve(), Path(cwd or os.getcwd()).resolve())).as_posix()
 
 
+def jupyter_roots():
+    """The folders the running Jupyter servers serve files from (JupyterLab/Notebook 7 `root_dir`, classic
+    `notebook_dir`); empty when none can be listed."""
+    roots = []
+    for module in ("jupyter_server.serverapp", "notebook.notebookapp"):
+        try:
+            servers = importlib.import_module(module).list_running_servers()
+            roots.extend(Path(info.get("root_dir") or info.get("notebook_dir")).resolve() for info in servers
+                         if info.get("root_dir") or info.get("notebook_dir"))
+        except Exception:  # noqa: BLE001 - no server package, or unreadable runtime files: no roots known
+            continue
+    return roots
+
+
+def unreachable_root(path, cwd=None, roots=None):
+    """The server root serving the notebook (the kernel's folder) when `path` lies outside it, so no link
+    can reach the file; None when the file is under that root or no root is known."""
+    cwd = Path(cwd or os.getcwd()).resolve()
+    roots = jupyter_roots() if roots is None else roots
+    serving = [root for root in roots if cwd == root or root in cwd.parents]
+    if not serving:
+        return None
+    root = max(serving, key=lambda r: len(r.parts))
+    target = Path(path).resolve()
+    return None if target == root or root in target.parents else root
+
+
 def offer_download(path):
-    """In Colab, the browser downloads the file; elsewhere one line with a download link."""
+    """In Colab, the browser downloads the file; elsewhere one line with a download link, or, where the file
+    lies outside the folder Jupyter serves, where it is and why no link reaches it."""
     path = Path(path)
     size = fmt_bytes(path.stat().st_size)
     if IN_COLAB:
@@ -348,6 +377,11 @@ def offer_download(path):
     from html import escape
 
     from IPython.display import HTML, display
+    root = unreachable_root(path)
+    if root is not None:
+        print(f"saved: {path.name} ({size}) in {path.parent}; Jupyter serves only {root}, so no download link "
+              f"can reach it: copy it from there, or set LORA_COLAB_WORKDIR to a folder under {root}")
+        return
     href = escape(download_href(path), quote=True)
     display(HTML(f"saved: <a href='{href}' download='{escape(path.name, quote=True)}'>{escape(path.name)}</a> "
                  f"({size}, in {escape(str(path.parent))})"))

@@ -141,3 +141,31 @@ def test_without_ipywidgets_the_forms_say_how_to_get_them_and_use_the_defaults(m
         assert shown.config() == default
         out = capsys.readouterr().out
         assert out.count("\n") == 1 and "%pip install 'lora_colab[colab]'" in out
+
+
+def test_a_file_outside_the_folder_jupyter_serves_gets_a_plain_line_not_a_dead_link(tmp_path, monkeypatch, capsys):
+    """JupyterLab started in the notebooks' folder cannot serve ~/lora_colab_work: the save line says where
+    the file is and why no link reaches it; under the served folder it stays a link. The server is found
+    as Jupyter lists its running servers (a jpserver-*.json runtime file whose pid is alive)."""
+    import json
+    import os
+
+    from lora_colab import notebook as nb
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    served = tmp_path / "served" / "notebooks"
+    served.mkdir(parents=True)
+    (runtime / "jpserver-1.json").write_text(json.dumps({"pid": os.getpid(), "root_dir": str(served.parent)}))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
+    monkeypatch.chdir(served)  # the kernel runs in the notebook's folder
+    assert nb.jupyter_roots() == [served.parent.resolve()]
+    outside = tmp_path / "work" / "lora.safetensors"
+    outside.parent.mkdir()
+    outside.write_bytes(b"x" * 2048)
+    inside = served / "lora.safetensors"
+    inside.write_bytes(b"x" * 2048)
+    assert nb.unreachable_root(outside) == served.parent.resolve() and nb.unreachable_root(inside) is None
+    nb.offer_download(outside)
+    line = capsys.readouterr().out
+    assert f"Jupyter serves only {served.parent.resolve()}" in line and str(outside.parent) in line
+    assert line.count("\n") == 1 and "href" not in line
