@@ -99,7 +99,8 @@ class BaseReferences(Closeable):
     """Norms of the base layers a LoRA's modules patch."""
 
     def __init__(self, checkpoint, device=None, token=None):
-        self.view = open_canonical(checkpoint, token=token)
+        self.view = open_canonical(checkpoint, token=token,
+                                   role="the base model the LoRA was trained on as the checkpoint")
         self.device = device
         targets = all_targets(self.view.arch, self.view.shapes())
         self.targets = {target.key: target for target in targets}

@@ -13,12 +13,12 @@ from .io.dequant import Dequantizer, is_auxiliary
 class CanonicalCheckpoint(Closeable):
     """Canonical weight keys of an open checkpoint, read by rows across fused or split storage."""
 
-    def __init__(self, ckpt, arch=None):
+    def __init__(self, ckpt, arch=None, role="the full base and fine-tuned models"):
         self.ckpt = ckpt
         keys = [k for k in ckpt.keys() if not is_auxiliary(k)]
         if looks_like_lora(keys):
-            raise CheckpointError(ckpt.path, "is a LoRA file, not a model checkpoint: give the full base and "
-                                             "fine-tuned models (lora-colab inspect shows what a file is)")
+            raise CheckpointError(ckpt.path, f"is a LoRA file, not a model checkpoint: give {role} "
+                                             f"(lora-colab inspect shows what a file is)")
         detected = arch_registry.detect(keys)
         if arch is not None and detected.arch.name != arch:
             wanted = arch_registry.get(arch)
@@ -129,11 +129,12 @@ def nonfinite_error(base, tuned, key):
     return CheckpointError(tuned.path, "difference with the base overflows to Inf", key)
 
 
-def open_canonical(source, arch=None, token=None):
-    """open_checkpoint + CanonicalCheckpoint; closes the file if detection fails."""
+def open_canonical(source, arch=None, token=None, role="the full base and fine-tuned models"):
+    """open_checkpoint + CanonicalCheckpoint; closes the file if detection fails. `role`: what the caller
+    needs the file to be, for the message when it is a LoRA."""
     ckpt = open_checkpoint(source, token)
     try:
-        return CanonicalCheckpoint(ckpt, arch)
+        return CanonicalCheckpoint(ckpt, arch, role)
     except BaseException:
         ckpt.close()
         raise

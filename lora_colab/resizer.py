@@ -518,6 +518,8 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, ou
         report.output, report.nothing_kept = None, True
         report.layers = [LayerChange(sp.name, sp.old_rank or sp.s.numel(), 0, 0.0) for sp in spectra]
         return report
+    if out.exists():
+        report.warnings.append(f"replaced the existing {out.name} (an earlier run's output of this LoRA and recipe)")
     writer = SpillWriter(out, protect=inputs)
     try:
         for key, tensor in passthrough.items():

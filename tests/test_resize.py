@@ -454,3 +454,14 @@ def test_a_merge_weight_of_zero_is_refused_before_reading(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "merge weight of 0" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_lora_as_the_base_says_what_resize_needs_and_a_rerun_says_it_replaced_the_output(tmp_path, capsys):
+    path, _ = zimage_lora(tmp_path, {"layers.0.attention.qkv.weight": [1.0, 0.5]})
+    with pytest.raises(LoraColabError, match="is a LoRA file, not a model checkpoint: give the base model the LoRA "
+                                             "was trained on as the checkpoint"):
+        resize(path, [path], tmp_path / "o", "spn_ckpt=1,thr=-9", progress=False)
+    first = resize(None, [path], tmp_path / "o", "rank=1", progress=False)[0]
+    assert not [w for w in first.warnings if "replaced" in w]
+    again = resize(None, [path], tmp_path / "o", "rank=1", progress=False)[0]
+    assert f"replaced the existing {Path(again.output).name}" in str(again)
