@@ -358,3 +358,17 @@ def test_byte_view_keeps_its_tensor_alive():
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         byte_view(torch.zeros(4, 4).T)
 
+
+
+def test_a_text_file_named_ckpt_is_one_whole_line_and_a_legacy_pickle_loads(tmp_path, capsys):
+    from lora_colab.cli import main
+    (tmp_path / "notes.ckpt").write_text("hello, this is just text and not a checkpoint at all\n")
+    assert main(["inspect", str(tmp_path / "notes.ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("notes.ckpt: is not a PyTorch checkpoint (it begins 'hello, this is just text'): give a "
+                        ".safetensors, .ckpt, .pt or .bin model file") and err.count("\n") == 0
+    weights = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(4, 4, 3, 3)}
+    torch.save(weights, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)  # pre-1.6 format
+    with open_checkpoint(tmp_path / "old.ckpt") as ckpt:
+        key = next(iter(weights))
+        assert torch.equal(ckpt.read(key), weights[key])

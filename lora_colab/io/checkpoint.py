@@ -282,18 +282,32 @@ class PipelineCheckpoint(Checkpoint):
         self.index_remote = folder.remote
 
 
+def _first_sentence(text, limit=160):
+    """The first line of an error, whole words only, at most `limit` characters."""
+    line = text.strip().splitlines()[0]
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:(") + " ..."
+
+
 class PickleCheckpoint(Checkpoint):
     """A `.ckpt`/`.pt`/`.bin` file, loaded only with `torch.load(weights_only=True, mmap=True)`: plain
     tensors in (nested) dicts; anything else in the pickle is refused, never executed."""
 
     def __init__(self, path, name=None):
         name = name or str(path)
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # UnpicklingError, RuntimeError (not a zip/torch file), ...
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip archive nor a pickle
+            shown = head[:24].decode("utf-8", "replace").split("\n")[0]
+            raise CheckpointError(name, f"is not a PyTorch checkpoint (it begins {shown!r}): give a .safetensors, "
+                                        f".ckpt, .pt or .bin model file")
+        try:  # mmap needs the zip archive; a legacy pickle is read whole
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=head[:2] == b"PK")
+        except Exception as exc:  # UnpicklingError, RuntimeError (a damaged archive), ...
             text = str(exc)
             reason = ("it holds objects other than tensors" if "Weights only load failed" in text
-                      else text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__)
+                      else _first_sentence(text) if text.strip() else type(exc).__name__)
             raise CheckpointError(name, f"refused: not a plain tensor pickle ({reason}); it is never loaded "
                                         f"with code execution: convert it to .safetensors with a tool you trust") from None
         tensors = {}
