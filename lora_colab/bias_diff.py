@@ -81,6 +81,16 @@ def diff_targets(arch, fmt, base, tuned):
     return found
 
 
+def changed(arch, base, tuned, min_diff=0.0):
+    """How many biases and 1-D weights differ between the two canonical views (by more than `min_diff`)."""
+    count = 0
+    for target in diff_targets(arch, "comfy", base, tuned):
+        delta = tuned.read(target.key) - base.read(target.key)
+        if not bool(torch.isfinite(delta).all()) or float(delta.abs().max()) > min_diff:
+            count += 1
+    return count
+
+
 def difference(base, tuned, target, scale):
     """scale × (tuned − base) of one 1-D tensor, float32 on the CPU; a non-finite one names its file."""
     delta = tuned.read(target.key) - base.read(target.key)

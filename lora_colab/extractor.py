@@ -359,6 +359,10 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
         pair(b, t, targets)
         write_diffs, diff_note = diffs.choose(b.arch, fmt, bias_diff)
         diff_targets = diffs.diff_targets(b.arch, fmt, b, t) if write_diffs else []
+        local = all(s.local_path for s in b.ckpt.sources + t.ckpt.sources)
+        if diff_note and local:  # say it only where some bias or norm did change (remote: one request each)
+            n_changed = diffs.changed(b.arch, b, t, min_diff)
+            diff_note = diff_note.replace("(if any) ", f"({n_changed} changed) ") if n_changed else ""
         out_dtype = out_dtype or parse_dtype(b.arch.default_dtype)
         report = ExtractReport(base=b.path, tuned=t.path, architecture=b.detected.describe()
                                + (f" / {t.detected.layout}" if t.detected.layout != b.detected.layout else ""),

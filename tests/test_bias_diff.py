@@ -88,8 +88,10 @@ def test_kohya_leaves_them_out_with_a_line_and_writes_them_when_asked(tmp_path):
     paths = (tmp_path / "base.safetensors", tmp_path / "tuned.safetensors")
     plain = extract(*paths, tmp_path / "plain.safetensors", rank=4, progress=False, device="cpu")
     assert plain.format == "kohya" and not plain.diffs
-    assert any(w.startswith("bias and norm changes (if any) left out: the kohya format's other clients") and
-               "--format comfy writes them" in w for w in plain.warnings)
+    n_changed = sum(1 for k, v in base_sd.items() if v.dim() == 1 and not torch.equal(v, tuned_sd[k]))
+    assert n_changed >= 20
+    assert any(w.startswith(f"bias and norm changes ({n_changed} changed) left out: the kohya format's other "
+                            f"clients") and "--format comfy writes them" in w for w in plain.warnings)
     assert not any(k.endswith((".diff", ".diff_b")) for k in load_file(str(tmp_path / "plain.safetensors")))
 
     forced = extract(*paths, tmp_path / "forced.safetensors", rank=4, progress=False, device="cpu",
@@ -199,3 +201,12 @@ def test_resizing_keeps_the_patches_whole_and_weights_them_in_merges(tmp_path):
     merged = load_file(str(next((tmp_path / "merged").glob("*.safetensors"))))
     for key, value in patches.items():
         torch.testing.assert_close(merged[key].float(), 0.75 * value.float(), rtol=1e-2, atol=1e-4)
+
+
+def test_no_note_about_bias_changes_when_no_bias_changed(tmp_path):
+    """The demo and every fine-tune that changed only matrices: no line about bias and norm changes."""
+    from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+    base, tuned, _ = make_zimage_pair(tmp_path, ZImageConfig(dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
+                                                             cap_feat_dim=32), rank=2)
+    report = extract(base, tuned, tmp_path / "l.safetensors", rank=2, format="kohya", progress=False)
+    assert not report.diffs and not any("bias and norm" in w for w in report.warnings)

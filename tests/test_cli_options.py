@@ -210,7 +210,7 @@ def test_help_has_a_quick_start():
     assert "Quick start" in lora_colab.__doc__ and "lora_colab.extract(" in lora_colab.__doc__
 
 
-@pytest.mark.parametrize("after", [0.3, 0.7, 1.2])
+@pytest.mark.parametrize("after", [0.3, 0.7])  # torch's import window on this machine
 def test_ctrl_c_while_torch_loads_stops_cleanly(tmp_path, after):
     """Ctrl-C during the first second (torch's import) is honoured once the import is done: exit 130 with
     the one 'interrupted' line, never lost and never an abort from inside torch's native import."""
