@@ -4,7 +4,6 @@ weight's spectral and Frobenius norms, cached on disk by checkpoint content."""
 import hashlib
 import json
 import os
-import secrets
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from .closeable import Closeable
 from .canonical import open_canonical
 from .lowrank import spectral_norm
+from .writer import temporary_name
 
 _FORMATS = ("kohya", "comfy", "diffusers")
 _COMPONENT_PREFIXES = ("transformer.", "unet.", "diffusion_model.", "base_model.model.")
@@ -87,7 +87,7 @@ def _write_cache(path, cache):
     """Write a norm cache atomically; False (quietly) where the cache folder is not writable."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")  # concurrent runs
+        tmp = temporary_name(path, "tmp")  # each run's own: concurrent runs
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, path)
         return True

@@ -67,9 +67,14 @@ def bf16_products_fast():
 
 
 def _rows_fp32(a, block_bytes=8 << 20):
-    """Row blocks of a low-precision matrix as float32: (start, block), one cache-sized block at a time, cast
-    into one reused buffer (a fresh 8 MiB tensor per block costs its page faults each time: 5x the cast)."""
+    """Row blocks of a 2-D matrix as float32: (start, block), one cache-sized block at a time; a low-precision
+    one is cast into one reused buffer (a fresh 8 MiB tensor per block costs its page faults each time: 5x
+    the cast), a float32 one is sliced. A block is valid until the next one is taken."""
     rows = min(a.shape[0], max(1, block_bytes // max(1, a.shape[1] * 4)))
+    if a.dtype == torch.float32:
+        for start in range(0, a.shape[0], rows):
+            yield start, a[start:start + rows]
+        return
     buffer = torch.empty(rows, a.shape[1], device=a.device)
     for start in range(0, a.shape[0], rows):
         block = buffer[:min(rows, a.shape[0] - start)]
@@ -219,7 +224,7 @@ class RowBlocks:
         self.blocked = blocked  # the extractor holds this layer in row blocks: no float32 copy of it
         self.shape = tuple(self.data.shape)
         self.device = self.data.device
-        self._rows = max(1, block_bytes // max(1, self.shape[1] * 4))
+        self._block_bytes = block_bytes
 
     def rows(self, start, stop):
         """Rows start:stop of the matrix, a RowBlocks sharing its storage."""
@@ -228,8 +233,7 @@ class RowBlocks:
         return RowBlocks(self.data[start:stop], blocked=self.blocked)
 
     def blocks(self):
-        for start in range(0, self.shape[0], self._rows):
-            yield start, self.data[start:start + self._rows].float()
+        return _rows_fp32(self.data, self._block_bytes)
 
     def dense(self):
         return self.data.float()
@@ -346,7 +350,6 @@ class BlockedDelta:
         self.max_abs = max_abs      # max |Δ| (nan/inf when not finite)
         self.shape = tuple(data.shape)
         self.device = data.device
-        self._rows = max(1, (8 << 20) // max(1, self.shape[1] * 4))
 
     @classmethod
     def build(cls, read_tuned, read_base, shape, block_bytes=8 << 20, base_out=None):
@@ -378,9 +381,7 @@ class BlockedDelta:
         if (start, stop) == (0, self.shape[0]):
             return self
         data = self.data[start:stop]
-        norm = sum(float(torch.linalg.vector_norm(data[i:i + self._rows].float(), dim=1).double().pow(2).sum())
-                   for i in range(0, data.shape[0], self._rows))
-        return BlockedDelta(data, norm, max_abs(data))
+        return BlockedDelta(data, norm_sq(data), max_abs(data))
 
     def numel(self):
         return self.data.numel()
@@ -392,8 +393,7 @@ class BlockedDelta:
         return self
 
     def _blocks(self):
-        for start in range(0, self.shape[0], self._rows):
-            yield start, self.data[start:start + self._rows].float()
+        return _rows_fp32(self.data)
 
     def matmul(self, x):
         """Δ @ x, float32."""
