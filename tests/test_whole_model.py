@@ -11,7 +11,8 @@ from safetensors.torch import save_file as st_save_file
 from lora_colab import arch, extract
 from lora_colab.lora_format import pieces
 
-from whole_model import (PLANTED_RANK, LoaderWarnings, canonical_of, comfy_apply, comfy_transformer_key_map, exact_rank,
+from comfy_rules import unet_key_map
+from whole_model import (PLANTED_RANK, LoaderWarnings, canonical_of, comfy_apply, exact_rank,
                          forward, gap, lora_modules_loaded, make_pipeline, make_transformer, plant,
                          transformer_inputs, transformer_spec, with_canonical)
 
@@ -78,7 +79,7 @@ def test_base_plus_lora_is_the_fine_tune_through_every_client(family_pairs, name
     want, was = run_forward(name, tuned_state), run_forward(name, state)
     clients = []
     if fmt in ("kohya", "comfy"):
-        key_map = comfy_transformer_key_map(a.name, {k: tuple(v.shape) for k, v in base.items()})
+        key_map = unet_key_map(a.name, {k: tuple(v.shape) for k, v in base.items()})
         patched = comfy_apply(out, key_map, base)
         got = run_forward(name, with_canonical(a, state, detected.layout, patched, detected.prefix))
         clients.append(("ComfyUI", gap(got, want, was)))

@@ -10,7 +10,7 @@ import math
 import torch
 from safetensors.torch import load_file
 
-from comfy_rules import unet_key_map
+from test_diffusers_loading import WarningCatcher
 
 PLANTED_RANK = 2  # rank of the planted change in each slice (each written module of the split spellings)
 
@@ -226,23 +226,10 @@ def comfy_apply(lora_path, key_map, weights, strength=1.0):
     return out
 
 
-def comfy_transformer_key_map(arch_name, native_shapes):
-    """ComfyUI's names for a DiT's native weights (generic `diffusion_model.`/`lora_unet_` rules and the
-    per-family diffusers aliases), as {name: (key, rows)}."""
-    return unet_key_map(arch_name, native_shapes)
-
-
 # --- diffusers ------------------------------------------------------------------------------------
 
-class LoaderWarnings(logging.Handler):
-    """Collects diffusers' and PEFT's warnings while a LoRA loads."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
+class LoaderWarnings(WarningCatcher):
+    """Collects diffusers' and PEFT's warnings while a LoRA loads (a context manager)."""
 
     def __enter__(self):
         for name in ("diffusers", "peft"):
