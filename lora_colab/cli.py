@@ -5,7 +5,7 @@ import json
 import sys
 
 from . import __version__
-from .errors import LoraColabError
+from .errors import Interrupted, LoraColabError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +100,7 @@ def _extract_options(args):
                 format=args.format, dtype=args.dtype, device=args.device, niter=args.niter,
                 oversample=args.oversample, energy=args.energy, scale=args.scale, groups=args.include,
                 on_nonfinite=args.on_nonfinite, progress=not args.quiet, bias_diff=args.bias_diff,
-                recipe=args.recipe)
+                recipe=args.recipe, resume=args.resume, restart=args.restart)
 
 
 def _finish(report, as_json):
@@ -181,6 +181,11 @@ def _add_extract_options(p, rank_default):
                         "of the format loads them, i.e. the comfy format of most models; the report says so)")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                    help="a layer with NaN/Inf: stop with an error naming it (default) or skip it")
+    p.add_argument("--restart", action="store_true",
+                   help="start over, setting aside the journal of an interrupted run of this output (by default "
+                        "the same command continues where an interrupted run stopped)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="keep no journal (OUT.journal) of finished layers: an interrupted run cannot resume")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -277,8 +282,9 @@ def _main(argv):
     except LoraColabError as exc:
         print(f"lora-colab: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lora-colab: interrupted; no partial output was kept", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        said = str(exc) if isinstance(exc, Interrupted) else "interrupted; no partial output was kept"
+        print(f"lora-colab: {said}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `lora-colab inspect --json | head`: the reader left, nothing to report
         _silence_stdout()

@@ -26,3 +26,7 @@ class OptionError(LoraColabError, ValueError):
 
 class SourceError(LoraColabError):
     """A source (URL, Hub repo, Drive path) that cannot be read; the message never holds a token."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run whose journal keeps the finished layers; the message says how to resume."""

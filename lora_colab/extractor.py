@@ -18,14 +18,15 @@ from .io.hub import pinned_run
 from .io.locations import file_name
 from .io.quant_noise import is_lossy, noise_sq
 from .dtypes import parse_dtype
-from .errors import LoraColabError, OptionError
+from .errors import Interrupted, LoraColabError, OptionError
+from .journal import Journal, identity_of
 from .lora_format import build_metadata, piece_specs, piece_tensors, pieces
 from .io.buffers import empty_bytes
 from .lowrank import (BlockedDelta, RowBlocks, bf16_products_fast, clamp_outliers, clamped_residual_sq, low_rank,
                       max_abs, norm_sq, product_change)
 from .memory import bound_heap, peak_rss_bytes, purge, vram_bytes
 from .monitor import snapshot
-from .report import ExtractReport, LayerReport
+from .report import ExtractReport, LayerReport, layer_from_dict
 from .recipe_extract import RecipeExtraction, parse_extract_recipe
 from .writer import SpillWriter, planned_size
 
@@ -320,7 +321,8 @@ def _notices(arch, targets, rank, conv_rank):
 def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_rank=None, conv_alpha=None,
             text_encoders=True, min_diff=0.0, format="auto", dtype=None, device="auto", niter=2, oversample=8,
             energy=None, scale=1.0, groups=(), arch=None, seed=0, progress=True, on_layer=None,
-            kohya_hashes=True, title=None, on_nonfinite="stop", token=None, bias_diff=None, recipe=None):
+            kohya_hashes=True, title=None, on_nonfinite="stop", token=None, bias_diff=None, recipe=None,
+            resume=True, restart=False):
     """Extract a LoRA from two checkpoints of one architecture; returns an ExtractReport.
 
     base, tuned: a path, URL or Hub source `open_checkpoint` takes (layouts may differ; remote files are
@@ -337,6 +339,9 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
     format of most models; the report says when they are left out). recipe: choose each layer's rank with
     the resizer's grammar ("spn_ckpt=1,size=50", "fro_ckpt=1,thr=-2.5", "sv_fro=0.9"...), relative to the
     base's own weights, from each layer's top `rank` directions, in the same one pass.
+    resume: keep each finished layer in a journal beside `out` (`OUT.journal`), so the same call after an
+    interruption (Ctrl-C, a killed process, a lost runtime) continues where it stopped; a run whose inputs
+    or options changed starts over, saying why. restart=True: start over even so.
     """
     started = time.perf_counter()
     recipe_obj = None
@@ -398,17 +403,35 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
             least = min((p for ps in parts.values() for p in ps), key=lambda p: planned_size(specs_of(p, 1)))
             _check_size_target(recipe_obj, metadata_of, (specs_of(least, 1), metadata_of(
                 [((1, alpha_of(least.target, 1)), least.target)])))
+        protect = b.ckpt.local_files + t.ckpt.local_files
+        if resume:
+            writer = Journal(out, _run_identity(b, t, targets, dict(
+                rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, clamp_quantile=clamp_quantile,
+                energy=energy, min_diff=min_diff, format=fmt, dtype=str(out_dtype), niter=niter,
+                oversample=oversample, seed=seed, scale=scale, groups=sorted(groups), text_encoders=text_encoders,
+                on_nonfinite=on_nonfinite, recipe=recipe_obj.text if recipe_obj else None)),
+                protect=protect, restart=restart)
+        else:
+            writer = SpillWriter(out, protect=protect)
+        if recipe_obj is not None:
             selecting = RecipeExtraction(recipe_obj, out, lambda piece: sum(
-                math.prod(shape) for _, _, shape in specs_of(piece, 1) if len(shape) >= 2))
-        writer = SpillWriter(out, protect=b.ckpt.local_files + t.ckpt.local_files)
-        remote = any(not s.local_path for s in b.ckpt.sources + t.ckpt.sources)
-        differences = _Differences(b, t, targets, device, READAHEAD_BYTES if remote else 0,
-                                   keep_base=bool(selecting and selecting.needs))
-        bar = progress_bar(sum(len(p) for p in parts.values()), progress)
+                math.prod(shape) for _, _, shape in specs_of(piece, 1) if len(shape) >= 2),
+                journal=writer if resume else None)
         written = []  # ((rank, alpha), target) of every piece written
+        remaining = _resume(writer, targets, parts, report, written, selecting, alpha_of) if resume else targets
+        total_pieces = sum(len(p) for p in parts.values())
+        if resume:
+            _say_resume(writer, report, total_pieces, progress)
+        remote = any(not s.local_path for s in b.ckpt.sources + t.ckpt.sources)
+        differences = _Differences(b, t, remaining, device, READAHEAD_BYTES if remote else 0,
+                                   keep_base=bool(selecting and selecting.needs))
+        bar = progress_bar(total_pieces, progress)
+        if bar is not None and len(report.layers):
+            bar.update(len(report.layers))
         last_purge = time.perf_counter()
         try:
             for target, delta in differences:
+                finished = len(report.layers)
                 layer_rank = conv_rank if target.kind == "conv" else rank
                 largest = _max_abs(delta)
                 error = None
@@ -455,6 +478,8 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                 if big or time.perf_counter() - last_purge >= 1.0:
                     report.purge_seconds += purge(full=False).seconds
                     last_purge = time.perf_counter()
+                if resume:
+                    writer.commit(target.key, _record(report.layers[finished:], written, target, selecting))
             report.read_wait_seconds = differences.wait_seconds
             report.warnings.extend(_noise_notes(report, b, t, targets))
             _write_diffs(b, t, diff_targets, writer, out_dtype, scale, min_diff, report)
@@ -464,6 +489,14 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
             if written or (report.diffs and not report.nothing_selected):
                 writer.finish(metadata_of(written), kohya_hashes=kohya_hashes)
                 report.output, report.output_bytes = str(out), out.stat().st_size
+            elif resume:
+                writer.discard()
+        except KeyboardInterrupt:
+            if resume and not writer.shared and writer.done:
+                raise Interrupted(f"interrupted; {out.name}.journal keeps {len(writer.done)} finished layers of "
+                                  f"{len(targets)}: the same command resumes from there (--restart starts over)") \
+                    from None
+            raise
         finally:
             differences.close()
             writer.abort()
@@ -584,3 +617,56 @@ def _advance(bar, layer):
         return
     bar.set_postfix_str(snapshot(nvml=False).line(short=True), refresh=False)
     bar.update(1)
+
+
+def _run_identity(base, tuned, targets, options):
+    """What the journal's records depend on: both inputs' content and the options that change a layer."""
+    keys = "\n".join(target.key for target in targets).encode()
+    return {"run": "extract", "version": 1, "base": identity_of(base.ckpt.sources),
+            "tuned": identity_of(tuned.ckpt.sources), "options": options,
+            "targets": f"{len(targets)}:{zlib.crc32(keys):08x}"}
+
+
+def _record(layers, written, target, selecting):
+    """A finished target's journal info: its pieces' reports, the (rank, alpha) of each piece written and
+    (with a recipe) what the selection needs of each piece collected."""
+    info = {"layers": [layer.to_dict() for layer in layers],
+            "written": [list(ra) for ra, t in written if t is target]}
+    if selecting is not None:
+        info["collected"] = selecting.journal_info(target)
+    return info
+
+
+def _resume(journal, targets, parts, report, written, selecting, alpha_of):
+    """Take back the journal's finished targets (reports, written pieces, a recipe's collected layers);
+    returns the targets still to compute."""
+    remaining = []
+    for target in targets:
+        info = journal.done.get(target.key)
+        if info is None:
+            remaining.append(target)
+            continue
+        layers = [layer_from_dict(d) for d in info["layers"]]
+        report.layers.extend(layers)
+        written.extend(((rank, a), target) for rank, a in info["written"])
+        if selecting is not None:
+            by_label = {layer.name: layer for layer in layers}
+            for piece in parts[target.key]:
+                if piece.label in (info.get("collected") or {}):
+                    selecting.restore(piece, by_label[piece.label], info["collected"][piece.label])
+    return remaining
+
+
+def _say_resume(journal, report, total, progress):
+    """The journal's notes (resuming, or starting over and why) in the report, and shown at once."""
+    report.warnings.extend(journal.notes)
+    report.resumed = len(report.layers) if journal.done else 0
+    notes = list(journal.notes)
+    if report.resumed:
+        notes.append(f"resuming from layer {report.resumed + 1} of {total}: {report.resumed} finished layers "
+                     f"taken from {journal.spill_path.name}")
+    if progress and notes:
+        import sys
+        stream = sys.stdout if callable(progress) else sys.stderr
+        for note in notes:
+            print(note, file=stream, flush=True)

@@ -52,14 +52,16 @@ class _Layer:
 class RecipeExtraction:
     """Collects decomposed layers, then selects and hands back the kept directions."""
 
-    def __init__(self, recipe, out, unit_params):
+    def __init__(self, recipe, out, unit_params, journal=None):
         self.recipe = recipe
         self.needs = [key for key in CHECKPOINT_KEYS if key in recipe.weights]
         if "spn_ckpt" in self.needs and "fro_ckpt" not in self.needs:
             self.needs.append("fro_ckpt")  # cheap, and with it the pair goes to the resizer's norm cache
         self.layers = []
         self._unit_params = unit_params
-        self._spill = SpillWriter(out.with_name(out.name + ".factors"))
+        self._journal = journal  # resumable runs keep the vectors in the run's journal
+        self._spill = None if journal is not None else SpillWriter(out.with_name(out.name + ".factors"))
+        self._journaled = 0
         self.selection = None
 
     def collect(self, piece, report, u, s, v, total_sq, base_weight):
@@ -70,9 +72,30 @@ class RecipeExtraction:
         if self.needs:
             layer.refs = base_references(base_weight, u, v, self.needs)
             layer.base = (piece.target.key, None if piece.whole else piece.rows)
-        self._spill.add(f"{i}.u", u.float().cpu().contiguous())
-        self._spill.add(f"{i}.v", v.float().cpu().contiguous())
+        for name, tensor in ((f"{i}.u", u), (f"{i}.v", v)):
+            tensor = tensor.float().cpu().contiguous()
+            self._journal.add_scratch(name, tensor) if self._journal is not None else self._spill.add(name, tensor)
         self.layers.append(layer)
+
+    def journal_info(self, target):
+        """{piece label: what `restore` needs} of the pieces collected since the last call (one target's)."""
+        info = {}
+        for layer in self.layers[self._journaled:]:
+            info[layer.report.name] = {"s": layer.s.tolist(), "total_sq": layer.total_sq,
+                                       "refs": {k: _plain(v) for k, v in layer.refs.items()},
+                                       "base": None if layer.base is None else [layer.base[0], layer.base[1]]}
+        self._journaled = len(self.layers)
+        return info
+
+    def restore(self, piece, report, info):
+        """Take back one piece collected by an interrupted run (its vectors are in the journal)."""
+        layer = _Layer(report.name, torch.tensor(info["s"], dtype=torch.float64), info["total_sq"],
+                       self._unit_params(piece), piece, report, refs={k: _tensor(v) for k, v in info["refs"].items()})
+        if info["base"] is not None:
+            key, rows = info["base"]
+            layer.base = (key, None if rows is None else tuple(rows))
+        self.layers.append(layer)
+        self._journaled = len(self.layers)
 
     def select(self, fixed_specs, specs_of, metadata_fn, kohya_hashes):
         """[kept direction indices] per collected layer."""
@@ -83,7 +106,8 @@ class RecipeExtraction:
     def directions(self, i, keep):
         """(U, S, V) of layer i's kept directions, float32."""
         layer = self.layers[i]
-        return (self._spill.read(f"{i}.u")[:, keep], layer.s[keep].float(), self._spill.read(f"{i}.v")[:, keep])
+        read = self._journal.read_scratch if self._journal is not None else self._spill.read
+        return read(f"{i}.u")[:, keep], layer.s[keep].float(), read(f"{i}.v")[:, keep]
 
     def base_norms(self):
         """{canonical key: (spectral norm, Frobenius norm)} of the base weights seen (for the norm cache)."""
@@ -91,4 +115,14 @@ class RecipeExtraction:
                 if "spn_ckpt" in layer.refs and layer.piece.whole}
 
     def close(self):
-        self._spill.abort()
+        if self._spill is not None:
+            self._spill.abort()
+
+
+def _plain(value):
+    """A reference as JSON holds it (float32 tensors as lists: exact)."""
+    return {"float32": value.tolist()} if isinstance(value, torch.Tensor) else value
+
+
+def _tensor(value):
+    return torch.tensor(value["float32"], dtype=torch.float32) if isinstance(value, dict) else value

@@ -23,6 +23,14 @@ class LayerReport:
     quant_noise: float = 0.0   # estimated ‖rounding noise of quantized inputs‖ / ‖ΔW‖ (0: none quantized)
     singular_values: list = field(default_factory=list)  # the kept σ (of the difference)
 
+    def to_dict(self):
+        return asdict(self)
+
+
+def layer_from_dict(data):
+    """A LayerReport from its `to_dict()` (as a journal keeps it)."""
+    return LayerReport(**{**data, "shape": tuple(data["shape"])})
+
 
 @dataclass
 class ExtractReport:
@@ -51,6 +59,7 @@ class ExtractReport:
     threshold: float = None      # the recipe's score threshold (the lowest kept score for size=)
     directions: tuple = (0, 0)   # (kept, decomposed) directions over all layers, with a recipe
     nothing_selected: bool = False  # the recipe kept no direction: no file written
+    resumed: int = 0             # layers taken from an interrupted run's journal (not computed again)
 
     @property
     def extracted(self):
@@ -100,6 +109,9 @@ class ExtractReport:
                 names = ", ".join(layer.name for layer in group[:3])
                 more = f" and {len(group) - 3} more" if len(group) > 3 else ""
                 lines.append(f"skipped: {names}{more} ({group[0].skipped})")
+        if self.resumed:
+            lines.append(f"resumed: {self.resumed} of {len(self.layers)} layers taken from the interrupted run's "
+                         f"journal, the rest computed now")
         if self.output:
             lines.append(f"wrote {self.output} ({fmt_bytes(self.output_bytes)})")
         elif self.nothing_selected:

@@ -22,6 +22,36 @@ def temporary_name(path, suffix):
     return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(3)}.{suffix}")
 
 
+def remove_orphans(path):
+    """Remove temporary files beside `path` left by runs that died (kill -9, a lost runtime): those whose
+    process is gone; a live run's files are left alone. Returns how many were removed."""
+    path = Path(os.fspath(path))
+    removed = 0
+    for tmp in path.parent.glob(f"{glob_escape(path.name)}.*-*.tmp"):
+        pid = tmp.name[len(path.name) + 1:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def glob_escape(text):
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def _same_file(a, b):
     try:
         return os.path.samefile(a, b)
@@ -210,7 +240,7 @@ class SpillWriter:
 
     def __init__(self, path, protect=()):
         self.path = Path(os.fspath(path))
-        self.spill_path = temporary_name(self.path, "parts.tmp")
+        self.spill_path = self._spill_name()
         self._protect = protect
         for source in protect:
             if source is not None and self.path.exists() and _same_file(self.path, source):
@@ -219,9 +249,15 @@ class SpillWriter:
         self._size = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._spill = open(self.spill_path, "w+b", buffering=0)
+            self._spill = self._open_spill()
         except OSError as exc:
             raise CheckpointError(self.path, f"cannot write here: {exc.strerror or exc}") from None
+
+    def _spill_name(self):
+        return temporary_name(self.path, "parts.tmp")
+
+    def _open_spill(self):
+        return open(self.spill_path, "w+b", buffering=0)
 
     def add(self, name, tensor):
         if name in self._entries:

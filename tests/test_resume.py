@@ -1,0 +1,241 @@
+"""Resumable extraction: a run killed (kill -9, Ctrl-C) at any point and started again with the same command
+continues from its journal, reads none of the finished layers again, and writes the file an uninterrupted
+run writes, which reproduces the planted change."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_colab.canonical import open_canonical
+from lora_colab.cli import main
+from lora_colab.errors import Interrupted
+from lora_colab.extractor import extract
+from lora_colab.journal import journal_path
+from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+
+from test_extract import lora_products, true_differences
+
+Z = ZImageConfig(dim=128, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
+OPTIONS = dict(rank=8, clamp_quantile=None, device="cpu")
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from lora_colab import writer
+    from lora_colab.extractor import extract
+    base, tuned, out, point, recipe = sys.argv[1:6]
+    seen = []
+    def on_layer(layer):
+        seen.append(layer)
+        if point != "write" and len(seen) == int(point):
+            os.kill(os.getpid(), signal.SIGKILL)
+    if point == "write":  # the output is complete in its temporary file, not yet renamed into place
+        def close(self):
+            os.fsync(self._file.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        writer.SafetensorsWriter.close = close
+    extract(base, tuned, out, rank=8, clamp_quantile=None, device="cpu", progress=False, on_layer=on_layer,
+            recipe=recipe or None)
+""")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pair")
+    base, tuned, _ = make_zimage_pair(folder, Z, rank=6, dtype=torch.float32)
+    return base, tuned
+
+
+@pytest.fixture(scope="module")
+def clean(pair, tmp_path_factory):
+    """An uninterrupted run: (report, its file's tensors)."""
+    out = tmp_path_factory.mktemp("clean") / "lora.safetensors"
+    report = extract(*pair, out, progress=False, **OPTIONS)
+    return report, load_file(str(out))
+
+
+def kill_at(pair, out, point, recipe=""):
+    """Run the extraction in a child process that kills itself (-9) at `point`: after that many layers,
+    or "write" (the output written to its temporary file, not renamed)."""
+    done = subprocess.run([sys.executable, "-c", _KILLER, *map(str, pair), str(out), str(point), recipe],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not out.exists()
+    assert journal_path(out).exists()
+
+
+def assert_reproduces_the_planted_change(pair, path):
+    architecture, targets, deltas = true_differences(*pair)
+    products = lora_products(path, architecture, targets)
+    assert set(products) == set(deltas)
+    for key, delta in deltas.items():  # planted rank 6 < rank 8: exact up to the bf16 output
+        assert float((delta - products[key]).norm() / delta.norm()) < 1e-2, key
+
+
+def rewrite_weights(path, change):
+    """Change every 2-D float32 weight of a safetensors file in place, its header and size kept."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    for name, entry in header.items():
+        if name != "__metadata__" and entry["dtype"] == "F32" and len(entry["shape"]) == 2:
+            a, b = (8 + n + x for x in entry["data_offsets"])
+            w = torch.frombuffer(bytearray(data[a:b]), dtype=torch.float32).reshape(entry["shape"])
+            data[a:b] = change(w).contiguous().numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+def layer_bytes(pair, keys):
+    """Tensor bytes of these canonical keys in both files (what reading those layers costs)."""
+    total = 0
+    for path in pair:
+        with open_canonical(path) as view:
+            total += sum(view.nbytes(key) for key in keys)
+    return total
+
+
+@pytest.mark.parametrize("point", [1, 9, 20, "write"])
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_file(pair, clean, tmp_path, point):
+    clean_report, clean_tensors = clean
+    out = tmp_path / "lora.safetensors"
+    kill_at(pair, out, point)
+    computed = []
+    report = extract(*pair, out, progress=False, on_layer=computed.append, **OPTIONS)
+    total = len(clean_report.layers)
+    finished = total if point == "write" else point - 1  # the layer being computed when killed is not kept
+    assert report.resumed == finished and len(computed) == total - finished
+    assert f"resumed: {finished} of {total} layers" in str(report) if finished else "resumed" not in str(report)
+    tensors = load_file(str(out))
+    assert tensors.keys() == clean_tensors.keys()
+    assert all(torch.equal(tensors[k], clean_tensors[k]) for k in tensors)
+    assert [layer.rel_error for layer in report.layers] == [layer.rel_error for layer in clean_report.layers]
+    assert_reproduces_the_planted_change(pair, out)
+    # the finished layers were not read again: the rerun read exactly the clean run's bytes less theirs
+    finished_keys = {layer.name + ".weight" for layer in clean_report.layers[:finished]}
+    assert report.bytes_read == clean_report.bytes_read - layer_bytes(pair, finished_keys)
+    assert not journal_path(out).exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_damaged_journal_is_used_up_to_the_damaged_record(pair, clean, tmp_path):
+    out = tmp_path / "lora.safetensors"
+    kill_at(pair, out, 12)
+    journal = journal_path(out)
+    with open(journal, "r+b") as f:  # cut the last record short, as a write cut off by a crash leaves it
+        f.truncate(journal.stat().st_size - 100)
+    report = extract(*pair, out, progress=False, **OPTIONS)
+    assert report.resumed == 10
+    assert any("damaged after 10 layers (a record cut short)" in w for w in report.warnings)
+    tensors = load_file(str(out))
+    assert all(torch.equal(tensors[k], clean[1][k]) for k in tensors) and tensors.keys() == clean[1].keys()
+    assert_reproduces_the_planted_change(pair, out)
+
+
+def test_a_flipped_byte_in_a_record_is_detected(pair, clean, tmp_path):
+    out = tmp_path / "lora.safetensors"
+    kill_at(pair, out, 6)
+    journal = journal_path(out)
+    data = bytearray(journal.read_bytes())
+    data[-10] ^= 0xFF  # inside the last record's tensor bytes
+    journal.write_bytes(bytes(data))
+    report = extract(*pair, out, progress=False, **OPTIONS)
+    assert report.resumed == 4
+    assert any("checksum does not match" in w for w in report.warnings)
+    tensors = load_file(str(out))
+    assert all(torch.equal(tensors[k], clean[1][k]) for k in tensors)
+
+
+def test_other_options_or_a_changed_input_start_over_saying_why(pair, tmp_path, capsys):
+    out = tmp_path / "lora.safetensors"
+    kill_at(pair, out, 9)
+    report = extract(*pair, out, progress=True, **{**OPTIONS, "rank": 4})
+    assert report.resumed == 0
+    assert "starting over: option rank changed (8 -> 4)" in capsys.readouterr().err
+    assert {v.shape[0] for k, v in load_file(str(out)).items() if k.endswith("lora_down.weight")} == {4}
+
+    base, tuned = pair
+    changed = tmp_path / "tuned_epoch2.safetensors"
+    out = tmp_path / "epoch.safetensors"
+    kill_at((base, tuned), out, 9)
+    shutil.copy(tuned, changed)
+    rewrite_weights(changed, lambda w: w + 0.01 * w.roll(1, 0))  # another epoch: same names, sizes, header
+    assert changed.stat().st_size == tuned.stat().st_size
+    report = extract(base, changed, out, progress=False, **OPTIONS)
+    assert report.resumed == 0
+    assert any("starting over: the tuned input changed" in w for w in report.warnings)
+    assert_reproduces_the_planted_change((base, changed), out)
+
+
+def test_a_copy_of_the_inputs_elsewhere_resumes(pair, clean, tmp_path):
+    """A new runtime: the models downloaded again (new paths, new mtimes), the journal beside the output."""
+    out = tmp_path / "lora.safetensors"
+    kill_at(pair, out, 9)
+    copies = []
+    for path in pair:
+        copies.append(tmp_path / "again" / path.name)
+        copies[-1].parent.mkdir(exist_ok=True)
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, copies[-1])
+    report = extract(*copies, out, progress=False, **OPTIONS)
+    assert report.resumed == 8
+    tensors = load_file(str(out))
+    assert all(torch.equal(tensors[k], clean[1][k]) for k in tensors)
+
+
+def test_restart_and_ctrl_c_from_the_command_line(pair, clean, tmp_path, capsys):
+    out = tmp_path / "lora.safetensors"
+    kill_at(pair, out, 9)
+    argv = ["extract", *map(str, pair), "-o", str(out), "--rank", "8", "--clamp-quantile", "1", "--device", "cpu"]
+    assert main(argv + ["--restart", "-q"]) == 0
+    output = capsys.readouterr()
+    assert "resumed" not in output.out and "set aside (--restart)" in output.out
+    assert all(torch.equal(v, clean[1][k]) for k, v in load_file(str(out)).items())
+
+    calls = []
+
+    def interrupt(layer):
+        calls.append(layer)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+    out2 = tmp_path / "second.safetensors"
+    with pytest.raises(Interrupted, match="keeps 4 finished layers of 20: the same command resumes"):
+        extract(*pair, out2, progress=False, on_layer=interrupt, **OPTIONS)
+    assert journal_path(out2).exists() and not out2.exists()
+    report = extract(*pair, out2, progress=False, **OPTIONS)
+    assert report.resumed == 4
+    assert all(torch.equal(v, clean[1][k]) for k, v in load_file(str(out2)).items())
+
+
+def test_a_recipe_run_resumes_with_its_collected_directions(pair, tmp_path):
+    recipe = "spn_ckpt=1,thr=-3"
+    whole = tmp_path / "whole.safetensors"
+    clean_report = extract(*pair, whole, progress=False, recipe=recipe, **OPTIONS)
+    out = tmp_path / "lora.safetensors"
+    kill_at(pair, out, 11, recipe)
+    report = extract(*pair, out, progress=False, recipe=recipe, **OPTIONS)
+    assert report.resumed == 10
+    assert report.directions == clean_report.directions and report.threshold == clean_report.threshold
+    want, got = load_file(str(whole)), load_file(str(out))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert_reproduces_the_planted_change(pair, out)
+
+
+def test_a_second_run_on_a_locked_journal_keeps_none_and_a_finished_run_leaves_none(pair, tmp_path):
+    from lora_colab.journal import Journal
+    out = tmp_path / "lora.safetensors"
+    holder = Journal(out, {"run": "other"})
+    try:
+        report = extract(*pair, out, progress=False, **OPTIONS)
+        assert any("cannot be resumed" in w for w in report.warnings)
+        assert_reproduces_the_planted_change(pair, out)
+    finally:
+        holder.abort()
+    assert journal_path(out).exists()  # the holder's, untouched
+    os.unlink(journal_path(out))
+    extract(*pair, out, progress=False, resume=False, **OPTIONS)
+    assert not journal_path(out).exists()
