@@ -146,6 +146,22 @@ def mount_drive():
     drive.mount(DRIVE_ROOT)
 
 
+def drive_folder(text):
+    """A folder given in a notebook: an absolute path as it is, `drive:MyDrive/x` or `MyDrive/x` or `x`
+    under the mounted Drive (mounted first inside Colab)."""
+    text = str(text).strip()
+    if os.path.isabs(text):
+        path = Path(text)
+    else:
+        rest = text[len("drive:"):] if text.startswith("drive:") else text
+        rest = rest.lstrip("/")
+        path = Path(DRIVE_ROOT) / (rest if rest.split("/", 1)[0] in ("MyDrive", "Shareddrives") else
+                                   os.path.join("MyDrive", rest))
+    if str(path).startswith(DRIVE_ROOT) and not os.path.isdir(os.path.join(DRIVE_ROOT, "MyDrive")):
+        mount_drive()
+    return path
+
+
 def is_drive(source):
     """True for a `drive:` source or a path under /content/drive."""
     text = str(source)

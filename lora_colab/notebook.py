@@ -133,10 +133,26 @@ def text_progress(**kwargs):
     return _Bar(file=sys.stdout, ascii=False, ncols=80, mininterval=0.5, **kwargs)
 
 
+def _results_folder(folder):
+    """Where results (and an unfinished run's journal) go: the work folder, or `folder` (a path, or a Drive
+    folder such as `MyDrive/lora_colab`, which survives a lost runtime)."""
+    if not folder:
+        return workdir()
+    from .downloads import drive_folder
+    text = str(folder).strip()
+    path = drive_folder(text) if IN_COLAB or text.startswith("drive:") else Path(text).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def run_extract(base, tuned, config=None, folder=None, monitor=True):
     """Extract with a live RAM/VRAM line refreshed after every layer; returns the ExtractReport.
 
-    Prints the settings it uses first: a "Run all" takes the form's values as they are when this runs."""
+    Prints the settings it uses first: a "Run all" takes the form's values as they are when this runs.
+    An interrupted run (a stopped cell, a lost runtime) keeps its finished layers in a journal beside the
+    output in `folder`: running the cell again resumes ("resuming from layer N of M"); on Drive the journal
+    outlives the runtime."""
+    from .errors import Interrupted
     from .extractor import extract
     from .monitor import LiveMonitor
 
@@ -146,10 +162,14 @@ def run_extract(base, tuned, config=None, folder=None, monitor=True):
     config = config or ExtractConfig()
     print(f"settings: {config.describe()}  (to change them: edit the form above and run this cell again)")
     live = LiveMonitor() if monitor else None
-    out = Path(folder or workdir()) / config.output_name
     try:
+        out = _results_folder(folder) / config.output_name
         report = extract(base, tuned, out, on_layer=live.update if live else None, progress=text_progress,
                          **config.extract_kwargs())
+    except Interrupted as exc:  # a stopped cell: say how to go on, not a traceback
+        why = str(exc).replace("the same command resumes", "run this cell again to resume")
+        _problem(f"cell 4: {why}")
+        return Missing(4, why)
     except Exception as exc:  # noqa: BLE001
         return _failed(4, exc)
     print(report)
@@ -204,7 +224,7 @@ def run_resize(checkpoint, loras, config=None, folder=None, monitor=True, plot=T
     print(f"settings: {config.describe()}  (to change them: edit the form above and run this cell again)")
     live = LiveMonitor() if monitor else None
     try:
-        reports = resize(checkpoint, loras, folder or workdir(), progress=text_progress,
+        reports = resize(checkpoint, loras, _results_folder(folder), progress=text_progress,
                          on_layer=live.update if live else None, **config.resize_kwargs())
     except Exception as exc:  # noqa: BLE001
         return _failed(4, exc)

@@ -239,3 +239,30 @@ def test_a_second_run_on_a_locked_journal_keeps_none_and_a_finished_run_leaves_n
     os.unlink(journal_path(out))
     extract(*pair, out, progress=False, resume=False, **OPTIONS)
     assert not journal_path(out).exists()
+
+
+def test_the_notebook_run_cell_resumes_and_says_so(pair, tmp_path, capsys, monkeypatch):
+    """Cell 4 stopped mid-run says how to go on; run again, it says "resuming from layer N of M" and
+    writes what an uninterrupted run writes, in the results folder it was given."""
+    from lora_colab import notebook
+    from lora_colab.configs import ExtractConfig
+    from lora_colab.monitor import LiveMonitor
+    config = ExtractConfig(rank=8, clamp_quantile=1.0, device="cpu")
+    seen = []
+
+    def stop_at_seven(self, layer):
+        seen.append(layer)
+        if len(seen) == 7:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(LiveMonitor, "update", stop_at_seven)
+    folder = tmp_path / "on_drive"
+    stopped = notebook.run_extract(*pair, config, folder=str(folder))
+    assert not stopped and "keeps 6 finished layers of 20: run this cell again to resume" in capsys.readouterr().out
+    monkeypatch.setattr(LiveMonitor, "update", lambda self, layer: None)
+    report = notebook.run_extract(*pair, config, folder=str(folder))
+    assert "resuming from layer 7 of 20: 6 finished layers taken from" in capsys.readouterr().out
+    assert report.resumed == 6 and report.output == str(folder / config.output_name)
+    extract(*pair, tmp_path / "whole.safetensors", progress=False, **config.extract_kwargs())
+    want, got = load_file(str(tmp_path / "whole.safetensors")), load_file(report.output)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert_reproduces_the_planted_change(pair, report.output)
