@@ -137,7 +137,8 @@ def _cmd_resize(args):
     loras = [",".join(str(_local_or_remote(path, args)) + (f":{weight:g}" if weight != 1.0 else "")
                       for path, weight in _split_merge(lora)) for lora in args.loras] if args.download else args.loras
     reports = resize(checkpoint, loras, args.output_folder, args.recipes, dtype=args.dtype,
-                     device=args.device, verbose=0, token=args.token, progress=not args.quiet and not args.json)
+                     device=args.device, verbose=0, token=args.token, progress=not args.quiet and not args.json,
+                     resume=args.resume, restart=args.restart)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2, default=str))
     else:
@@ -181,13 +182,17 @@ def _add_extract_options(p, rank_default):
                         "of the format loads them, i.e. the comfy format of most models; the report says so)")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                    help="a layer with NaN/Inf: stop with an error naming it (default) or skip it")
-    p.add_argument("--restart", action="store_true",
-                   help="start over, setting aside the journal of an interrupted run of this output (by default "
-                        "the same command continues where an interrupted run stopped)")
-    p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="keep no journal (OUT.journal) of finished layers: an interrupted run cannot resume")
+    _add_resume_options(p, "OUT.journal")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_resume_options(p, journal):
+    p.add_argument("--restart", action="store_true",
+                   help="start over, setting aside the journal of an interrupted run (by default the same "
+                        "command continues where an interrupted run stopped)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help=f"keep no journal ({journal}) of finished layers: an interrupted run cannot resume")
 
 
 def build_parser():
@@ -253,6 +258,7 @@ def build_parser():
                      help="-v: totals, threshold, size and score quantiles; -vv: every layer's old -> new rank")
     res.add_argument("--json", action="store_true", help="print the reports as JSON")
     res.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_resume_options(res, "STEM.resize.journal beside the outputs")
     _add_source_options(res)
     res.set_defaults(func=_cmd_resize)
     return parser

@@ -19,7 +19,7 @@ from .io.locations import file_name
 from .io.quant_noise import is_lossy, noise_sq
 from .dtypes import parse_dtype
 from .errors import Interrupted, LoraColabError, OptionError
-from .journal import Journal, identity_of
+from .journal import Journal, identity_of, worth_keeping
 from .lora_format import build_metadata, piece_specs, piece_tensors, pieces
 from .io.buffers import empty_bytes
 from .lowrank import (BlockedDelta, RowBlocks, bf16_products_fast, clamp_outliers, clamped_residual_sq, low_rank,
@@ -409,7 +409,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                 rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, clamp_quantile=clamp_quantile,
                 energy=energy, min_diff=min_diff, format=fmt, dtype=str(out_dtype), niter=niter,
                 oversample=oversample, seed=seed, scale=scale, groups=sorted(groups), text_encoders=text_encoders,
-                on_nonfinite=on_nonfinite, recipe=recipe_obj.text if recipe_obj else None)),
+                recipe=recipe_obj.text if recipe_obj else None)),
                 protect=protect, restart=restart)
         else:
             writer = SpillWriter(out, protect=protect)
@@ -496,6 +496,10 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                 raise Interrupted(f"interrupted; {out.name}.journal keeps {len(writer.done)} finished layers of "
                                   f"{len(targets)}: the same command resumes from there (--restart starts over)") \
                     from None
+            raise
+        except BaseException as exc:
+            if resume and not worth_keeping(exc):
+                writer.discard()  # bad input: a rerun would meet it again
             raise
         finally:
             differences.close()

@@ -89,8 +89,10 @@ def why_different(old, new, path=""):
 
 def _phrase(field, old, new):
     where = field.split(".")
-    if where[0] in ("base", "tuned", "lora", "checkpoint"):
-        return f"the {where[0]} input changed ({'.'.join(where[1:]) or 'files'} differ)"
+    inputs = {"base": "base model", "tuned": "fine-tuned model", "loras": "LoRA"}
+    if where[0] in inputs:
+        what = "size" if where[-1] == "size" else "version" if where[-1] == "version" else "content"
+        return f"the {inputs[where[0]]} changed (its {what} differs from the interrupted run's)"
     if where[0] == "options":
         name = where[1] if len(where) > 1 else "options"
         return f"option {name} changed ({_short(old)} -> {_short(new)})"
@@ -109,7 +111,7 @@ class Journal(SpillWriter):
     journal; `abort` (any interruption) keeps it for the next run.
 
     After opening, `done` maps each finished layer's key to the `info` it was committed with (in order),
-    and `notes` holds what the next run should say (resuming, or starting over and why)."""
+    `taken` lists the keys an interrupted run had finished, and `notes` holds what the next run should say (resuming, or starting over and why)."""
 
     def __init__(self, path, identity, protect=(), restart=False):
         self.identity = identity
@@ -120,6 +122,7 @@ class Journal(SpillWriter):
         self.notes = []
         self._last_sync = time.monotonic()
         self.shared = False  # another run holds this output's journal: this one keeps a private spill
+        self.taken = []  # keys of the records taken from an interrupted run
         super().__init__(path, protect)
 
     def _spill_name(self):
@@ -137,6 +140,7 @@ class Journal(SpillWriter):
             return super()._open_spill()
         remove_orphans(self.path)  # what a killed run of this output left
         self._load(spill)
+        self.taken = list(self.done)
         return spill
 
     # --- reading an existing journal ---
@@ -304,6 +308,13 @@ class Journal(SpillWriter):
             os.unlink(self.spill_path)
         except FileNotFoundError:
             pass
+
+
+def worth_keeping(exc):
+    """Whether a run stopped by `exc` keeps its journal: yes for interruptions (Ctrl-C, a lost connection,
+    a full disk, running out of memory), no for bad input or options, which a rerun would meet again."""
+    from .errors import LoraColabError, SourceError
+    return not isinstance(exc, LoraColabError) or isinstance(exc, SourceError)
 
 
 def _lock(spill):

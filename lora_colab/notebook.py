@@ -50,6 +50,13 @@ def _failed(cell, exc):
     return Missing(cell, why)
 
 
+def _stopped(cell, exc):
+    """A stopped run cell whose journal keeps its work: one line saying how to go on, not a traceback."""
+    why = str(exc).replace("the same command resumes", "run this cell again to resume")
+    _problem(f"cell {cell}: {why}")
+    return Missing(cell, why)
+
+
 def _not_ready(*values, needed_by):
     """The first Missing among values handed on by earlier cells (after saying which cell to fix), else None.
     `needed_by` names this cell by what it does ("extract", "save"): the notebooks number their cells
@@ -166,10 +173,8 @@ def run_extract(base, tuned, config=None, folder=None, monitor=True):
         out = _results_folder(folder) / config.output_name
         report = extract(base, tuned, out, on_layer=live.update if live else None, progress=text_progress,
                          **config.extract_kwargs())
-    except Interrupted as exc:  # a stopped cell: say how to go on, not a traceback
-        why = str(exc).replace("the same command resumes", "run this cell again to resume")
-        _problem(f"cell 4: {why}")
-        return Missing(4, why)
+    except Interrupted as exc:
+        return _stopped(4, exc)
     except Exception as exc:  # noqa: BLE001
         return _failed(4, exc)
     print(report)
@@ -211,6 +216,7 @@ def prepare_resize_inputs(checkpoint="", loras="", folder=None, download=False, 
 def run_resize(checkpoint, loras, config=None, folder=None, monitor=True, plot=True):
     """Resize every LoRA with every recipe, with a memory line and a progress bar; prints a summary per
     output, shows what each recipe kept, and returns the reports."""
+    from .errors import Interrupted
     from .monitor import LiveMonitor
     from .resizer import resize
 
@@ -226,6 +232,8 @@ def run_resize(checkpoint, loras, config=None, folder=None, monitor=True, plot=T
     try:
         reports = resize(checkpoint, loras, _results_folder(folder), progress=text_progress,
                          on_layer=live.update if live else None, **config.resize_kwargs())
+    except Interrupted as exc:
+        return _stopped(4, exc)
     except Exception as exc:  # noqa: BLE001
         return _failed(4, exc)
     for report in reports:

@@ -6,6 +6,7 @@ import math
 import os
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from .arch import guess_lora_arch
 from .base_refs import BaseReferences
 from .dtypes import parse_dtype
-from .errors import CheckpointError, LoraColabError, OptionError
+from .errors import CheckpointError, Interrupted, LoraColabError, OptionError
 from .extractor import progress_bar, resolve_device
 from .io.hub import pinned_run
 from .io.locations import describe, file_name
@@ -22,7 +23,9 @@ from .lora_file import LoraFile
 from .lowrank import low_rank
 from .memory import fmt_bytes
 from .recipes import CHECKPOINT_KEYS, parse_recipes
-from .selection import Selection, kohya_rank  # noqa: F401 (kohya_rank: part of the resizer API)
+from .journal import worth_keeping
+from .resize_journal import decomposed, keep_decomposed, keep_references, open_journal, references
+from .selection import Selection, kohya_rank, subspace_reference  # noqa: F401 (kohya_rank: resizer API)
 from .writer import SpillWriter
 
 MAX_REBUILT_RANK = 512  # LoHa/LoKr/Tucker/diff layers are rebuilt as ΔW and factored up to this rank
@@ -238,13 +241,16 @@ def _add_patch(patches, lora, key, weight):
     patches[key] = (dtype, total + tensor.float() * weight)
 
 
-def _decompose_all(lora_arg, device, base=None, token=None, tick=None):
-    """Spectra of a LoRA argument (one file, or a weighted merge), its pass-through tensors and metadata."""
+def _decompose_all(lora_arg, device, base=None, token=None, tick=None, journal_of=None):
+    """Spectra of a LoRA argument (one file, or a weighted merge), its pass-through tensors, metadata,
+    warnings and journal (`journal_of([(LoraFile, weight)])` makes it; None: no journal)."""
     parts = _split_merge(lora_arg)
     loaded, passthrough, metadata, warnings = [], {}, {}, []
     patches = {}  # key -> (stored dtype, Σ weight · tensor) of whole-tensor patches (.diff_b, 1-D .diff)
-    for path, weight in parts:
-        with LoraFile(path, token) as lora:
+    with ExitStack() as files:
+        opened = [(files.enter_context(LoraFile(path, token)), weight) for path, weight in parts]
+        journal = journal_of(opened) if journal_of is not None else None
+        for part, (lora, weight) in enumerate(opened):
             metadata = metadata or dict(lora.metadata)
             for key in lora.other_keys:
                 if key.endswith(".diff_b"):
@@ -261,7 +267,10 @@ def _decompose_all(lora_arg, device, base=None, token=None, tick=None):
                 if layer.kind == "diff" and len(lora.ckpt.shape(layer.tensors["diff"])) == 1:
                     _add_patch(patches, lora, layer.tensors["diff"], weight)  # a norm scale: no rank to cut
                     continue
-                sp = decompose(lora, layer, device)
+                sp = decomposed(journal, part, layer.name)
+                if sp is None:
+                    sp = decompose(lora, layer, device)
+                    keep_decomposed(journal, part, sp)
                 if sp.dora_key:
                     passthrough[sp.dora_key] = lora.ckpt.read(sp.dora_key)
                     warnings.append(f"{layer.name}: DoRA magnitude kept; the resized layer is approximate")
@@ -274,11 +283,11 @@ def _decompose_all(lora_arg, device, base=None, token=None, tick=None):
         weight, spectra = loaded[0]
         for sp in spectra.values():
             _reweight(sp, weight)
-        return list(spectra.values()), passthrough, metadata, warnings
+        return list(spectra.values()), passthrough, metadata, warnings, journal
     merged, note = merge_spectra(loaded, base)
     if note:
         warnings.append(note)
-    return merged, passthrough, metadata, warnings
+    return merged, passthrough, metadata, warnings, journal
 
 
 def _reweight(sp, weight):
@@ -385,7 +394,7 @@ def _refactor(name, up, down, out_shape, old_rank, has_alpha, suffixes, scale):
 
 
 def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2", dtype=None, device="auto",
-           verbose=0, progress=True, token=None, on_layer=None):
+           verbose=0, progress=True, token=None, on_layer=None, resume=True, restart=False):
     """Resize each LoRA with each recipe; returns one ResizeReport per (LoRA, recipe).
 
     checkpoint: the base model (any layout or source `open_checkpoint` reads: remote files are read in
@@ -396,6 +405,9 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
     progress: a bar per LoRA over its layers (True, the default, as extract: tqdm's; False: none; or a
     tqdm-like factory); on_layer(): called
     after each layer is decomposed and scored (e.g. a memory monitor's update).
+    resume: keep each layer's decomposition and base references in a journal beside the outputs
+    (`STEM.resize.journal`), so the same call after an interruption reads nothing it had done (any recipes);
+    restart=True: start over.
     """
     if isinstance(loras, (str, os.PathLike)):
         loras = [loras]
@@ -413,7 +425,7 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
         raise LoraColabError("a recipe uses spn_ckpt/fro_ckpt/subspace: give the base checkpoint")
     with pinned_run():
         return _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token,
-                           progress, on_layer)
+                           progress, on_layer, resume, restart)
 
 
 def _ticker(progress, on_layer, lora_arg):
@@ -439,39 +451,81 @@ def _ticker(progress, on_layer, lora_arg):
 
 
 def _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token, progress=False,
-                on_layer=None):
+                on_layer=None, resume=False, restart=False):
     base = BaseReferences(checkpoint, device, token) if checkpoint is not None else None
     reports = ResizeReports()
     try:
         for lora_arg in loras:
-            started = time.perf_counter()
-            tick = _ticker(progress, on_layer, lora_arg)
-            try:
-                spectra, passthrough, metadata, warnings = _decompose_all(lora_arg, device, base, token, tick)
-                if base is not None:
-                    for sp in spectra:
-                        attach_references(sp, base)
-                        if on_layer is not None:
-                            on_layer()
-            finally:
-                tick.close()
-            if base is not None:
-                note = base_coverage(lora_arg, spectra, base, recipe_list, metadata)
-                if note:
-                    warnings.append(note)
-            out_dtype = dtype or _input_dtype(_split_merge(lora_arg)[0][0], token)
-            for recipe in recipe_list:
-                report = _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder)
-                report.warnings = warnings + report.warnings
-                report.seconds = time.perf_counter() - started
-                started = time.perf_counter()
-                reports.append(report)
-                if verbose:
-                    print(report.summary(verbose))
+            reports.extend(_resize_one(lora_arg, base, recipe_list, output_folder, dtype, device, verbose, token,
+                                       progress, on_layer, resume, restart))
     finally:
         if base is not None:
             base.close()
     return reports
+
+
+def _resize_one(lora_arg, base, recipe_list, output_folder, dtype, device, verbose, token, progress, on_layer,
+                resume, restart):
+    """Every recipe's report for one LoRA argument; its journal is kept on an interruption, removed after."""
+    started = time.perf_counter()
+    tick = _ticker(progress, on_layer, lora_arg)
+    first = _split_merge(lora_arg)[0][0]
+    held = []
+
+    def journal_of(opened):
+        if not resume:
+            return None
+        held.append(open_journal(_output_folder(output_folder, first), lora_arg, opened, base, _stem(first),
+                                 restart))
+        return held[0]
+    reports = []
+    try:
+        try:
+            spectra, passthrough, metadata, warnings, journal = _decompose_all(lora_arg, device, base, token, tick,
+                                                                               journal_of)
+            warnings = _say_resumed(journal, progress) + warnings
+            if base is not None:
+                _references(spectra, base, journal, recipe_list, on_layer)
+        finally:
+            tick.close()
+        if base is not None:
+            note = base_coverage(lora_arg, spectra, base, recipe_list, metadata)
+            if note:
+                warnings.append(note)
+        out_dtype = dtype or _input_dtype(first, token)
+        for recipe in recipe_list:
+            report = _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder)
+            report.warnings = warnings + report.warnings
+            report.seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            reports.append(report)
+            if verbose:
+                print(report.summary(verbose))
+    except BaseException as exc:
+        for journal in held:
+            journal.abort() if worth_keeping(exc) else journal.discard()  # kept: the same call resumes from it
+        if isinstance(exc, KeyboardInterrupt) and held and held[0].done and not held[0].shared:
+            raise Interrupted(f"interrupted; {held[0].spill_path.name} keeps {len(held[0].done)} finished steps "
+                              f"(decomposed layers, base references): the same command resumes from there "
+                              f"(--restart starts over)") from None
+        raise
+    for journal in held:
+        journal.discard()
+    return reports
+
+
+def _references(spectra, base, journal, recipes, on_layer):
+    """Each spectrum's base references (norms; the subspace terms when a recipe scores them), from the
+    journal where an interrupted run computed them, else from the base (and then journaled)."""
+    subspace = any("subspace" in recipe.weights for recipe in recipes)
+    for sp in spectra:
+        if not references(journal, sp):
+            attach_references(sp, base)
+            if subspace and sp.base is not None:
+                sp.refs["subspace"] = subspace_reference(sp, base)
+            keep_references(journal, sp)
+        if on_layer is not None:
+            on_layer()
 
 
 def base_coverage(lora_arg, spectra, base, recipes, metadata):
@@ -579,3 +633,20 @@ def merge_metadata(lora_arg):
     if len(parts) == 1 and parts[0][1] == 1.0:
         return {}
     return {"lora_colab.merge": json.dumps([[file_name(path), weight] for path, weight in parts])}
+
+
+def _say_resumed(journal, progress):
+    """The journal's lines (what it took back, or why it started over), shown at once and kept."""
+    if journal is None:
+        return []
+    lines = list(journal.notes)
+    layers = sum(key.startswith("d") for key in journal.taken)
+    if journal.taken:
+        lines.append(f"resuming: {layers} decomposed layers and {len(journal.taken) - layers} base references "
+                     f"taken from {journal.spill_path.name}")
+    if progress and lines:
+        import sys
+        stream = sys.stdout if callable(progress) else sys.stderr
+        for line in lines:
+            print(line, file=stream, flush=True)
+    return lines

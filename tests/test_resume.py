@@ -18,6 +18,7 @@ from lora_colab.canonical import open_canonical
 from lora_colab.cli import main
 from lora_colab.errors import Interrupted
 from lora_colab.extractor import extract
+from lora_colab.resizer import resize
 from lora_colab.journal import journal_path
 from lora_colab.synthetic import ZImageConfig, make_zimage_pair
 
@@ -168,7 +169,7 @@ def test_other_options_or_a_changed_input_start_over_saying_why(pair, tmp_path, 
     assert changed.stat().st_size == tuned.stat().st_size
     report = extract(base, changed, out, progress=False, **OPTIONS)
     assert report.resumed == 0
-    assert any("starting over: the tuned input changed" in w for w in report.warnings)
+    assert any("starting over: the fine-tuned model changed (its content differs" in w for w in report.warnings)
     assert_reproduces_the_planted_change((base, changed), out)
 
 
@@ -266,3 +267,126 @@ def test_the_notebook_run_cell_resumes_and_says_so(pair, tmp_path, capsys, monke
     want, got = load_file(str(tmp_path / "whole.safetensors")), load_file(report.output)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert_reproduces_the_planted_change(pair, report.output)
+
+
+# --- resize ----------------------------------------------------------------------------------------
+
+RECIPES = "rank=2:spn_ckpt=1,thr=-0.6:subspace=1,thr=0.5"
+
+_RESIZE_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from lora_colab import writer
+    from lora_colab.resizer import resize
+    base, lora, folder, point = sys.argv[1:5]
+    calls = []
+    def on_layer():
+        calls.append(1)
+        if not point.startswith("write") and len(calls) == int(point):
+            os.kill(os.getpid(), signal.SIGKILL)
+    if point == "write2":  # the first recipe's file is in place, the second one's is being written
+        close = writer.SafetensorsWriter.close
+        def second_close(self):
+            calls.append("w")
+            if calls.count("w") == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            close(self)
+        writer.SafetensorsWriter.close = second_close
+    resize(base, [lora], folder, RECIPES, device="cpu", progress=False, on_layer=on_layer)
+""").replace("RECIPES", repr(RECIPES))
+
+
+@pytest.fixture(scope="module")
+def resize_inputs(tmp_path_factory):
+    """A base and a kohya LoRA over every Z-Image layer with known spectra, and {key: ΔW}."""
+    from test_resize import Z as RZ, zimage_base, zimage_lora
+    from lora_colab import arch
+    from lora_colab.synthetic import zimage_specs
+    folder = tmp_path_factory.mktemp("resize")
+    base = zimage_base(folder)
+    keys = [t.key for t in arch.get("zimage").targets(dict(zimage_specs(RZ)))]
+    spectra = {key: [x / (1 + i / 4) for x in (2.0, 0.9, 0.3, 0.05)] for i, key in enumerate(keys)}
+    lora, deltas = zimage_lora(folder, spectra)
+    return base, lora, deltas
+
+
+def counted_base_reads(monkeypatch):
+    from lora_colab.base_refs import BaseReferences
+    reads = []
+    weight = BaseReferences.weight
+    monkeypatch.setattr(BaseReferences, "weight", lambda self, key, rows: reads.append(key) or weight(self, key, rows))
+    return reads
+
+
+@pytest.mark.parametrize("point", [5, 25, "write2"])
+def test_a_killed_resize_resumes_reading_no_base_layer_twice(resize_inputs, tmp_path, monkeypatch, point):
+    base, lora, deltas = resize_inputs
+    n = len(deltas)
+    monkeypatch.setenv("LORA_COLAB_CACHE", str(tmp_path / "cache_clean"))
+    reads = counted_base_reads(monkeypatch)
+    clean = resize(base, [lora], tmp_path / "clean", RECIPES, device="cpu", progress=False)
+    clean_reads = len(reads)
+    assert clean_reads == 2 * n  # each layer's base weight: once for its norms, once for its subspace terms
+
+    monkeypatch.setenv("LORA_COLAB_CACHE", str(tmp_path / "cache"))  # a new runtime: no norm cache
+    folder = tmp_path / "out"
+    env = {**os.environ, "LORA_COLAB_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", _RESIZE_KILLER, str(base), str(lora), str(folder), str(point)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (folder / "lora.resize.journal").exists()
+    reads.clear()
+    reports = resize(base, [lora], folder, RECIPES, device="cpu", progress=False)
+    referenced = 0 if point == 5 else n if point == "write2" else point - n  # base references journaled
+    assert len(reads) == 2 * (n - referenced)
+    decomposed = point - 1 if point != "write2" and point <= n else n  # on_layer comes before each decomposition
+    assert f"resuming: {decomposed} decomposed layers and {referenced} base references taken from " \
+           f"lora.resize.journal" in reports[0].warnings
+    for got, want in zip(reports, clean):
+        a, b = load_file(got.output), load_file(want.output)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the truth: rank=2 keeps each layer's best rank-2 approximation of its ΔW
+    t = load_file(reports[0].output)
+    for key, delta in deltas.items():
+        name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+        up, down = t[name + ".lora_up.weight"].double(), t[name + ".lora_down.weight"].double()
+        product = t[name + ".alpha"].item() / down.shape[0] * up @ down
+        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        torch.testing.assert_close(product, (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-4, atol=1e-5)
+    assert not (folder / "lora.resize.journal").exists()
+
+
+def test_a_resize_with_another_lora_starts_over(resize_inputs, tmp_path):
+    base, lora, deltas = resize_inputs
+    folder = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", _RESIZE_KILLER, str(base), str(lora), str(folder), "25"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    changed = tmp_path / "lora.safetensors"  # same name: a retrained LoRA
+    shutil.copy(lora, changed)
+    rewrite_weights(changed, lambda w: 2 * w)
+    report = resize(base, [changed], folder, "rank=2", device="cpu", progress=False)[0]
+    assert any("starting over: the LoRA changed (its content differs" in line for line in report.warnings)
+    assert not any(line.startswith("resuming") for line in report.warnings)
+
+
+def test_the_notebook_resize_cell_resumes_and_says_so(resize_inputs, tmp_path, capsys, monkeypatch):
+    from lora_colab import notebook
+    from lora_colab.configs import ResizeConfig
+    from lora_colab.monitor import LiveMonitor
+    base, lora, deltas = resize_inputs
+    monkeypatch.setenv("LORA_COLAB_CACHE", str(tmp_path / "cache"))
+    config = ResizeConfig(recipes="spn_ckpt=1,thr=-0.6", device="cpu")
+    calls = []
+
+    def stop(self, layer=None):
+        calls.append(1)
+        if len(calls) == len(deltas) + 6:  # every layer decomposed, 6 base references read
+            raise KeyboardInterrupt
+    monkeypatch.setattr(LiveMonitor, "update", stop)
+    stopped = notebook.run_resize(str(base), [str(lora)], config, folder=str(tmp_path / "out"), plot=False)
+    assert not stopped and f"keeps {len(deltas) + 6} finished steps" in capsys.readouterr().out
+    monkeypatch.setattr(LiveMonitor, "update", lambda self, layer=None: None)
+    reads = counted_base_reads(monkeypatch)
+    reports = notebook.run_resize(str(base), [str(lora)], config, folder=str(tmp_path / "out"), plot=False)
+    assert f"resuming: {len(deltas)} decomposed layers and 6 base references taken" in capsys.readouterr().out
+    assert len(reads) == len(deltas) - 6 and reports[0].output
