@@ -1,0 +1,151 @@
+"""Resume benchmarks: a run killed (-9) part-way and started again, against an uninterrupted run in the same
+command. Each run in its own process with the inputs evicted from the page cache first.
+
+    python bench/resume.py [--dir /tmp/lc_bench] [--rank 32] [--at 0.5] [--repeats 3]
+
+Extraction (the width-true Z-Image subset pair of bench/extract.py, bf16, 30 layers, 2 x ~2.5 GB):
+- journal overhead: an uninterrupted run with the journal against one with --no-resume;
+- resume: killed after a share `--at` of the layers, rerun; the rerun's time over the uninterrupted run's
+  time times the share of its per-layer time that was left (1.0 = it pays for exactly what was left; the
+  fixed cost of opening the pair is in the rerun, not in the share), the bytes it read against the
+  uninterrupted run's, and whether its output equals the uninterrupted run's tensor for tensor.
+Resize (a rank-`rank` LoRA of that pair against its base, recipe spn_ckpt=1,thr=-1.2 + subspace): killed
+after half the base references were read, rerun; the same ratio over the base layers left to read.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import evict  # noqa: E402
+
+from extract import SUBSET, build  # noqa: E402
+
+_RUN = """
+import json, os, signal, sys, time
+from lora_colab.extractor import extract
+from lora_colab.resizer import resize
+job, base, other, out, kill_at, resume = sys.argv[1:7]
+kill_at, calls = int(kill_at), []
+def on_layer(*_):
+    calls.append(1)
+    if len(calls) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+start = time.perf_counter()
+if job == "extract":
+    report = extract(base, other, out, rank=RANK, progress=False, on_layer=on_layer, resume=resume == "1")
+    extra = {"bytes_read": report.bytes_read, "resumed": report.resumed, "layers": len(report.layers),
+             "layer_seconds": [layer.seconds for layer in report.layers]}
+else:
+    report = resize(base, [other], out, "spn_ckpt=1,thr=-1.2:subspace=1,thr=0.2", progress=False,
+                    on_layer=on_layer, resume=resume == "1")[0]
+    extra = {"warnings": [w for w in report.warnings if w.startswith("resuming")]}
+print("RESULT" + json.dumps({"seconds": time.perf_counter() - start, **extra}))
+"""
+
+
+def run(job, base, other, out, rank, kill_at=0, resume=True, cache=None):
+    for path in (base, other):
+        for f in ([path] if Path(path).is_file() else Path(path).rglob("*.safetensors")):
+            evict(f)
+    env = {**os.environ, "LORA_COLAB_CACHE": str(cache)} if cache else None
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _RUN.replace("RANK", str(rank)), job, str(base), str(other),
+                           str(out), str(kill_at), "1" if resume else "0"], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if kill_at:
+        assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+        return {"seconds": wall}
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
+    if line is None:
+        raise SystemExit(done.stderr[-3000:])
+    return {**json.loads(line[len("RESULT"):]), "process_seconds": wall}
+
+
+def same_tensors(a, b):
+    from safetensors.torch import load_file
+    import torch
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def layer_bytes(base, tuned):
+    """[(key, bytes of the layer in both files)] in extraction order."""
+    from lora_colab.canonical import open_canonical
+    with open_canonical(base) as b, open_canonical(tuned) as t:
+        return [(x.key, b.nbytes(x.key) + t.nbytes(x.key)) for x in b.arch.targets(b.shapes())]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="/tmp/lc_bench")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--at", type=float, default=0.5, help="share of the layers done when killed")
+    args = parser.parse_args()
+    folder = Path(args.dir) / "subset_timing"
+    base, tuned = build(folder, SUBSET, spectra=False)
+    work = Path(args.dir) / "resume"
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # outputs, journals and norm caches of earlier runs
+    work.mkdir(parents=True)
+
+    sizes = layer_bytes(base, tuned)
+    n = len(sizes)
+    kill_at = max(2, round(args.at * n))  # on_layer of layer k kills: layers 1..k-1 are journaled
+    left = sum(size for _, size in sizes[kill_at - 1:]) / sum(size for _, size in sizes)
+
+    times = {"plain": [], "clean": [], "killed": [], "resumed": []}
+    identical = True
+    for _ in range(args.repeats):  # interleaved: the machine's drift touches every kind alike
+        times["plain"].append(run("extract", base, tuned, work / "plain.safetensors", args.rank, resume=False))
+        times["clean"].append(run("extract", base, tuned, work / "clean.safetensors", args.rank))
+        times["killed"].append(run("extract", base, tuned, work / "resumed.safetensors", args.rank, kill_at=kill_at))
+        times["resumed"].append(run("extract", base, tuned, work / "resumed.safetensors", args.rank))
+        identical &= same_tensors(work / "resumed.safetensors", work / "clean.safetensors")
+    median = {k: statistics.median(r["seconds"] for r in v) for k, v in times.items()}
+    resumed = times["resumed"][-1]
+    per_layer = times["clean"][-1]["layer_seconds"]  # the uninterrupted run's own time per layer
+    time_left = sum(per_layer[kill_at - 1:]) / sum(per_layer)
+    rows = {
+        "layers": n, "killed_after_layers": kill_at - 1, "bytes_left_share": round(left, 3),
+        "repeats": args.repeats, "no_journal_s": round(median["plain"], 2),
+        "with_journal_s": round(median["clean"], 2),
+        "journal_overhead": round(median["clean"] / median["plain"], 3),
+        "killed_run_s": round(median["killed"], 2), "resumed_s": round(median["resumed"], 2),
+        "resumed_layers": resumed["resumed"],
+        "time_left_share": round(time_left, 3),
+        "resumed_over_left_share": round(median["resumed"] / (median["clean"] * time_left), 3),
+        "resumed_bytes_over_clean": round(resumed["bytes_read"] / times["clean"][-1]["bytes_read"], 3),
+        "identical_to_uninterrupted": identical,
+    }
+    print("extract:", json.dumps(rows, indent=1), flush=True)
+
+    lora = work / "clean.safetensors"
+    clean_r = run("resize", base, lora, work / "r_clean", args.rank, cache=work / "cache_clean")
+    n_refs = n  # one base reference step per LoRA layer, after the n decompositions
+    killed_r = run("resize", base, lora, work / "r_resumed", args.rank, kill_at=n + n_refs // 2,
+                   cache=work / "cache_killed")
+    resumed_r = run("resize", base, lora, work / "r_resumed", args.rank, cache=work / "cache_resumed")
+    outputs = sorted((work / "r_clean").glob("*.safetensors"))
+    rows = {
+        "clean_s": round(clean_r["seconds"], 2), "killed_run_s": round(killed_r["seconds"], 2),
+        "resumed_s": round(resumed_r["seconds"], 2), "resumed": resumed_r["warnings"],
+        "resumed_over_clean": round(resumed_r["seconds"] / clean_r["seconds"], 3),
+        "identical_to_uninterrupted": all(same_tensors(p, work / "r_resumed" / p.name) for p in outputs),
+    }
+    print("resize:", json.dumps(rows, indent=1), flush=True)
+    for f in work.rglob("*.safetensors"):
+        f.unlink()
+
+
+if __name__ == "__main__":
+    main()
