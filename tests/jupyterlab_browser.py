@@ -35,19 +35,21 @@ def _free_port():
 class JupyterLab:
     """`jupyter lab` on 127.0.0.1 serving `root`; stopped by close()."""
 
-    def __init__(self, root, env=None):
+    def __init__(self, root, env=None, config_folder=None):
         self.root = Path(root)
         self.token = secrets.token_hex(16)
         self.port = _free_port()
-        config = self.root.parent / "jupyter_config"
+        config = Path(config_folder or self.root.parent) / "jupyter_config"
         (config / "labconfig").mkdir(parents=True, exist_ok=True)
         (config / "labconfig" / "page_config.json").write_text(json.dumps(
             {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
-        self.log_path = self.root.parent / "jupyterlab.log"
+        self.log_path = config.parent / "jupyterlab.log"
         environment = dict(os.environ, JUPYTER_CONFIG_DIR=str(config),
                            JUPYTERLAB_SETTINGS_DIR=str(config / "settings"),
                            JUPYTERLAB_WORKSPACES_DIR=str(config / "workspaces"),
                            JUPYTER_RUNTIME_DIR=str(config / "runtime"), **(env or {}))
+        for name in [name for name, value in environment.items() if value is None]:  # None: unset it
+            del environment[name]
         environment.pop("MPLBACKEND", None)  # a test process may have set Agg: the kernel picks its inline one
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(

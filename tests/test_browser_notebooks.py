@@ -136,3 +136,39 @@ def test_resize_notebook_in_jupyterlab(page, lab):
     name = href.split("?")[0].rsplit("/", 1)[-1]
     assert nb.fetch_size(href) == (lab.root / "work" / name).stat().st_size
     assert not widget_console_errors(nb)
+
+
+@pytest.mark.parametrize("started_in", ["notebooks folder", "home folder"])
+def test_the_save_line_works_wherever_jupyterlab_was_started(tmp_path_factory, tmp_path, started_in):
+    """JupyterLab started in the notebooks' folder cannot serve the default work folder (~/lora_colab_work):
+    the save cell says where the file is and why no link reaches it, with no dead link. Started in the home
+    folder, the link serves the file."""
+    home = tmp_path_factory.mktemp("lab") / "home"
+    notebooks = home / "lora_colab" / "notebooks"
+    notebooks.mkdir(parents=True)
+    shutil.copy(NOTEBOOKS / "extract_lora.ipynb", notebooks)
+    root = notebooks if started_in == "notebooks folder" else home
+    server = JupyterLab(root, env={"HOME": str(home), "LORA_COLAB_WORKDIR": None,
+                                   "LORA_COLAB_CACHE": str(home / "cache")}, config_folder=home.parent)
+    driver = chromium(tmp_path / "downloads")
+    nb = None
+    try:
+        nb = Notebook(driver, server, "extract_lora.ipynb" if root == notebooks else
+                      "lora_colab/notebooks/extract_lora.ipynb")
+        nb.run(0, 6)
+        saved = nb.output(6)
+        written = home / "lora_colab_work" / "extracted_lora.safetensors"
+        assert written.exists(), text(saved)
+        if started_in == "notebooks folder":
+            assert not controls(saved, "a"), saved.get_attribute("innerHTML")
+            assert f"in {written.parent}; Jupyter serves only {notebooks}, so no download link can reach it" \
+                in text(saved)
+        else:
+            assert nb.fetch_size(download_link(saved)) == written.stat().st_size
+    except Exception:
+        if nb is not None:
+            nb.save_evidence(tmp_path, started_in.replace(" ", "_"))
+        raise
+    finally:
+        driver.quit()
+        server.close()
