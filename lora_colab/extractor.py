@@ -19,7 +19,7 @@ from .io.locations import file_name
 from .io.quant_noise import is_lossy, noise_sq
 from .dtypes import parse_dtype
 from .errors import Interrupted, LoraColabError, OptionError
-from .journal import Journal, identity_of, worth_keeping
+from .journal import Journal, identity_of, show, worth_keeping
 from .lora_format import build_metadata, piece_specs, piece_tensors, pieces
 from .io.buffers import empty_bytes
 from .lowrank import (BlockedDelta, RowBlocks, bf16_products_fast, clamp_outliers, clamped_residual_sq, low_rank,
@@ -669,8 +669,4 @@ def _say_resume(journal, report, total, progress):
     if report.resumed:
         notes.append(f"resuming from layer {report.resumed + 1} of {total}: {report.resumed} finished layers "
                      f"taken from {journal.spill_path.name}")
-    if progress and notes:
-        import sys
-        stream = sys.stdout if callable(progress) else sys.stderr
-        for note in notes:
-            print(note, file=stream, flush=True)
+    show(notes, progress)

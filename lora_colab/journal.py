@@ -302,12 +302,17 @@ class Journal(SpillWriter):
 
     def discard(self):
         """Close and remove the journal."""
-        if not self._spill.closed:
-            self._spill.close()
-        try:
-            os.unlink(self.spill_path)
-        except FileNotFoundError:
-            pass
+        SpillWriter.abort(self)
+
+
+def show(lines, progress):
+    """Print a run's resume lines at once where it shows progress: on stdout for a notebook's bar
+    (`progress` a factory), on stderr beside tqdm's own bar, not at all when quiet."""
+    if progress and lines:
+        import sys
+        stream = sys.stdout if callable(progress) else sys.stderr
+        for line in lines:
+            print(line, file=stream, flush=True)
 
 
 def worth_keeping(exc):

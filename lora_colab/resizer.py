@@ -23,7 +23,7 @@ from .lora_file import LoraFile
 from .lowrank import low_rank
 from .memory import fmt_bytes
 from .recipes import CHECKPOINT_KEYS, parse_recipes
-from .journal import worth_keeping
+from .journal import show, worth_keeping
 from .resize_journal import decomposed, keep_decomposed, keep_references, open_journal, references
 from .selection import Selection, kohya_rank, subspace_reference  # noqa: F401 (kohya_rank: resizer API)
 from .writer import SpillWriter
@@ -644,9 +644,5 @@ def _say_resumed(journal, progress):
     if journal.taken:
         lines.append(f"resuming: {layers} decomposed layers and {len(journal.taken) - layers} base references "
                      f"taken from {journal.spill_path.name}")
-    if progress and lines:
-        import sys
-        stream = sys.stdout if callable(progress) else sys.stderr
-        for line in lines:
-            print(line, file=stream, flush=True)
+    show(lines, progress)
     return lines
