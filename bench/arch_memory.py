@@ -22,7 +22,7 @@ from _common import evict, in_subprocess, layout, mib  # noqa: E402
 import torch  # noqa: E402
 
 from lora_colab import arch  # noqa: E402
-from lora_colab.synthetic import PlantedPair, write_checkpoint  # noqa: E402
+from lora_colab.notebook.synthetic import PlantedPair, write_checkpoint  # noqa: E402
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 # name -> (base layout file, tuned layout file, blocks kept per block kind)
@@ -101,7 +101,7 @@ def build_pair(folder, name, base, tuned):
 
 
 def worker(base, tuned, out):
-    from lora_colab.extractor import extract
+    from lora_colab.extraction.extractor import extract
     from lora_colab.memory import peak_rss_bytes, rss_bytes
     baseline = rss_bytes()
     report = extract(base, tuned, out, rank=32, progress=False, device="cpu")

@@ -29,7 +29,7 @@ from _common import evict, mib, page_cache_bytes, proc_status  # noqa: E402
 
 import torch  # noqa: E402
 
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair  # noqa: E402
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair  # noqa: E402
 
 SUBSET = ZImageConfig(n_layers=4, n_refiner_layers=1)
 FULL = ZImageConfig()
@@ -54,7 +54,7 @@ def build(folder, cfg, spectra=True):
 
 
 def target_keys(base):
-    from lora_colab.canonical import open_canonical
+    from lora_colab.arch.canonical import open_canonical
     with open_canonical(base) as c:
         return [t.key for t in c.arch.targets(c.shapes())]
 
@@ -62,7 +62,7 @@ def target_keys(base):
 # --- workers (each runs in its own process) ------------------------------------------------------
 
 def w_ours(base, tuned, out, rank, niter=2, recipe=None, **_):
-    from lora_colab.extractor import extract
+    from lora_colab.extraction.extractor import extract
     report = extract(base, tuned, out, rank=rank, progress=False, device="cpu", niter=niter, recipe=recipe)
     return {"layers": len(report.extracted), "read_wait": report.read_wait_seconds,
             "purge": report.purge_seconds, "bytes": report.output_bytes,
@@ -118,9 +118,9 @@ def w_compute_only(base, tuned, keys, rank, **_):
     """Everything but reading: the float32 difference, SVD and factor work, timed on tensors already read."""
     from lora_colab import open_checkpoint
     from lora_colab.io.checkpoint import cast
-    from lora_colab.extractor import factor_layer, subtract_
-    from lora_colab.lowrank import bf16_products_fast
-    from lora_colab.report import LayerReport
+    from lora_colab.extraction.extractor import factor_layer, subtract_
+    from lora_colab.lowrank.factor import bf16_products_fast
+    from lora_colab.extraction.report import LayerReport
     compute = 0.0
     with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
         for key in keys:
@@ -139,7 +139,7 @@ def w_compute_only(base, tuned, keys, rank, **_):
 def w_quality(base, tuned, keys, rank, full_svd, **_):
     """Per layer: the residual ‖Δ − Δ_r‖ of each randomized configuration (ours now, ours before, the seed's)
     over the optimal one (exact SVD), and the time of ours against kohya's full SVD."""
-    from lora_colab.lowrank import low_rank, low_rank_bf16
+    from lora_colab.lowrank.factor import low_rank, low_rank_bf16
     rows = []
     for key, delta, low in _deltas(base, tuned, keys):
         row = {"key": key}

@@ -24,10 +24,10 @@ from _common import layout  # noqa: E402
 import torch  # noqa: E402
 
 from lora_colab import arch as registry  # noqa: E402
-from lora_colab.extractor import factor_layer  # noqa: E402
-from lora_colab.lora_format import pieces  # noqa: E402
-from lora_colab.lowrank import bf16_products_fast  # noqa: E402
-from lora_colab.report import LayerReport  # noqa: E402
+from lora_colab.extraction.extractor import factor_layer  # noqa: E402
+from lora_colab.lora.formats import pieces  # noqa: E402
+from lora_colab.lowrank.factor import bf16_products_fast  # noqa: E402
+from lora_colab.extraction.report import LayerReport  # noqa: E402
 
 LAYOUTS = {"sdxl": "sdxl-single-file", "flux": "flux1-dev-bfl", "chroma": "chroma1-hd-native",
            "zimage": "zimage-single-file", "qwen_image": "qwen-image-diffusers",

@@ -41,7 +41,7 @@ def to_gguf(source, target):
 
 
 def worker(base, tuned, out, rank):
-    from lora_colab.extractor import extract
+    from lora_colab.extraction.extractor import extract
     from lora_colab.memory import peak_rss_bytes, rss_bytes
     baseline = rss_bytes()
     start = time.perf_counter()

@@ -24,7 +24,7 @@ RANK = 64
 
 def build(root):
     from lora_colab import save_file
-    from lora_colab.synthetic import write_checkpoint
+    from lora_colab.notebook.synthetic import write_checkpoint
     root.mkdir(parents=True, exist_ok=True)
     ckpt = root / "sdxl.safetensors"
     entries = [(k, tuple(s)) for k, s, _ in layout("sdxl-single-file")]
@@ -33,7 +33,7 @@ def build(root):
         start = time.perf_counter()
         write_checkpoint(ckpt, entries, lambda k, s: torch.randn(s, generator=gen) * 0.02, torch.float16)
         print(f"checkpoint {ckpt.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
-    from lora_colab.canonical import open_canonical
+    from lora_colab.arch.canonical import open_canonical
     with open_canonical(ckpt) as view:  # canonical names: CLIP-L keys gain `text_model.` as real files have
         sdxl, targets = view.arch, view.arch.targets(view.shapes())
     for i in range(5):
@@ -58,7 +58,7 @@ def build(root):
 
 def w_ours(ckpt, loras, recipes, cache, out):
     os.environ["LORA_COLAB_CACHE"] = cache
-    from lora_colab.resizer import resize
+    from lora_colab.resizing.resizer import resize
     reports = resize(ckpt, loras, out, recipes, device="cpu")
     return {"outputs": len(reports), "ranks": [r.total_rank for r in reports]}
 

@@ -31,8 +31,8 @@ from extract import SUBSET, build  # noqa: E402
 
 _RUN = """
 import json, os, signal, sys, time
-from lora_colab.extractor import extract
-from lora_colab.resizer import resize
+from lora_colab.extraction.extractor import extract
+from lora_colab.resizing.resizer import resize
 job, base, other, out, kill_at, resume = sys.argv[1:7]
 kill_at, calls = int(kill_at), []
 def on_layer(*_):
@@ -79,7 +79,7 @@ def same_tensors(a, b):
 
 def layer_bytes(base, tuned):
     """[(key, bytes of the layer in both files)] in extraction order."""
-    from lora_colab.canonical import open_canonical
+    from lora_colab.arch.canonical import open_canonical
     with open_canonical(base) as b, open_canonical(tuned) as t:
         return [(x.key, b.nbytes(x.key) + t.nbytes(x.key)) for x in b.arch.targets(b.shapes())]
 

@@ -18,7 +18,7 @@ from _common import layout  # noqa: E402
 
 import torch  # noqa: E402
 
-from lora_colab.lowrank import spectral_norm  # noqa: E402
+from lora_colab.lowrank.factor import spectral_norm  # noqa: E402
 
 
 def power_iteration(w, tol=1e-4, max_iter=64, seed=0):

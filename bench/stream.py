@@ -42,7 +42,7 @@ def _baseline(device):
 
 
 def streamed(base_url, tuned_url, out, rank, device="cpu"):
-    from lora_colab.extractor import extract
+    from lora_colab.extraction.extractor import extract
     from lora_colab.memory import peak_rss_bytes
     baseline = _baseline(device)
     start = time.perf_counter()
@@ -52,8 +52,8 @@ def streamed(base_url, tuned_url, out, rank, device="cpu"):
 
 
 def download_first(base_url, tuned_url, out, rank, folder, device="cpu"):
-    from lora_colab.downloads import download_url
-    from lora_colab.extractor import extract
+    from lora_colab.io.downloads import download_url
+    from lora_colab.extraction.extractor import extract
     from lora_colab.memory import peak_rss_bytes
     start = time.perf_counter()
     base = download_url(base_url, folder, progress=False)

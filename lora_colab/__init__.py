@@ -10,6 +10,11 @@ Quick start::
 Sources may be paths, URLs or Hub files (`owner/repo:file`), read in place; `lora-colab --help` and the
 README list the rest. The public names are imported on first use, so `lora-colab --help` and
 `import lora_colab.errors` do not load torch.
+
+The rooms, in the order data flows: `io` (byte sources, containers, dequantization) -> `arch` (model
+families as tables, the canonical view of a checkpoint) -> `lowrank` (factorisation, scoring, recipes) ->
+`extraction` and `resizing` -> `lora` (formats, readers, writers, journals); `notebook` is the face the
+notebooks call; at the root only what every room shares (errors, dtypes, memory, progress, configs, the CLI).
 """
 
 import importlib
@@ -20,11 +25,11 @@ _EXPORTS = {
     "CheckpointError": "errors", "LoraColabError": "errors", "OptionError": "errors", "SourceError": "errors",
     "Checkpoint": "io.checkpoint", "SafetensorsFile": "io.checkpoint", "open_checkpoint": "io.checkpoint",
     "locate": "io.locations",
-    "SafetensorsWriter": "writer", "save_file": "writer",
-    "open_canonical": "canonical",
-    "extract": "extractor",
-    "ExtractReport": "report", "LayerReport": "report",
-    "ResizeReport": "resizer", "resize": "resizer",
+    "SafetensorsWriter": "lora.writer", "save_file": "lora.writer",
+    "open_canonical": "arch.canonical",
+    "extract": "extraction.extractor",
+    "ExtractReport": "extraction.report", "LayerReport": "extraction.report",
+    "ResizeReport": "resizing.resizer", "resize": "resizing.resizer",
 }
 
 __all__ = ["__version__"] + sorted(_EXPORTS)

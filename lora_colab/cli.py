@@ -41,14 +41,14 @@ def _local_or_remote(source, args):
     """`source` as given (read in place), or its downloaded copy with --download DIR."""
     if not args.download or str(source).lower() == "none":
         return source
-    from .downloads import fetch
+    from .io.downloads import fetch
     return str(fetch(source, args.download, token=args.token))
 
 
 def _cmd_inspect(args):
     from .io.checkpoint import open_checkpoint
     from .io.hub import pinned_run
-    from .inspect_info import format_summary, summarize
+    from .lora.inspect import format_summary, summarize
 
     with pinned_run(), open_checkpoint(_local_or_remote(args.path, args), args.token) as ckpt:
         summary = summarize(ckpt)
@@ -109,9 +109,9 @@ def _finish(report, as_json):
 
 
 def _cmd_extract(args):
-    from .extractor import extract
+    from .extraction.extractor import extract
 
-    from .extractor import check_output_file
+    from .extraction.extractor import check_output_file
 
     check_output_file(args.output)
     base, tuned = _local_or_remote(args.base, args), _local_or_remote(args.tuned, args)
@@ -119,7 +119,7 @@ def _cmd_extract(args):
 
 
 def _cmd_demo(args):
-    from .demo import next_steps, run_demo
+    from .notebook.demo import next_steps, run_demo
 
     options = _extract_options(args)
     rank = options.pop("rank")
@@ -131,7 +131,7 @@ def _cmd_demo(args):
 
 
 def _cmd_resize(args):
-    from .resizer import _split_merge, resize
+    from .resizing.resizer import _split_merge, resize
 
     checkpoint = None if args.checkpoint.lower() == "none" else _local_or_remote(args.checkpoint, args)
     loras = [",".join(str(_local_or_remote(path, args)) + (f":{weight:g}" if weight != 1.0 else "")

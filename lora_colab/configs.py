@@ -49,7 +49,7 @@ class ExtractConfig:
 
     def extract_kwargs(self):
         """Keyword arguments for lora_colab.extract (a recipe with its own rank= sets the rank)."""
-        from .recipes import parse_recipe
+        from .lowrank.recipes import parse_recipe
 
         recipe = self.recipe.strip() or None
         return dict(rank=None if recipe and parse_recipe(recipe).rank else self.rank, alpha=self.alpha or None, scale=self.scale,

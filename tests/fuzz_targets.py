@@ -7,7 +7,7 @@ import struct
 import tempfile
 
 from lora_colab import LoraColabError, open_checkpoint
-from lora_colab.lora_file import LoraFile, scan_layers
+from lora_colab.lora.files import LoraFile, scan_layers
 
 
 def write(data):

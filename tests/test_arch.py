@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import CheckpointError, arch
-from lora_colab.canonical import CanonicalCheckpoint, open_canonical, pair
+from lora_colab.arch.canonical import CanonicalCheckpoint, open_canonical, pair
 from lora_colab.io.checkpoint import open_checkpoint
-from lora_colab.lora_format import build_metadata, module_specs, module_tensors
-from lora_colab.synthetic import ZImageConfig, write_checkpoint, zimage_specs
+from lora_colab.lora.formats import build_metadata, module_specs, module_tensors
+from lora_colab.notebook.synthetic import ZImageConfig, write_checkpoint, zimage_specs
 
 from comfy_rules import clip_key_map, unet_key_map
 from conftest import load_layout

@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import OptionError, arch, extract
-from lora_colab.canonical import open_canonical
+from lora_colab.arch.canonical import open_canonical
 from lora_colab.cli import build_parser
 from lora_colab.configs import ExtractConfig
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
 
 from comfy_rules import unet_key_map
 
@@ -129,7 +129,7 @@ def test_the_diffusers_format_refuses_them_in_one_line(tmp_path):
     ("krea2", "comfy", False), ("ltx2", "comfy", False), ("chroma", "comfy", False),
     ("zimage", "kohya", False), ("sdxl", "kohya", False), ("flux", "diffusers", False)])
 def test_default_is_on_only_where_every_client_of_the_format_loads_them(name, fmt, default):
-    from lora_colab.bias_diff import policy
+    from lora_colab.extraction.bias_diff import policy
     assert policy(arch.get(name), fmt)[0] is default
 
 
@@ -205,7 +205,7 @@ def test_resizing_keeps_the_patches_whole_and_weights_them_in_merges(tmp_path):
 
 def test_no_note_about_bias_changes_when_no_bias_changed(tmp_path):
     """The demo and every fine-tune that changed only matrices: no line about bias and norm changes."""
-    from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+    from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
     base, tuned, _ = make_zimage_pair(tmp_path, ZImageConfig(dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
                                                              cap_feat_dim=32), rank=2)
     report = extract(base, tuned, tmp_path / "l.safetensors", rank=2, format="kohya", progress=False)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lora_colab import LoraColabError, extract, resize
 from lora_colab.cli import main
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
 
 Z = ZImageConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
 
@@ -75,7 +75,7 @@ def test_options_that_cannot_apply_get_a_one_line_notice(demo, tmp_path):
 
 
 def test_output_folder_is_refused_before_reading_anything(demo, tmp_path, capsys, monkeypatch):
-    import lora_colab.extractor as extractor
+    import lora_colab.extraction.extractor as extractor
     base, tuned, _ = demo
     monkeypatch.setattr(extractor, "open_canonical", lambda *a, **k: pytest.fail("read an input first"))
     assert main(["extract", str(base), str(tuned), "-o", str(tmp_path), "-q"]) == 2
@@ -147,7 +147,7 @@ def test_identical_models_and_skipped_nan_layers_read_cleanly(demo, tmp_path):
 
 
 def test_nan_skip_is_reported_once(tmp_path):
-    from lora_colab.synthetic import write_checkpoint
+    from lora_colab.notebook.synthetic import write_checkpoint
     specs = [("layers.0.attention.qkv.weight", (24, 8)), ("layers.0.attention.out.weight", (8, 8)),
              ("cap_embedder.1.weight", (8, 4))]
     base = write_checkpoint(tmp_path / "b.safetensors", specs, lambda k, s: torch.ones(s), torch.float32)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lora_colab import arch, save_file
-from lora_colab.lora_format import module_tensors
-from lora_colab.synthetic import ZImageConfig, zimage_specs
+from lora_colab.lora.formats import module_tensors
+from lora_colab.notebook.synthetic import ZImageConfig, zimage_specs
 
 from conftest import load_layout
 
@@ -338,7 +338,7 @@ def truncated(delta, k):
 
 
 def test_resized_zimage_and_sdxl_loras_load_fully_in_diffusers(tmp_path, diffusers_warnings, monkeypatch):
-    from lora_colab.resizer import resize
+    from lora_colab.resizing.resizer import resize
     monkeypatch.setenv("LORA_COLAB_CACHE", str(tmp_path / "cache"))
     z = arch.get("zimage")
     path, expected = write_lora(tmp_path, z, "kohya", z.targets(dict(zimage_specs(Z_CFG))))

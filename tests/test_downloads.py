@@ -4,8 +4,8 @@ from collections import namedtuple
 
 import pytest
 
-from lora_colab import downloads as sources
-from lora_colab.downloads import download_url, fetch, from_drive
+from lora_colab.io import downloads as sources
+from lora_colab.io.downloads import download_url, fetch, from_drive
 from lora_colab.errors import SourceError
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB

@@ -7,10 +7,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import CheckpointError, arch
-from lora_colab.canonical import open_canonical
+from lora_colab.arch.canonical import open_canonical
 from lora_colab.cli import main
-from lora_colab.extractor import extract
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.extraction.extractor import extract
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
 
 Z = ZImageConfig(dim=128, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
 
@@ -78,7 +78,7 @@ def test_a_bf16_pair_is_factored_from_its_bf16_difference_or_in_float32_alike(tm
     """A bf16 pair takes the bf16 difference and sketch where the CPU's bf16 products are fast (forced here
     both ways): each layer within 1.02x of the optimal residual of the exact difference, and the report's
     relative error is that residual."""
-    import lora_colab.extractor as extractor_module
+    import lora_colab.extraction.extractor as extractor_module
     monkeypatch.setenv("LORA_COLAB_BF16_SKETCH", bf16)
     seen = []
     real = extractor_module.decompose_layer
@@ -251,7 +251,7 @@ def test_cli_extract_and_demo(tmp_path, capsys):
 
 
 def test_subtract_matches_float_subtraction_for_every_input_dtype():
-    from lora_colab.extractor import subtract_
+    from lora_colab.extraction.extractor import subtract_
     gen = torch.Generator().manual_seed(9)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         a, b = torch.randn(300, 70, generator=gen), torch.randn(300, 70, generator=gen).to(dtype)

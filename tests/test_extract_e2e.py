@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import arch
-from lora_colab.extractor import extract
-from lora_colab.synthetic import write_layout, zimage_canonical_of, zimage_specs
+from lora_colab.extraction.extractor import extract
+from lora_colab.notebook.synthetic import write_layout, zimage_canonical_of, zimage_specs
 
 from test_diffusers_loading import Z_CFG, sdxl_targets, sdxl_unet, zimage_model, clip
 

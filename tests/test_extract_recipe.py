@@ -9,14 +9,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import lora_colab.extractor as extractor_module
+import lora_colab.extraction.extractor as extractor_module
 from lora_colab import OptionError, arch, extract
-from lora_colab.canonical import open_canonical
+from lora_colab.arch.canonical import open_canonical
 from lora_colab.cli import main
 from lora_colab.configs import ExtractConfig
-from lora_colab.recipes import RecipeError
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair
-from lora_colab.writer import planned_size
+from lora_colab.lowrank.recipes import RecipeError
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.lora.writer import planned_size
 
 CFG = ZImageConfig(dim=128, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
 CAP = 12
@@ -197,7 +197,7 @@ def test_cli_and_notebook_take_a_recipe(tmp_path, pair, capsys):
 
 
 def test_the_base_norms_it_computed_serve_a_later_resize(tmp_path, pair, monkeypatch):
-    from lora_colab.base_refs import BaseReferences
+    from lora_colab.resizing.base_refs import BaseReferences
     monkeypatch.setenv("LORA_COLAB_CACHE", str(tmp_path / "cache"))
     base, tuned, _, _, weights = pair
     extract(base, tuned, tmp_path / "e.safetensors", rank=CAP, recipe="spn_ckpt=1,thr=-2", progress=False,
@@ -213,7 +213,7 @@ def test_the_base_norms_it_computed_serve_a_later_resize(tmp_path, pair, monkeyp
 def test_split_modules_are_scored_against_their_own_rows_of_the_base_blocked_or_not(tmp_path, pair, monkeypatch):
     """The diffusers spelling writes Z-Image's fused qkv as to_q/to_k/to_v: each is decomposed on its own and
     scored against the spectral norm of its own rows of the base weight (what a resize of that file does)."""
-    from lora_colab.lora_format import pieces
+    from lora_colab.lora.formats import pieces
     base, tuned, _, _, weights = pair
     z = arch.get("zimage")
     with open_canonical(tuned) as view:

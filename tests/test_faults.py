@@ -7,11 +7,11 @@ import threading
 import pytest
 import torch
 
-import lora_colab.writer as writer_module
+import lora_colab.lora.writer as writer_module
 from lora_colab import LoraColabError, CheckpointError
 from lora_colab.cli import main
-from lora_colab.extractor import extract
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.extraction.extractor import extract
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
 
 Z = ZImageConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
 
@@ -76,7 +76,7 @@ def test_interrupt_mid_run_keeps_nothing_and_closes_everything(pair, tmp_path):
 
 
 def test_cli_interrupt_exits_130_with_a_message(monkeypatch, capsys, pair, tmp_path):
-    import lora_colab.extractor as extract_module
+    import lora_colab.extraction.extractor as extract_module
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt

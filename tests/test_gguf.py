@@ -10,8 +10,8 @@ import torch
 
 from lora_colab import CheckpointError, extract, open_checkpoint
 from lora_colab.cli import main
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair
-from lora_colab.writer import save_file
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.lora.writer import save_file
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T, quants  # noqa: E402

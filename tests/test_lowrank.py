@@ -2,7 +2,7 @@ import math
 import pytest
 import torch
 
-from lora_colab.lowrank import (clamp_outliers, clamped_residual_sq, low_rank, low_rank_bf16, norm_sq,
+from lora_colab.lowrank.factor import (clamp_outliers, clamped_residual_sq, low_rank, low_rank_bf16, norm_sq,
                                product_change, quantile)
 
 
@@ -74,7 +74,7 @@ def test_clamp_change_and_residual_formulas_match_brute_force():
 
 
 def test_norm_sq_is_accurate_enough_for_residual_cancellation():
-    from lora_colab.lowrank import norm_sq
+    from lora_colab.lowrank.factor import norm_sq
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4000, 3000, generator=gen) + 5.0  # large mean: a naive float32 sum drifts
     exact = float(x.double().pow(2).sum())
@@ -88,7 +88,7 @@ def test_norm_sq_is_accurate_enough_for_residual_cancellation():
     [3.0, 1.0],                         # a clear gap
 ])
 def test_spectral_norm_has_a_bounded_error_on_clustered_spectra(top):
-    from lora_colab.lowrank import spectral_norm
+    from lora_colab.lowrank.factor import spectral_norm
     gen = torch.Generator().manual_seed(5)
     u, _ = torch.linalg.qr(torch.randn(700, 300, generator=gen))
     v, _ = torch.linalg.qr(torch.randn(500, 300, generator=gen))
@@ -104,7 +104,7 @@ def test_spectral_norm_has_a_bounded_error_on_clustered_spectra(top):
 def test_blocked_delta_factors_like_the_full_difference(monkeypatch):
     """A difference built by row blocks into bf16 gives the same top singular values as the float32 one
     (to bf16 storage precision), with exact float32 norms, and the extractor takes that path for big layers."""
-    from lora_colab.lowrank import BlockedDelta, clamped_residual_sq, clamp_outliers, low_rank
+    from lora_colab.lowrank.factor import BlockedDelta, clamped_residual_sq, clamp_outliers, low_rank
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(300, 120, generator=gen)
     planted = (torch.randn(300, 6, generator=gen) * torch.logspace(0, -1, 6)) @ torch.randn(6, 120, generator=gen)
@@ -133,9 +133,9 @@ def test_blocked_delta_factors_like_the_full_difference(monkeypatch):
 
 
 def test_extractor_takes_the_blocked_path_for_big_layers_with_the_same_result(tmp_path, monkeypatch):
-    import lora_colab.extractor as extractor
+    import lora_colab.extraction.extractor as extractor
     from safetensors.torch import load_file
-    from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+    from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
     cfg = ZImageConfig(dim=64, n_layers=1, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
     base, tuned, _ = make_zimage_pair(tmp_path, cfg, rank=4, noise=1e-4)
     plain = extractor.extract(base, tuned, tmp_path / "plain.safetensors", rank=8, dtype="fp32", progress=False,
@@ -153,7 +153,7 @@ def test_extractor_takes_the_blocked_path_for_big_layers_with_the_same_result(tm
         up = key.replace("lora_down", "lora_up")
         pa, pb = a[up] @ a[key], b[up] @ b[key]
         assert float((pa - pb).norm() / pa.norm()) < 1e-2, key
-    from lora_colab.canonical import open_canonical
+    from lora_colab.arch.canonical import open_canonical
     with open_canonical(base) as b_view, open_canonical(tuned) as t_view:
         truth = {t.module: float((t_view.read(t.key) - b_view.read(t.key)).abs().max())
                  for t in b_view.arch.targets(b_view.shapes())}

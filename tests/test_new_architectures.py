@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import arch, extract
-from lora_colab.lora_format import module_tensors, pieces
+from lora_colab.lora.formats import module_tensors, pieces
 
 from comfy_rules import unet_key_map
 from conftest import LAYOUTS
@@ -296,8 +296,8 @@ def spellings(a, targets):
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_resize_finds_base_weights_in_either_layout_for_every_spelling(tmp_path, name):
-    from lora_colab.base_refs import BaseReferences
-    from lora_colab.resizer import resize
+    from lora_colab.resizing.base_refs import BaseReferences
+    from lora_colab.resizing.resizer import resize
     model = tiny(name)
     a, base, _ = planted_pair(model, torch.Generator().manual_seed(2))
     keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
 from lora_colab import extract
 from range_server import RangeServer
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_colab import links
+from lora_colab.notebook import links
 from lora_colab.configs import PRESETS, ExtractConfig, build_recipe
-from lora_colab.monitor import LiveMonitor, snapshot
-from lora_colab.recipes import RecipeError
+from lora_colab.notebook.monitor import LiveMonitor, snapshot
+from lora_colab.lowrank.recipes import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -16,7 +16,7 @@ pytest.importorskip("ipywidgets")
 
 
 def test_extract_form_defaults_presets_and_config():
-    from lora_colab.widgets import ExtractForm
+    from lora_colab.notebook.widgets import ExtractForm
     form = ExtractForm()
     assert form.config() == ExtractConfig()
     name = next(n for n in PRESETS if n.startswith("subtle"))
@@ -30,7 +30,7 @@ def test_extract_form_defaults_presets_and_config():
 
 
 def test_resize_form_builds_recipes_and_rejects_bad_ones():
-    from lora_colab.widgets import ResizeForm
+    from lora_colab.notebook.widgets import ResizeForm
     form = ResizeForm()
     assert form.config().recipes == "spn_ckpt=1,thr=-1.2"
     form.weights["spn_ckpt"].value, form.weights["params"].value = 2.0, 1.0
@@ -88,9 +88,9 @@ def test_notebooks_are_committed_clean(path):
 @pytest.mark.parametrize("download", [False, True])
 def test_resize_inputs_take_several_loras_on_one_line_and_read_remote_ones_in_place(tmp_path, monkeypatch, capsys,
                                                                                      download):
-    import lora_colab.downloads as downloads
-    import lora_colab.inspect_info as inspect_info
-    from lora_colab import notebook
+    import lora_colab.io.downloads as downloads
+    import lora_colab.lora.inspect as inspect_info
+    from lora_colab.notebook import cells as notebook
     fetched = []
 
     def fake_fetch(source, folder, token=None, **_):
@@ -118,8 +118,8 @@ def test_resize_inputs_take_several_loras_on_one_line_and_read_remote_ones_in_pl
 
 
 def test_run_cells_say_which_settings_they_used(tmp_path, capsys):
-    from lora_colab import notebook
-    from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+    from lora_colab.notebook import cells as notebook
+    from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
     base, tuned, _ = make_zimage_pair(tmp_path, ZImageConfig(dim=64, n_layers=1, n_refiner_layers=1, n_heads=4,
                                                              cap_feat_dim=32), rank=2)
     report = notebook.run_extract(base, tuned, ExtractConfig(rank=4, alpha=2.0), folder=tmp_path, monitor=False)
@@ -134,7 +134,7 @@ def test_without_ipywidgets_the_forms_say_how_to_get_them_and_use_the_defaults(m
     extras, and the later cells run with the default options."""
     import sys
     from lora_colab.configs import ExtractConfig, ResizeConfig
-    from lora_colab.widgets import ExtractForm, ResizeForm
+    from lora_colab.notebook.widgets import ExtractForm, ResizeForm
     monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import ipywidgets raises ImportError
     for form, default in ((ExtractForm, ExtractConfig()), (ResizeForm, ResizeConfig())):
         shown = form().show()
@@ -150,7 +150,7 @@ def test_a_file_outside_the_folder_jupyter_serves_gets_a_plain_line_not_a_dead_l
     import json
     import os
 
-    from lora_colab import notebook as nb
+    from lora_colab.notebook import cells as nb
     runtime = tmp_path / "runtime"
     runtime.mkdir()
     served = tmp_path / "served" / "notebooks"

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import CheckpointError, extract, open_checkpoint
-from lora_colab.canonical import open_canonical
+from lora_colab.arch.canonical import open_canonical
 from lora_colab.io.dequant import unswizzle
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair
-from lora_colab.writer import save_file
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.lora.writer import save_file
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 

@@ -9,10 +9,10 @@ from safetensors.torch import save_file as st_save_file
 
 from lora_colab import LoraColabError, arch
 from lora_colab.cli import main
-from lora_colab.recipes import RecipeError, parse_recipes
-from lora_colab.resizer import _split_merge, kohya_rank, qr_core, resize
-from lora_colab.synthetic import ZImageConfig, write_checkpoint, zimage_specs
-from lora_colab.writer import planned_size
+from lora_colab.lowrank.recipes import RecipeError, parse_recipes
+from lora_colab.resizing.resizer import _split_merge, kohya_rank, qr_core, resize
+from lora_colab.notebook.synthetic import ZImageConfig, write_checkpoint, zimage_specs
+from lora_colab.lora.writer import planned_size
 
 Z = ZImageConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
 
@@ -233,7 +233,7 @@ def test_weighted_merge_and_windows_paths(tmp_path):
 def test_norm_cache_is_keyed_by_content_and_reused(tmp_path):
     base = zimage_base(tmp_path)
     lora, _ = zimage_lora(tmp_path, {"layers.0.attention.qkv.weight": [1.0, 0.1]})
-    from lora_colab.base_refs import BaseReferences
+    from lora_colab.resizing.base_refs import BaseReferences
     with BaseReferences(base) as refs:
         refs.norms("layers.0.attention.qkv.weight", None)
         assert refs.norm_reads == 1
@@ -245,7 +245,7 @@ def test_norm_cache_is_keyed_by_content_and_reused(tmp_path):
 
 
 def test_many_recipes_reuse_one_decomposition(tmp_path, monkeypatch):
-    import lora_colab.resizer as resize_module
+    import lora_colab.resizing.resizer as resize_module
     calls = []
     real = resize_module.decompose
     monkeypatch.setattr(resize_module, "decompose", lambda *a: calls.append(1) or real(*a))
@@ -295,7 +295,7 @@ def three_spellings(tmp_path_factory):
     pair is float32, so each spelling holds the planted rank-4 change exactly (the fused qkv at rank 4, each of
     its q/k/v slices at rank 4 on its own) and the three agree to float32 rounding."""
     from lora_colab import extract
-    from lora_colab.synthetic import make_zimage_pair
+    from lora_colab.notebook.synthetic import make_zimage_pair
     folder = tmp_path_factory.mktemp("spellings")
     base, tuned, planted = make_zimage_pair(folder, Z, rank=4, dtype=torch.float32)
     paths = {}
@@ -307,8 +307,8 @@ def three_spellings(tmp_path_factory):
 
 def _deltas(path, base):
     """{canonical key: ΔW} of a LoRA file in any spelling, assembled over split modules."""
-    from lora_colab.base_refs import BaseReferences
-    from lora_colab.lora_file import LoraFile
+    from lora_colab.resizing.base_refs import BaseReferences
+    from lora_colab.lora.files import LoraFile
     out = {}
     with BaseReferences(base) as refs, LoraFile(path) as lora:
         for layer in lora.layers.values():
@@ -365,7 +365,7 @@ def test_single_lora_weight_scales_it(tmp_path, three_spellings):
 
 
 def test_base_of_another_architecture_is_one_line_naming_both(tmp_path, three_spellings, capsys):
-    from lora_colab.synthetic import write_checkpoint
+    from lora_colab.notebook.synthetic import write_checkpoint
     _, paths, _ = three_spellings
     flux = [("double_blocks.0.img_attn.qkv.weight", (96, 32)), ("double_blocks.0.img_attn.proj.weight", (32, 32))]
     other = write_checkpoint(tmp_path / "flux.safetensors", flux, lambda k, s: torch.randn(s))
@@ -393,7 +393,7 @@ def test_base_covering_some_layers_says_how_many_and_which_terms(tmp_path, three
 def _split_lora(path, targets, seed, rank=4):
     """A diffusers-spelled Z-Image LoRA whose to_q/to_k/to_v each carry their own rank-`rank` change (own down
     factors); returns {module name: ΔW}."""
-    from lora_colab.lora_format import piece_tensors, pieces
+    from lora_colab.lora.formats import piece_tensors, pieces
     z = arch.get("zimage")
     gen = torch.Generator().manual_seed(seed)
     tensors, deltas = {}, {}

@@ -14,13 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_colab.canonical import open_canonical
+from lora_colab.arch.canonical import open_canonical
 from lora_colab.cli import main
 from lora_colab.errors import Interrupted
-from lora_colab.extractor import extract
-from lora_colab.resizer import resize
-from lora_colab.journal import journal_path
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.extraction.extractor import extract
+from lora_colab.resizing.resizer import resize
+from lora_colab.lora.journal import journal_path
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
 
 from test_extract import lora_products, true_differences
 
@@ -29,8 +29,8 @@ OPTIONS = dict(rank=8, clamp_quantile=None, device="cpu")
 
 _KILLER = textwrap.dedent("""
     import os, signal, sys
-    from lora_colab import writer
-    from lora_colab.extractor import extract
+    from lora_colab.lora import writer
+    from lora_colab.extraction.extractor import extract
     base, tuned, out, point, recipe = sys.argv[1:6]
     seen = []
     def on_layer(layer):
@@ -227,7 +227,7 @@ def test_a_recipe_run_resumes_with_its_collected_directions(pair, tmp_path):
 
 
 def test_a_second_run_on_a_locked_journal_keeps_none_and_a_finished_run_leaves_none(pair, tmp_path):
-    from lora_colab.journal import Journal
+    from lora_colab.lora.journal import Journal
     out = tmp_path / "lora.safetensors"
     holder = Journal(out, {"run": "other"})
     try:
@@ -245,9 +245,9 @@ def test_a_second_run_on_a_locked_journal_keeps_none_and_a_finished_run_leaves_n
 def test_the_notebook_run_cell_resumes_and_says_so(pair, tmp_path, capsys, monkeypatch):
     """Cell 4 stopped mid-run says how to go on; run again, it says "resuming from layer N of M" and
     writes what an uninterrupted run writes, in the results folder it was given."""
-    from lora_colab import notebook
+    from lora_colab.notebook import cells as notebook
     from lora_colab.configs import ExtractConfig
-    from lora_colab.monitor import LiveMonitor
+    from lora_colab.notebook.monitor import LiveMonitor
     config = ExtractConfig(rank=8, clamp_quantile=1.0, device="cpu")
     seen = []
 
@@ -275,8 +275,8 @@ RECIPES = "rank=2:spn_ckpt=1,thr=-0.6:subspace=1,thr=0.5"
 
 _RESIZE_KILLER = textwrap.dedent("""
     import os, signal, sys
-    from lora_colab import writer
-    from lora_colab.resizer import resize
+    from lora_colab.lora import writer
+    from lora_colab.resizing.resizer import resize
     base, lora, folder, point = sys.argv[1:5]
     calls = []
     def on_layer():
@@ -300,7 +300,7 @@ def resize_inputs(tmp_path_factory):
     """A base and a kohya LoRA over every Z-Image layer with known spectra, and {key: ΔW}."""
     from test_resize import Z as RZ, zimage_base, zimage_lora
     from lora_colab import arch
-    from lora_colab.synthetic import zimage_specs
+    from lora_colab.notebook.synthetic import zimage_specs
     folder = tmp_path_factory.mktemp("resize")
     base = zimage_base(folder)
     keys = [t.key for t in arch.get("zimage").targets(dict(zimage_specs(RZ)))]
@@ -310,7 +310,7 @@ def resize_inputs(tmp_path_factory):
 
 
 def counted_base_reads(monkeypatch):
-    from lora_colab.base_refs import BaseReferences
+    from lora_colab.resizing.base_refs import BaseReferences
     reads = []
     weight = BaseReferences.weight
     monkeypatch.setattr(BaseReferences, "weight", lambda self, key, rows: reads.append(key) or weight(self, key, rows))
@@ -370,9 +370,9 @@ def test_a_resize_with_another_lora_starts_over(resize_inputs, tmp_path):
 
 
 def test_the_notebook_resize_cell_resumes_and_says_so(resize_inputs, tmp_path, capsys, monkeypatch):
-    from lora_colab import notebook
+    from lora_colab.notebook import cells as notebook
     from lora_colab.configs import ResizeConfig
-    from lora_colab.monitor import LiveMonitor
+    from lora_colab.notebook.monitor import LiveMonitor
     base, lora, deltas = resize_inputs
     monkeypatch.setenv("LORA_COLAB_CACHE", str(tmp_path / "cache"))
     config = ResizeConfig(recipes="spn_ckpt=1,thr=-0.6", device="cpu")

@@ -10,7 +10,7 @@ import torch
 
 from lora_colab import extract, open_checkpoint
 from lora_colab.arch.stable_diffusion import diffusers_to_sgm
-from lora_colab.writer import save_file
+from lora_colab.lora.writer import save_file
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

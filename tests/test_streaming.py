@@ -14,8 +14,8 @@ from lora_colab.cli import main
 from lora_colab.errors import CheckpointError, SourceError
 from lora_colab.io import http as lc_http
 from lora_colab.io.checkpoint import SafetensorsFile
-from lora_colab.synthetic import ZImageConfig, make_zimage_pair
-from lora_colab.writer import save_file
+from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
+from lora_colab.lora.writer import save_file
 
 from range_server import RangeServer
 
@@ -266,7 +266,7 @@ def test_download_first_keeps_the_old_path(server, models, tmp_path):
 
 
 def test_the_monitor_line_shows_network_read_speed(server, models, tmp_path):
-    from lora_colab.monitor import snapshot
+    from lora_colab.notebook.monitor import snapshot
     lines = []
     extract(f"{server.url}/files/base/transformer/diffusion_pytorch_model.safetensors.index.json",
             f"{server.url}/files/tuned.safetensors", tmp_path / "out.safetensors", rank=8, progress=False,
@@ -320,7 +320,7 @@ def test_credentials_apply_to_their_origin_and_folder_only():
 
 
 def test_downloads_never_carry_a_token_across_a_redirect(server, models, tmp_path):
-    from lora_colab.downloads import download_url
+    from lora_colab.io.downloads import download_url
     server.faults.tokens = {"/files/private/": TOKEN}
     server.faults.redirects = {"/files/private/tuned": f"{server.cdn_url}/files/tuned"}
     path = download_url(f"{server.url}/files/private/tuned.safetensors", tmp_path, token=TOKEN, progress=False)

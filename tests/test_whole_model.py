@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import arch, extract
-from lora_colab.lora_format import pieces
+from lora_colab.lora.formats import pieces
 
 from comfy_rules import unet_key_map
 from whole_model import (PLANTED_RANK, LoaderWarnings, canonical_of, comfy_apply, exact_rank,

@@ -149,7 +149,7 @@ def plant(targets, tensors, gen, scale=0.1):
 def exact_rank(arch, fmt, targets):
     """The rank at which every module `fmt` writes holds the planted change exactly: PLANTED_RANK times the
     number of planted slices the largest written module spans."""
-    from lora_colab.lora_format import pieces
+    from lora_colab.lora.formats import pieces
     most = 1
     for target in targets:
         slices = [(a, b) for _, a, b in target.splits] or [(0, target.shape[0])]

@@ -1,4 +1,6 @@
-"""Architectures: detection, canonical key maps, LoRA targets and output names."""
+"""Architectures: one mostly-table module per model family (detection, canonical key maps, LoRA targets and
+output names), and `canonical`: a checkpoint seen through its family's map, whatever its layout. The
+family modules import nothing but each other and errors; `canonical` reads through io."""
 
 from dataclasses import dataclass
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch.common import Target
-from .canonical import nonfinite_error
-from .errors import CheckpointError, OptionError
+from ..arch.common import Target
+from ..arch.canonical import nonfinite_error
+from ..errors import CheckpointError, OptionError
 
 SUFFIXES = {".bias": ".diff_b", ".weight": ".diff"}
 

@@ -10,25 +10,25 @@ from pathlib import Path
 import torch
 
 from . import bias_diff as diffs
-from .arch import resolve_format
-from .base_refs import remember_norms
-from .canonical import nonfinite_error, open_canonical, pair
-from .io.checkpoint import cast
-from .io.hub import pinned_run
-from .io.locations import file_name
-from .io.quant_noise import is_lossy, noise_sq
-from .dtypes import parse_dtype
-from .errors import Interrupted, LoraColabError, OptionError
-from .journal import Journal, identity_of, show, worth_keeping
-from .lora_format import build_metadata, piece_specs, piece_tensors, pieces
-from .io.buffers import empty_bytes
-from .lowrank import (BlockedDelta, RowBlocks, bf16_products_fast, clamp_outliers, clamped_residual_sq, low_rank,
+from ..arch import resolve_format
+from ..resizing.base_refs import remember_norms
+from ..arch.canonical import nonfinite_error, open_canonical, pair
+from ..io.checkpoint import cast
+from ..io.hub import pinned_run
+from ..io.locations import file_name
+from ..io.quant_noise import is_lossy, noise_sq
+from ..dtypes import parse_dtype
+from ..errors import Interrupted, LoraColabError, OptionError
+from ..lora.journal import Journal, identity_of, show, worth_keeping
+from ..lora.formats import build_metadata, piece_specs, piece_tensors, pieces
+from ..io.buffers import empty_bytes
+from ..lowrank.factor import (BlockedDelta, RowBlocks, bf16_products_fast, clamp_outliers, clamped_residual_sq, low_rank,
                       max_abs, norm_sq, product_change)
-from .memory import bound_heap, peak_rss_bytes, purge, vram_bytes
-from .monitor import snapshot
+from ..memory import bound_heap, peak_rss_bytes, purge, vram_bytes
+from ..notebook.monitor import snapshot
 from .report import ExtractReport, LayerReport, layer_from_dict
-from .recipe_extract import RecipeExtraction, parse_extract_recipe
-from .writer import SpillWriter, planned_size
+from .recipe import RecipeExtraction, parse_extract_recipe
+from ..lora.writer import SpillWriter, planned_size
 
 _PURGE_BYTES = 32 << 20  # after a difference this large, purge (gc, malloc_trim, CUDA cache); else once a second
 BLOCKED_BYTES = 256 << 20  # on the CPU, a larger float32 difference is built by rows into bf16 (BlockedDelta)

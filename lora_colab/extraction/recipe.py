@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import OptionError
-from .lowrank import base_references
-from .recipes import CHECKPOINT_KEYS, RecipeError, parse_recipes
-from .selection import Selection
-from .writer import SpillWriter
+from ..errors import OptionError
+from ..lowrank.factor import base_references
+from ..lowrank.recipes import CHECKPOINT_KEYS, RecipeError, parse_recipes
+from ..lowrank.selection import Selection
+from ..lora.writer import SpillWriter
 
 
 def parse_extract_recipe(text, rank, energy):

@@ -2,7 +2,7 @@
 
 from dataclasses import asdict, dataclass, field
 
-from .memory import fmt_bytes
+from ..memory import fmt_bytes
 
 
 @dataclass

@@ -12,11 +12,11 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from .errors import SourceError
-from .io.http import NETWORK, HttpStatus, describe_failure
-from .io.http_file import CLIENT
-from .io.hub import hub_token as hf_token  # noqa: F401  (the notebook's save step uses it)
-from .io.locations import DRIVE_ROOT, HubLocation, LocalLocation, UrlLocation, locate
+from ..errors import SourceError
+from .http import NETWORK, HttpStatus, describe_failure
+from .http_file import CLIENT
+from .hub import hub_token as hf_token  # noqa: F401  (the notebook's save step uses it)
+from .locations import DRIVE_ROOT, HubLocation, LocalLocation, UrlLocation, locate
 
 _CHUNK = 1 << 20
 
@@ -188,7 +188,7 @@ def fetch(source, folder, token=None, allow_patterns=None, progress=True):
 
 
 def _shard_names(index_path):
-    from .io.checkpoint import _read_weight_map
+    from .checkpoint import _read_weight_map
 
     return list(dict.fromkeys(_read_weight_map(LocalLocation(index_path))[0].values()))
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .closeable import Closeable
-from .io.checkpoint import open_checkpoint
-from .errors import CheckpointError
+from ..closeable import Closeable
+from ..io.checkpoint import open_checkpoint
+from ..errors import CheckpointError
 
 # (down suffix, up suffix) spellings of plain LoRA factors, longest first
 FACTOR_SUFFIXES = (

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__
-from .arch import resolve_format
+from .. import __version__
+from ..arch import resolve_format
 
 
 def factor_shapes(target, rank):

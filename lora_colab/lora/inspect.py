@@ -2,9 +2,9 @@
 
 from collections import Counter
 
-from .io.checkpoint import ShardedCheckpoint
-from .canonical import CanonicalCheckpoint
-from .memory import fmt_bytes
+from ..io.checkpoint import ShardedCheckpoint
+from ..arch.canonical import CanonicalCheckpoint
+from ..memory import fmt_bytes
 
 
 def _target_counts(ckpt):
@@ -38,8 +38,8 @@ def lora_spelling(names):
 
 def summarize_lora(ckpt):
     """A dict describing a LoRA file: spelling, module count, kinds, ranks, alphas, the base it names."""
-    from .arch import guess_lora_arch
-    from .lora_file import scan_layers
+    from ..arch import guess_lora_arch
+    from .files import scan_layers
 
     layers, other = scan_layers(ckpt.keys())
     ranks, alphas = Counter(), Counter()
@@ -77,7 +77,7 @@ def summarize_lora(ckpt):
 def summarize(ckpt):
     """A dict describing `ckpt`: tensors, dtypes, size, metadata, files, detected layout and LoRA targets
     (for a LoRA file: see summarize_lora)."""
-    from .lora_file import looks_like_lora
+    from .files import looks_like_lora
 
     if looks_like_lora(ckpt.keys()):
         return summarize_lora(ckpt)
@@ -108,8 +108,8 @@ def _where(ckpt):
 
 def describe_checkpoint(source, token=None):
     """One line: what `source` is (architecture or LoRA), its size and files, and how it is read."""
-    from .io.checkpoint import open_checkpoint
-    from .io.hub import pinned_run
+    from ..io.checkpoint import open_checkpoint
+    from ..io.hub import pinned_run
 
     with pinned_run(), open_checkpoint(source, token) as ckpt:
         summary = summarize(ckpt)
@@ -172,7 +172,7 @@ def _metadata_lines(summary, max_meta_chars):
 
 def require_lora(source, token=None):
     """Open `source` as a LoRA (headers only); a model checkpoint or any other file is a one-line error."""
-    from .lora_file import LoraFile
+    from .files import LoraFile
 
     with LoraFile(source, token):
         pass
@@ -180,7 +180,7 @@ def require_lora(source, token=None):
 
 def require_model(source, token=None):
     """Open `source` as a model checkpoint (headers only); a LoRA or an unreadable file is a one-line error."""
-    from .canonical import open_canonical
+    from ..arch.canonical import open_canonical
 
     with open_canonical(source, token=token):
         pass

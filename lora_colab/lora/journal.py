@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .dtypes import from_torch, to_torch
-from .errors import CheckpointError
-from .io.buffers import byte_view
+from ..dtypes import from_torch, to_torch
+from ..errors import CheckpointError
+from ..io.buffers import byte_view
 from .writer import SpillWriter, remove_orphans
 
 _FILE_MAGIC = b"LCJ1"
@@ -318,7 +318,7 @@ def show(lines, progress):
 def worth_keeping(exc):
     """Whether a run stopped by `exc` keeps its journal: yes for interruptions (Ctrl-C, a lost connection,
     a full disk, running out of memory), no for bad input or options, which a rerun would meet again."""
-    from .errors import LoraColabError, SourceError
+    from ..errors import LoraColabError, SourceError
     return not isinstance(exc, LoraColabError) or isinstance(exc, SourceError)
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .dtypes import ITEMSIZE, from_torch
-from .errors import CheckpointError
-from .io.buffers import byte_view
+from ..dtypes import ITEMSIZE, from_torch
+from ..errors import CheckpointError
+from ..io.buffers import byte_view
 
 _HAS_PWRITE = hasattr(os, "pwrite")
 
@@ -277,7 +277,7 @@ class SpillWriter:
 
     def read(self, name):
         """A tensor added earlier, read back from the spill file."""
-        from .dtypes import to_torch
+        from ..dtypes import to_torch
 
         dtype, shape, offset, nbytes = self._entries[name]
         data = bytearray(os.pread(self._spill.fileno(), nbytes, offset))

@@ -355,7 +355,7 @@ class BlockedDelta:
     def build(cls, read_tuned, read_base, shape, block_bytes=8 << 20, base_out=None):
         """From `read_x(start, stop)` (rows as float32 2-D) of a [m, n] weight; with `base_out` (a [m, n]
         tensor), the base's rows are kept there too, from the same reads."""
-        from .io.buffers import empty_bytes
+        from ..io.buffers import empty_bytes
 
         m, n = shape
         data = empty_bytes(m * n * 2).view(torch.bfloat16).reshape(m, n)

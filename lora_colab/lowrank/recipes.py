@@ -3,7 +3,7 @@
 import re
 from dataclasses import dataclass, field
 
-from .errors import LoraColabError
+from ..errors import LoraColabError
 
 SCORE_KEYS = ("spn_ckpt", "spn_lora", "fro_ckpt", "fro_lora", "subspace", "params")
 CHECKPOINT_KEYS = ("spn_ckpt", "fro_ckpt", "subspace")

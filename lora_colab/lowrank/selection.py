@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from .errors import LoraColabError
-from .writer import planned_size
+from ..errors import LoraColabError
+from ..lora.writer import planned_size
 
 _TINY = 1e-30
 

@@ -6,8 +6,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .configs import ExtractConfig, ResizeConfig
-from .memory import fmt_bytes
+from ..configs import ExtractConfig, ResizeConfig
+from ..memory import fmt_bytes
 
 IN_COLAB = "google.colab" in sys.modules
 
@@ -42,7 +42,7 @@ def _problem(text):
 
 def _failed(cell, exc):
     """One line for an error a person can fix (bad path, repo, token, file kind); others propagate."""
-    from .errors import LoraColabError
+    from ..errors import LoraColabError
     if not isinstance(exc, (LoraColabError, OSError, ValueError)):
         raise exc
     why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -112,17 +112,17 @@ def _prepare(source, role, folder, download, token, check=False, check_lora=Fals
     """`source` itself (read in place), or a local copy (download, or a Drive file); with `check`, opens
     it and prints what it is, so a wrong address fails here and not halfway through the run; with
     `check_lora`, refuses a file that is a model rather than a LoRA."""
-    from . import downloads
+    from ..io import downloads
 
     source = str(source).strip()
     if download or downloads.is_drive(source):
         source = str(downloads.fetch(source, Path(folder) / "downloads", token=token))
     if check:
-        from .inspect_info import describe_checkpoint, require_model
+        from ..lora.inspect import describe_checkpoint, require_model
         require_model(source, token)
         print(f"{role}: {describe_checkpoint(source, token)}")
     if check_lora:
-        from .inspect_info import require_lora
+        from ..lora.inspect import require_lora
         require_lora(source, token)
     return source
 
@@ -145,7 +145,7 @@ def _results_folder(folder):
     folder such as `MyDrive/lora_colab`, which survives a lost runtime)."""
     if not folder:
         return workdir()
-    from .downloads import drive_folder
+    from ..io.downloads import drive_folder
     text = str(folder).strip()
     path = drive_folder(text) if IN_COLAB or text.startswith("drive:") else Path(text).expanduser()
     path.mkdir(parents=True, exist_ok=True)
@@ -159,8 +159,8 @@ def run_extract(base, tuned, config=None, folder=None, monitor=True):
     An interrupted run (a stopped cell, a lost runtime) keeps its finished layers in a journal beside the
     output in `folder`: running the cell again resumes ("resuming from layer N of M"); on Drive the journal
     outlives the runtime."""
-    from .errors import Interrupted
-    from .extractor import extract
+    from ..errors import Interrupted
+    from ..extraction.extractor import extract
     from .monitor import LiveMonitor
 
     missing = _not_ready(base, tuned, needed_by="extract")
@@ -190,7 +190,7 @@ def prepare_resize_inputs(checkpoint="", loras="", folder=None, download=False, 
     Both empty -> the demo base and a rank-16 LoRA extracted from the demo pair.
     """
     from .demo import run_demo
-    from .resizer import _split_merge
+    from ..resizing.resizer import _split_merge
 
     folder = Path(folder or workdir())
     entries = [part.strip() for line in str(loras).splitlines() for part in line.split(";") if part.strip()]
@@ -216,9 +216,9 @@ def prepare_resize_inputs(checkpoint="", loras="", folder=None, download=False, 
 def run_resize(checkpoint, loras, config=None, folder=None, monitor=True, plot=True):
     """Resize every LoRA with every recipe, with a memory line and a progress bar; prints a summary per
     output, shows what each recipe kept, and returns the reports."""
-    from .errors import Interrupted
+    from ..errors import Interrupted
     from .monitor import LiveMonitor
-    from .resizer import resize
+    from ..resizing.resizer import resize
 
     missing = _not_ready(checkpoint, loras, needed_by="resize")
     if missing is not None:
@@ -333,7 +333,7 @@ def save_results(paths, drive_folder="", hub_repo="", token=None):
 
 def save_result(path, drive_folder="", hub_repo="", token=None):
     """Copy a result to Drive, upload it to a Hub repo, and/or offer a download; returns where it went."""
-    from .downloads import DRIVE_ROOT, SourceError, hf_token
+    from ..io.downloads import DRIVE_ROOT, SourceError, hf_token
 
     path = Path(path)
     places = []

@@ -4,7 +4,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .extractor import extract
+from ..extraction.extractor import extract
 from .synthetic import DEMO_ZIMAGE, make_zimage_pair
 
 

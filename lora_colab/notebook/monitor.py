@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .memory import fmt_bytes, peak_rss_bytes
+from ..memory import fmt_bytes, peak_rss_bytes
 
 
 def _proc_fields(path, names):
@@ -93,7 +93,7 @@ def snapshot(nvml=True):
         snap.vram_peak = torch.cuda.max_memory_allocated()
     if nvml:
         snap.vram_nvml = _nvml_used()
-    from .io.http import NETWORK
+    from ..io.http import NETWORK
     snap.net_rate, snap.net_total = NETWORK.rate(), NETWORK.total
     return snap
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .writer import SafetensorsWriter
+from ..lora.writer import SafetensorsWriter
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def make_zimage_pair(folder, cfg=DEMO_ZIMAGE, rank=8, noise=0.0, delta_scale=0.0
     """
     from pathlib import Path
 
-    from .arch import get
+    from ..arch import get
 
     folder = Path(folder)
     targets = {t.key for t in get("zimage").targets(dict(zimage_specs(cfg)), groups={"adaln"})}

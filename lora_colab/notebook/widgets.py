@@ -4,8 +4,8 @@ A form shows its widgets; `config()` reads their current values, so a headless r
 uses the defaults and no click is ever required. Every control has the same label width and control width,
 so the form lines up and fits Colab's output column."""
 
-from .configs import PRESETS, RESIZE_PRESETS, SCORE_HELP, ExtractConfig, ResizeConfig, build_recipe
-from .recipes import SCORE_KEYS, parse_recipes
+from ..configs import PRESETS, RESIZE_PRESETS, SCORE_HELP, ExtractConfig, ResizeConfig, build_recipe
+from ..lowrank.recipes import SCORE_KEYS, parse_recipes
 
 LABEL_WIDTH = "170px"
 CONTROL_WIDTH = "460px"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .closeable import Closeable
-from .canonical import open_canonical
-from .lowrank import spectral_norm
-from .writer import temporary_name
+from ..closeable import Closeable
+from ..arch.canonical import open_canonical
+from ..lowrank.factor import spectral_norm
+from ..lora.writer import temporary_name
 
 _FORMATS = ("kohya", "comfy", "diffusers")
 _COMPONENT_PREFIXES = ("transformer.", "unet.", "diffusion_model.", "base_model.model.")

@@ -7,7 +7,7 @@ import zlib
 
 import torch
 
-from .journal import Journal, identity_of
+from ..lora.journal import Journal, identity_of
 
 _SPECTRUM_FIELDS = ("name", "kind", "out_shape", "old_rank", "has_alpha", "in_scale", "suffixes", "dora_key")
 

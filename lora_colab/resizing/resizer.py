@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
-from .arch import guess_lora_arch
+from ..arch import guess_lora_arch
 from .base_refs import BaseReferences
-from .dtypes import parse_dtype
-from .errors import CheckpointError, Interrupted, LoraColabError, OptionError
-from .extractor import progress_bar, resolve_device
-from .io.hub import pinned_run
-from .io.locations import describe, file_name
-from .lora_file import LoraFile
-from .lowrank import low_rank
-from .memory import fmt_bytes
-from .recipes import CHECKPOINT_KEYS, parse_recipes
-from .journal import show, worth_keeping
-from .resize_journal import decomposed, keep_decomposed, keep_references, open_journal, references
-from .selection import Selection, kohya_rank, subspace_reference  # noqa: F401 (kohya_rank: resizer API)
-from .writer import SpillWriter
+from ..dtypes import parse_dtype
+from ..errors import CheckpointError, Interrupted, LoraColabError, OptionError
+from ..extraction.extractor import progress_bar, resolve_device
+from ..io.hub import pinned_run
+from ..io.locations import describe, file_name
+from ..lora.files import LoraFile
+from ..lowrank.factor import low_rank
+from ..memory import fmt_bytes
+from ..lowrank.recipes import CHECKPOINT_KEYS, parse_recipes
+from ..lora.journal import show, worth_keeping
+from .journal import decomposed, keep_decomposed, keep_references, open_journal, references
+from ..lowrank.selection import Selection, kohya_rank, subspace_reference  # noqa: F401 (kohya_rank: resizer API)
+from ..lora.writer import SpillWriter
 
 MAX_REBUILT_RANK = 512  # LoHa/LoKr/Tucker/diff layers are rebuilt as ΔW and factored up to this rank
 
@@ -594,7 +594,7 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, ou
 
 
 def _input_dtype(path, token=None):
-    from .io.checkpoint import open_checkpoint
+    from ..io.checkpoint import open_checkpoint
     with open_checkpoint(path, token) as ckpt:
         for key in ckpt.keys():
             if key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight")):

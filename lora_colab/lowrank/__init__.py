@@ -1,0 +1,3 @@
+"""The low-rank core shared by extraction and resizing: the factorisation (`factor`: randomized SVD,
+blocked differences, spectral norms, the clamp), the scoring and selection of directions (`selection`) and
+the recipe grammar (`recipes`). Imports io buffers and the LoRA writer's size arithmetic only."""
