@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CheckpointError": "errors", "LoraColabError": "errors", "OptionError": "errors", "SourceError": "errors",
-    "Checkpoint": "io.checkpoint", "SafetensorsFile": "io.checkpoint", "open_checkpoint": "io.checkpoint",
+    "Checkpoint": "io.checkpoint", "SafetensorsFile": "io.checkpoint", "open_checkpoint": "io.opener",
     "locate": "io.locations",
     "SafetensorsWriter": "lora.writer", "save_file": "lora.writer",
     "open_canonical": "arch.canonical",

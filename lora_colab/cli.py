@@ -46,7 +46,7 @@ def _local_or_remote(source, args):
 
 
 def _cmd_inspect(args):
-    from .io.checkpoint import open_checkpoint
+    from .io.opener import open_checkpoint
     from .io.hub import pinned_run
     from .lora.inspect import format_summary, summarize
 

@@ -6,7 +6,7 @@ from safetensors.torch import save_file as st_save_file
 
 from lora_colab import CheckpointError, arch
 from lora_colab.arch.canonical import CanonicalCheckpoint, open_canonical, pair
-from lora_colab.io.checkpoint import open_checkpoint
+from lora_colab.io.opener import open_checkpoint
 from lora_colab.lora.formats import build_metadata, module_specs, module_tensors
 from lora_colab.notebook.synthetic import ZImageConfig, write_checkpoint, zimage_specs
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import CheckpointError, SafetensorsWriter, open_checkpoint, save_file
-from lora_colab.io.checkpoint import resolve_folder
+from lora_colab.io.opener import resolve_folder
 
 from conftest import bits, random_tensor
 

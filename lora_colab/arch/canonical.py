@@ -4,7 +4,7 @@ import torch
 
 from ..closeable import Closeable
 from .. import arch as arch_registry
-from ..io.checkpoint import open_checkpoint
+from ..io.opener import open_checkpoint
 from ..errors import CheckpointError
 from ..lora.files import looks_like_lora
 from ..io.dequant import Dequantizer, is_auxiliary

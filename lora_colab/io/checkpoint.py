@@ -1,10 +1,7 @@
-"""Read checkpoints one tensor at a time: single files, sharded indexes and diffusers folders."""
+"""Containers read one tensor at a time: the Checkpoint interface, single safetensors files and shards\nlisted by an index (pickles, GGUF and the opener that picks one live beside it)."""
 
 import json
 import math
-import os
-import sys
-import tempfile
 
 import torch
 
@@ -12,14 +9,10 @@ from ..closeable import Closeable
 from ..dtypes import ITEMSIZE, to_torch
 from ..errors import CheckpointError
 from .buffers import byte_view, empty_bytes
-from .local_file import LocalFile
-from .locations import Location, locate
+from .locations import locate
 from .safetensors import read_header
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 STAGING_BYTES = 32 << 20  # each of the two pinned buffers a checkpoint copies to the GPU through
-_MODEL_SUBFOLDERS = ("transformer", "unet")
-_PREFERRED_STEMS = ("diffusion_pytorch_model", "model")
 
 
 def cast(tensor, dtype):
@@ -252,107 +245,6 @@ class ShardedCheckpoint(Checkpoint):
         self.index_bytes, self.index_remote = index_bytes, index.remote
 
 
-class PipelineCheckpoint(Checkpoint):
-    """An SD1.5/SDXL diffusers pipeline folder: its `unet/`, `text_encoder/` and `text_encoder_2/` (each a
-    single file or shards; `*.fp16.*` variants taken when they are all there is) read as one checkpoint
-    whose keys carry the component's name (`unet.conv_in.weight`). vae/, tokenizer/, scheduler/ are not
-    read."""
-
-    COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
-    def __init__(self, folder):
-        folder = locate(folder)
-        parts, locations, metadata = [], {}, {}
-        try:
-            for component in self.COMPONENTS:
-                if component not in folder.list() or not folder.child(component).is_dir():
-                    continue
-                part = open_checkpoint(resolve_folder(folder.child(component)))
-                parts.append(part)
-                for key in part.keys():
-                    locations[f"{component}.{key}"] = part._locations[key]
-                for key, value in part.metadata.items():
-                    metadata.setdefault(key, value)
-        except BaseException:
-            for part in parts:
-                part.close()
-            raise
-        super().__init__(folder.display, [raw for part in parts for raw in part._files], locations, metadata)
-        self.index_bytes = sum(part.index_bytes for part in parts)
-        self.index_remote = folder.remote
-
-
-def _first_sentence(text, limit=160):
-    """The first line of an error, whole words only, at most `limit` characters."""
-    line = text.strip().splitlines()[0]
-    if len(line) <= limit:
-        return line
-    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:(") + " ..."
-
-
-class PickleCheckpoint(Checkpoint):
-    """A `.ckpt`/`.pt`/`.bin` file, loaded only with `torch.load(weights_only=True, mmap=True)`: plain
-    tensors in (nested) dicts; anything else in the pickle is refused, never executed."""
-
-    def __init__(self, path, name=None):
-        name = name or str(path)
-        with open(path, "rb") as f:
-            head = f.read(64)
-        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip archive nor a pickle
-            shown = head[:24].decode("utf-8", "replace").split("\n")[0]
-            raise CheckpointError(name, f"is not a PyTorch checkpoint (it begins {shown!r}): give a .safetensors, "
-                                        f".ckpt, .pt or .bin model file")
-        try:  # mmap needs the zip archive; a legacy pickle is read whole
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=head[:2] == b"PK")
-        except Exception as exc:  # UnpicklingError, RuntimeError (a damaged archive), ...
-            text = str(exc)
-            reason = ("it holds objects other than tensors" if "Weights only load failed" in text
-                      else _first_sentence(text) if text.strip() else type(exc).__name__)
-            raise CheckpointError(name, f"refused: not a plain tensor pickle ({reason}); it is never loaded "
-                                        f"with code execution: convert it to .safetensors with a tool you trust") from None
-        tensors = {}
-        _flatten(data.get("state_dict", data) if isinstance(data, dict) else data, "", tensors)
-        if not tensors:
-            raise CheckpointError(name, "holds no tensors")
-        self._tensors = tensors
-        super().__init__(name, [LocalFile(path, name)], {}, {})
-        self._locations = {name: (None, None) for name in tensors}
-
-    def info(self, key):
-        from ..dtypes import from_torch
-        from .safetensors import TensorInfo
-        tensor = self._tensor(key)
-        return TensorInfo(key, from_torch(tensor.dtype), tuple(tensor.shape), 0,
-                          tensor.numel() * tensor.element_size())
-
-    def _tensor(self, key):
-        try:
-            return self._tensors[key]
-        except KeyError:
-            raise CheckpointError(self.path, "no such tensor", key) from None
-
-    def read(self, key, dtype=None, device=None):
-        tensor = self._tensor(key).clone()
-        return tensor.to(device=device or "cpu", dtype=dtype or tensor.dtype)
-
-    def read_rows(self, key, start, stop, dtype=None, device=None):
-        tensor = self._tensor(key)
-        _check_rows(self.path, key, tuple(tensor.shape), start, stop)
-        return tensor[start:stop].clone().to(device=device or "cpu", dtype=dtype or tensor.dtype)
-
-    def close(self):
-        self._tensors = {}
-        super().close()
-
-
-def _flatten(obj, prefix, out):
-    if isinstance(obj, torch.Tensor):
-        out[prefix[:-1]] = obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _flatten(value, f"{prefix}{key}.", out)
-
-
 def _read_weight_map(index):
     """(weight map, bytes read) of a `*.safetensors.index.json` Location."""
     name = index.display
@@ -380,86 +272,3 @@ def _weight_map(index_json, name):
         if shard_name.startswith(("/", "\\")) or ".." in shard_name.replace("\\", "/").split("/") or "://" in shard_name:
             raise CheckpointError(name, f"shard name {shard_name!r} points outside the index's folder")
     return weight_map
-
-
-def open_checkpoint(source, token=None):
-    """Open a `.safetensors` or `.gguf` file, a `*.safetensors.index.json`, or a model/pipeline folder, from a
-    local path, a URL or the Hub (see io.locations.locate; `token` is for plain URLs).
-
-    Folders: a diffusers pipeline (its `transformer/` or `unet/`), a diffusers model folder with shards
-    and an index, or a folder holding one `.safetensors` file. Remote files are read in place, by range.
-    Returns a Checkpoint; use it as a context manager to close its files.
-    """
-    location = locate(source, token)
-    if location.is_dir() and is_sd_pipeline(location):
-        return PipelineCheckpoint(location)
-    if location.is_dir():
-        location = resolve_folder(location)
-    elif not location.exists():
-        raise CheckpointError(location.display, "no such file or folder")
-    name = location.name.lower()
-    if name.endswith(".index.json"):
-        return ShardedCheckpoint(location)
-    if name.endswith(PICKLE_SUFFIXES):
-        return _open_pickle(location)
-    if name.endswith(".gguf"):
-        from .gguf import GGUFFile
-        return GGUFFile(location)
-    return SafetensorsFile(location)
-
-
-def _open_pickle(location):
-    """A pickle is loaded from local disk only: a remote one is downloaded to a temporary file first."""
-    if location.local_path() is not None:
-        return PickleCheckpoint(location.local_path())
-    print(f"{location.display}: a pickle cannot be read in place; downloading it to a temporary file",
-          file=sys.stderr)
-    with location.open() as raw:
-        fd, path = tempfile.mkstemp(prefix="lora_colab_", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                view = memoryview(bytearray(min(raw.size, 16 << 20) or 1))
-                for offset in range(0, raw.size, len(view)):
-                    part = view[:min(len(view), raw.size - offset)]
-                    raw.readinto(part, offset)
-                    out.write(part)
-            return PickleCheckpoint(path, location.display)
-        finally:
-            os.unlink(path)  # the mmap and the open file keep the data readable until the checkpoint closes
-
-
-def is_sd_pipeline(folder):
-    """A diffusers pipeline whose model is a UNet (SD1.5/SDXL): its text encoders are read too."""
-    entries = folder.list()
-    return ("unet" in entries and "transformer" not in entries and folder.child("unet").is_dir()
-            and _has_weights(folder.child("unet")))
-
-
-def resolve_folder(folder):
-    """The file (single or index) that `open_checkpoint` reads for a folder (any Location or path)."""
-    folder = locate(folder) if not isinstance(folder, Location) else folder
-    entries = folder.list()
-    for sub in _MODEL_SUBFOLDERS:
-        if sub in entries and folder.child(sub).is_dir() and _has_weights(folder.child(sub)):
-            return resolve_folder(folder.child(sub))
-    indexes = [e for e in entries if e.endswith(".safetensors.index.json")]
-    if indexes:
-        return folder.child(_pick(folder, indexes, ".safetensors.index.json"))
-    files = [e for e in entries if e.endswith(".safetensors")]
-    if files:
-        return folder.child(_pick(folder, files, ".safetensors"))
-    raise CheckpointError(folder.display, "folder holds no .safetensors file, index, transformer/ or unet/")
-
-
-def _has_weights(folder):
-    return any(e.endswith((".safetensors", ".safetensors.index.json")) for e in folder.list())
-
-
-def _pick(folder, candidates, suffix):
-    if len(candidates) == 1:
-        return candidates[0]
-    for stem in _PREFERRED_STEMS:
-        if stem + suffix in candidates:
-            return stem + suffix
-    raise CheckpointError(folder.display, f"several checkpoints here ({', '.join(sorted(candidates))}); "
-                                          f"name the one to use")

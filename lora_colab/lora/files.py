@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..closeable import Closeable
-from ..io.checkpoint import open_checkpoint
+from ..io.opener import open_checkpoint
 from ..errors import CheckpointError
 
 # (down suffix, up suffix) spellings of plain LoRA factors, longest first

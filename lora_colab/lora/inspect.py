@@ -108,7 +108,7 @@ def _where(ckpt):
 
 def describe_checkpoint(source, token=None):
     """One line: what `source` is (architecture or LoRA), its size and files, and how it is read."""
-    from ..io.checkpoint import open_checkpoint
+    from ..io.opener import open_checkpoint
     from ..io.hub import pinned_run
 
     with pinned_run(), open_checkpoint(source, token) as ckpt:

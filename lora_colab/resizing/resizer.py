@@ -594,7 +594,7 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, ou
 
 
 def _input_dtype(path, token=None):
-    from ..io.checkpoint import open_checkpoint
+    from ..io.opener import open_checkpoint
     with open_checkpoint(path, token) as ckpt:
         for key in ckpt.keys():
             if key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight")):

@@ -1,0 +1,106 @@
+"""The opener: any source (a file, an index, a model or pipeline folder; local, URL or Hub) to the container
+that reads it. Sits on top of the containers (`checkpoint`, `pickles`, `gguf`), which never import it."""
+
+from ..errors import CheckpointError
+from .checkpoint import Checkpoint, SafetensorsFile, ShardedCheckpoint
+from .locations import Location, locate
+from .pickles import PICKLE_SUFFIXES, open_pickle
+
+
+_MODEL_SUBFOLDERS = ("transformer", "unet")
+
+
+_PREFERRED_STEMS = ("diffusion_pytorch_model", "model")
+
+
+class PipelineCheckpoint(Checkpoint):
+    """An SD1.5/SDXL diffusers pipeline folder: its `unet/`, `text_encoder/` and `text_encoder_2/` (each a
+    single file or shards; `*.fp16.*` variants taken when they are all there is) read as one checkpoint
+    whose keys carry the component's name (`unet.conv_in.weight`). vae/, tokenizer/, scheduler/ are not
+    read."""
+
+    COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+    def __init__(self, folder):
+        folder = locate(folder)
+        parts, locations, metadata = [], {}, {}
+        try:
+            for component in self.COMPONENTS:
+                if component not in folder.list() or not folder.child(component).is_dir():
+                    continue
+                part = open_checkpoint(resolve_folder(folder.child(component)))
+                parts.append(part)
+                for key in part.keys():
+                    locations[f"{component}.{key}"] = part._locations[key]
+                for key, value in part.metadata.items():
+                    metadata.setdefault(key, value)
+        except BaseException:
+            for part in parts:
+                part.close()
+            raise
+        super().__init__(folder.display, [raw for part in parts for raw in part._files], locations, metadata)
+        self.index_bytes = sum(part.index_bytes for part in parts)
+        self.index_remote = folder.remote
+
+
+def open_checkpoint(source, token=None):
+    """Open a `.safetensors` or `.gguf` file, a `*.safetensors.index.json`, or a model/pipeline folder, from a
+    local path, a URL or the Hub (see io.locations.locate; `token` is for plain URLs).
+
+    Folders: a diffusers pipeline (its `transformer/` or `unet/`), a diffusers model folder with shards
+    and an index, or a folder holding one `.safetensors` file. Remote files are read in place, by range.
+    Returns a Checkpoint; use it as a context manager to close its files.
+    """
+    location = locate(source, token)
+    if location.is_dir() and is_sd_pipeline(location):
+        return PipelineCheckpoint(location)
+    if location.is_dir():
+        location = resolve_folder(location)
+    elif not location.exists():
+        raise CheckpointError(location.display, "no such file or folder")
+    name = location.name.lower()
+    if name.endswith(".index.json"):
+        return ShardedCheckpoint(location)
+    if name.endswith(PICKLE_SUFFIXES):
+        return open_pickle(location)
+    if name.endswith(".gguf"):
+        from .gguf import GGUFFile
+        return GGUFFile(location)
+    return SafetensorsFile(location)
+
+
+def is_sd_pipeline(folder):
+    """A diffusers pipeline whose model is a UNet (SD1.5/SDXL): its text encoders are read too."""
+    entries = folder.list()
+    return ("unet" in entries and "transformer" not in entries and folder.child("unet").is_dir()
+            and _has_weights(folder.child("unet")))
+
+
+def resolve_folder(folder):
+    """The file (single or index) that `open_checkpoint` reads for a folder (any Location or path)."""
+    folder = locate(folder) if not isinstance(folder, Location) else folder
+    entries = folder.list()
+    for sub in _MODEL_SUBFOLDERS:
+        if sub in entries and folder.child(sub).is_dir() and _has_weights(folder.child(sub)):
+            return resolve_folder(folder.child(sub))
+    indexes = [e for e in entries if e.endswith(".safetensors.index.json")]
+    if indexes:
+        return folder.child(_pick(folder, indexes, ".safetensors.index.json"))
+    files = [e for e in entries if e.endswith(".safetensors")]
+    if files:
+        return folder.child(_pick(folder, files, ".safetensors"))
+    raise CheckpointError(folder.display, "folder holds no .safetensors file, index, transformer/ or unet/")
+
+
+def _has_weights(folder):
+    return any(e.endswith((".safetensors", ".safetensors.index.json")) for e in folder.list())
+
+
+def _pick(folder, candidates, suffix):
+    if len(candidates) == 1:
+        return candidates[0]
+    for stem in _PREFERRED_STEMS:
+        if stem + suffix in candidates:
+            return stem + suffix
+    raise CheckpointError(folder.display, f"several checkpoints here ({', '.join(sorted(candidates))}); "
+                                          f"name the one to use")
