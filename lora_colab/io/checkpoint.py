@@ -1,4 +1,5 @@
-"""Containers read one tensor at a time: the Checkpoint interface, single safetensors files and shards\nlisted by an index (pickles, GGUF and the opener that picks one live beside it)."""
+"""Containers read one tensor at a time: the Checkpoint interface, single safetensors files and shards
+listed by an index (pickles, GGUF and the opener that picks one live beside it)."""
 
 import json
 import math
