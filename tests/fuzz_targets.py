@@ -7,7 +7,8 @@ import struct
 import tempfile
 
 from lora_colab import LoraColabError, open_checkpoint
-from lora_colab.lora.files import LoraFile, scan_layers
+from lora_colab.arch.lora_keys import scan_layers
+from lora_colab.lora.files import LoraFile
 
 
 def write(data):

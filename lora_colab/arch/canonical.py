@@ -6,7 +6,7 @@ from ..closeable import Closeable
 from .. import arch as arch_registry
 from ..io.opener import open_checkpoint
 from ..errors import CheckpointError
-from ..lora.files import looks_like_lora
+from .lora_keys import looks_like_lora
 from ..io.dequant import Dequantizer, is_auxiliary
 
 

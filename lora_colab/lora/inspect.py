@@ -39,7 +39,7 @@ def lora_spelling(names):
 def summarize_lora(ckpt):
     """A dict describing a LoRA file: spelling, module count, kinds, ranks, alphas, the base it names."""
     from ..arch import guess_lora_arch
-    from .files import scan_layers
+    from ..arch.lora_keys import scan_layers
 
     layers, other = scan_layers(ckpt.keys())
     ranks, alphas = Counter(), Counter()
@@ -77,7 +77,7 @@ def summarize_lora(ckpt):
 def summarize(ckpt):
     """A dict describing `ckpt`: tensors, dtypes, size, metadata, files, detected layout and LoRA targets
     (for a LoRA file: see summarize_lora)."""
-    from .files import looks_like_lora
+    from ..arch.lora_keys import looks_like_lora
 
     if looks_like_lora(ckpt.keys()):
         return summarize_lora(ckpt)
