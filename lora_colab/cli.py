@@ -81,7 +81,7 @@ def _clamp_value(text):
 
 
 def _dtype_value(text):
-    from .dtype_names import dtype_name
+    from .dtypes import dtype_name
 
     try:
         return dtype_name(text)
