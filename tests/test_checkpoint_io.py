@@ -324,7 +324,7 @@ def test_cuda_reads_through_pinned_buffer(tmp_path, gen, monkeypatch, staging):
 
 
 def test_pickle_checkpoints_inspect_and_fingerprint(tmp_path, capsys):
-    from lora_colab.resizing.base_refs import fingerprint
+    from lora_colab.lowrank.norm_cache import fingerprint
     from lora_colab.cli import main
     torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "m.ckpt")
     assert main(["inspect", str(tmp_path / "m.ckpt")]) == 0

@@ -251,7 +251,7 @@ def test_cli_extract_and_demo(tmp_path, capsys):
 
 
 def test_subtract_matches_float_subtraction_for_every_input_dtype():
-    from lora_colab.extraction.extractor import subtract_
+    from lora_colab.extraction.differences import subtract_
     gen = torch.Generator().manual_seed(9)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         a, b = torch.randn(300, 70, generator=gen), torch.randn(300, 70, generator=gen).to(dtype)

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import lora_colab.extraction.differences as differences_module
 import lora_colab.extraction.extractor as extractor_module
 from lora_colab import OptionError, arch, extract
 from lora_colab.arch.canonical import open_canonical
@@ -169,7 +170,7 @@ def test_a_recipe_rank_under_the_cap_keeps_that_rank(tmp_path, pair):
 ])
 def test_bad_recipes_are_one_line_and_read_nothing(tmp_path, pair, monkeypatch, kwargs, error, message):
     base, tuned, _, _, _ = pair
-    monkeypatch.setattr(extractor_module, "_Differences", None)  # reading anything would fail
+    monkeypatch.setattr(extractor_module, "Differences", None)  # reading anything would fail
     with pytest.raises(error, match=message):
         extract(base, tuned, tmp_path / "x.safetensors", progress=False, device="cpu", **kwargs)
     assert not list(tmp_path.iterdir())
@@ -179,7 +180,7 @@ def test_blocked_layers_keep_their_base_from_the_same_reads(tmp_path, pair, monk
     base, tuned, _, _, _ = pair
     recipe = "spn_ckpt=1,fro_ckpt=0.5,thr=-2.2"
     whole = extract(base, tuned, tmp_path / "w.safetensors", rank=CAP, recipe=recipe, progress=False, device="cpu")
-    monkeypatch.setattr(extractor_module, "BLOCKED_BYTES", 1)  # every layer built by row blocks
+    monkeypatch.setattr(differences_module, "BLOCKED_BYTES", 1)  # every layer built by row blocks
     blocked = extract(base, tuned, tmp_path / "b.safetensors", rank=CAP, recipe=recipe, progress=False, device="cpu")
     assert [x.rank for x in blocked.layers] == [x.rank for x in whole.layers]
     assert blocked.bytes_read == whole.bytes_read
@@ -233,7 +234,7 @@ def test_split_modules_are_scored_against_their_own_rows_of_the_base_blocked_or_
     runs = {}
     for label, blocked in (("whole", False), ("blocked", True)):
         if blocked:
-            monkeypatch.setattr(extractor_module, "BLOCKED_BYTES", 1)  # every layer built by row blocks
+            monkeypatch.setattr(differences_module, "BLOCKED_BYTES", 1)  # every layer built by row blocks
         runs[label] = extract(base, tuned, tmp_path / f"{label}.safetensors", rank=CAP, format="diffusers",
                               recipe=f"spn_ckpt=1,thr={thr}", clamp_quantile=None, dtype="fp32", progress=False,
                               device="cpu")

@@ -133,6 +133,7 @@ def test_blocked_delta_factors_like_the_full_difference(monkeypatch):
 
 
 def test_extractor_takes_the_blocked_path_for_big_layers_with_the_same_result(tmp_path, monkeypatch):
+    import lora_colab.extraction.differences as differences
     import lora_colab.extraction.extractor as extractor
     from safetensors.torch import load_file
     from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
@@ -142,7 +143,7 @@ def test_extractor_takes_the_blocked_path_for_big_layers_with_the_same_result(tm
                               device="cpu")  # the blocked path is the CPU one
     built = []
     real = extractor.BlockedDelta.build
-    monkeypatch.setattr(extractor, "BLOCKED_BYTES", 0)
+    monkeypatch.setattr(differences, "BLOCKED_BYTES", 0)
     monkeypatch.setattr(extractor.BlockedDelta, "build", classmethod(lambda cls, *a, **k: built.append(1) or
                                                                       real(*a, **k)))
     blocked = extractor.extract(base, tuned, tmp_path / "blocked.safetensors", rank=8, dtype="fp32", progress=False,

@@ -6,7 +6,8 @@ import pytest
 
 from lora_colab.notebook import links
 from lora_colab.configs import PRESETS, ExtractConfig, build_recipe
-from lora_colab.notebook.monitor import LiveMonitor, snapshot
+from lora_colab.memory import snapshot
+from lora_colab.notebook.monitor import LiveMonitor
 from lora_colab.lowrank.recipes import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]

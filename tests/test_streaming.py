@@ -266,7 +266,7 @@ def test_download_first_keeps_the_old_path(server, models, tmp_path):
 
 
 def test_the_monitor_line_shows_network_read_speed(server, models, tmp_path):
-    from lora_colab.notebook.monitor import snapshot
+    from lora_colab.memory import snapshot
     lines = []
     extract(f"{server.url}/files/base/transformer/diffusion_pytorch_model.safetensors.index.json",
             f"{server.url}/files/tuned.safetensors", tmp_path / "out.safetensors", rank=8, progress=False,

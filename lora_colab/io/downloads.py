@@ -13,7 +13,8 @@ import urllib.parse
 from pathlib import Path
 
 from ..errors import SourceError
-from .http import NETWORK, HttpStatus, describe_failure
+from ..memory import NETWORK
+from .http import HttpStatus, describe_failure
 from .http_file import CLIENT
 from .hub import hub_token as hf_token  # noqa: F401  (the notebook's save step uses it)
 from .locations import DRIVE_ROOT, HubLocation, LocalLocation, UrlLocation, locate
@@ -121,7 +122,7 @@ def from_drive(path, local_folder, progress=True):
     if not path.exists():
         mounted = os.path.isdir(os.path.join(DRIVE_ROOT, "MyDrive"))
         raise SourceError(f"{path}: not found" + ("" if mounted else " (Google Drive is not mounted: run "
-                                                                      "lora_colab.downloads.mount_drive())"))
+                                                                      "lora_colab.io.downloads.mount_drive())"))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     local_folder = Path(local_folder)
     local_folder.mkdir(parents=True, exist_ok=True)

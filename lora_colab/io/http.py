@@ -91,36 +91,6 @@ class Credential:
         return f"Credential({self.origin[1]}{self.prefix}, token={'set' if self.token else 'none'})"
 
 
-class Meter:
-    """Bytes received over the network, total and as a recent rate."""
-
-    def __init__(self, window=3.0):
-        self._lock = threading.Lock()
-        self.total = 0
-        self._window = window
-        self._marks = []  # (time, total) samples within the window
-
-    def add(self, n):
-        now = time.monotonic()
-        with self._lock:
-            self.total += n
-            self._marks.append((now, self.total))
-            while len(self._marks) > 2 and now - self._marks[0][0] > self._window:
-                self._marks.pop(0)
-
-    def rate(self):
-        """Bytes per second over the last few seconds (0 when idle)."""
-        now = time.monotonic()
-        with self._lock:
-            if not self._marks or now - self._marks[-1][0] > self._window:
-                return 0.0
-            t0, b0 = self._marks[0]
-            return (self.total - b0) / max(now - t0, 1e-3) if len(self._marks) > 1 else 0.0
-
-
-NETWORK = Meter()
-
-
 class HttpStatus(SourceError):
     """A final HTTP error status; `status` holds the code."""
 

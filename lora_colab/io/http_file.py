@@ -10,7 +10,8 @@ import time
 
 from ..errors import CheckpointError, SourceError
 from .byte_source import ByteSource
-from .http import NETWORK, Client, HttpStatus, describe_failure, display_url
+from ..memory import NETWORK
+from .http import Client, HttpStatus, describe_failure, display_url
 
 PROBE_BYTES = 64 << 10   # the first request: a safetensors header usually fits
 MIN_PIECE = 1 << 20      # a read is split over connections in pieces of at least this

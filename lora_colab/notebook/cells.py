@@ -341,7 +341,7 @@ def save_result(path, drive_folder="", hub_repo="", token=None):
         target = Path(drive_folder if os.path.isabs(drive_folder) else os.path.join(DRIVE_ROOT, "MyDrive",
                                                                                      drive_folder))
         if str(target).startswith(DRIVE_ROOT) and not os.path.isdir(os.path.join(DRIVE_ROOT, "MyDrive")):
-            raise SourceError(f"{target}: Google Drive is not mounted (lora_colab.downloads.mount_drive())")
+            raise SourceError(f"{target}: Google Drive is not mounted (lora_colab.io.downloads.mount_drive())")
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / path.name)
         places.append(str(target / path.name))

@@ -8,6 +8,7 @@ import zlib
 import torch
 
 from ..lora.journal import Journal, identity_of
+from .spectrum import Spectrum
 
 _SPECTRUM_FIELDS = ("name", "kind", "out_shape", "old_rank", "has_alpha", "in_scale", "suffixes", "dora_key")
 
@@ -25,7 +26,6 @@ def open_journal(folder, lora_arg, loras, base, stem, restart=False):
 
 def decomposed(journal, part, name):
     """A layer's Spectrum decomposed by an interrupted run (None when it was not)."""
-    from .resizer import Spectrum
     key = f"d{part}:{name}"
     info = journal.done.get(key) if journal is not None else None
     if info is None:
