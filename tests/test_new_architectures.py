@@ -28,9 +28,11 @@ FULL = {
     "chroma": ("chroma1-hd-native", "chroma1-hd-diffusers", 228, 12),
     "krea2": ("krea2-native", "krea2-diffusers", 256, 7),
     "ltx2": ("ltx2-native", "ltx2-diffusers", 1344, 14),
+    "flux3": ("flux3-native", "flux3-diffusers", 258, 12),
 }
 EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
-         "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8)}
+         "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8),
+         "flux3": ("flux3-distilled-native", "flux3-distilled-diffusers", 258, 14)}
 
 
 def layout(name):
@@ -119,6 +121,9 @@ TINY = {
              dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
                   audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=8,
                   audio_cross_attention_dim=16, num_layers=1, caption_channels=16)),
+    "flux3": ("Flux3Transformer2DModel", "Flux3ModularPipeline",
+              dict(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=32, timestep_channels=32, axes_dims_rope=(4, 4, 4, 4))),
 }
 
 

@@ -63,6 +63,13 @@ def transformer_inputs(name, seed=0):
         ids4[:, 1:] = ids3
         return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=t, img_ids=ids4,
                     txt_ids=torch.zeros(8, 4), guidance=torch.tensor([3.5]))
+    if name == "flux3":
+        ids4 = torch.zeros(16, 4)
+        ids4[:, 1:] = ids3
+        cond_ids = ids4.clone()
+        cond_ids[:, 0] = 1  # the reference image sits at t = 1
+        return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=t, img_ids=ids4,
+                    txt_ids=torch.zeros(8, 4), image_cond_hidden_states=r(1, 16, 16), image_cond_ids=cond_ids)
     if name == "zimage":
         return dict(x=[r(16, 1, 8, 8)], t=t, cap_feats=[r(8, 32)])
     if name == "qwen_image":
@@ -120,6 +127,10 @@ def make_pipeline(pipeline_name, **components):
     """A diffusers pipeline holding only the given models (the others None): what `load_lora_weights` needs."""
     import diffusers
     cls = getattr(diffusers, pipeline_name)
+    if issubclass(cls, diffusers.ModularPipeline):  # FLUX.3: components are set on a blocks pipeline
+        pipeline = cls()
+        pipeline.update_components(**components)
+        return pipeline
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     required = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
     given = {name: None for name in required}

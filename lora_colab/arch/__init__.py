@@ -9,6 +9,7 @@ from .chroma import Chroma
 from .common import MODEL_PREFIXES, LoraModule, Target
 from .flux import Flux
 from .flux2 import Flux2
+from .flux3 import Flux3
 from .generic import Generic
 from .krea2 import Krea2
 from .ltx2 import LTX2
@@ -18,7 +19,7 @@ from .wan import Wan
 from .zimage import ZImage
 
 # Detection order matters where layouts share names: FLUX.2 and Chroma reuse Flux.1's block names.
-ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), ZImage(), Flux2(), Chroma(), Flux(), QwenImage21(),
+ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
                                                QwenImage(), Wan(), Krea2(), LTX2())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
