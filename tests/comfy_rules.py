@@ -12,6 +12,19 @@ FLUX_DOUBLE_PLAIN = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_a
                      "ff_context.net.2": "txt_mlp.2", "norm1.linear": "img_mod.lin",
                      "norm1_context.linear": "txt_mod.lin"}
 FLUX_SINGLE_PLAIN = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+# ComfyUI utils.mmdit_to_diffusers (SD3), per block: fused q/k/v as row thirds, then the plain renames
+SD3_QKV = re.compile(r"joint_blocks\.(\d+)\.(x_block\.attn|context_block\.attn|x_block\.attn2)\.qkv\.weight")
+SD3_QKV_NAMES = {"x_block.attn": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                 "context_block.attn": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                 "x_block.attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+SD3_BLOCK = {"context_block.attn.proj": "attn.to_add_out", "context_block.mlp.fc1": "ff_context.net.0.proj",
+             "context_block.mlp.fc2": "ff_context.net.2", "context_block.adaLN_modulation.1": "norm1_context.linear",
+             "x_block.adaLN_modulation.1": "norm1.linear", "x_block.attn.proj": "attn.to_out.0",
+             "x_block.mlp.fc1": "ff.net.0.proj", "x_block.mlp.fc2": "ff.net.2", "x_block.attn2.proj": "attn2.to_out.0"}
+SD3_BASIC = {"context_embedder": "context_embedder", "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+             "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+             "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+             "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out"}
 
 
 def unet_key_map(arch, model_shapes):
@@ -62,7 +75,31 @@ def unet_key_map(arch, model_shapes):
                 for diff, bfl in FLUX_SINGLE_PLAIN.items():
                     _flux_alias(key_map, f"single_transformer_blocks.{hit.group(1)}.{diff}",
                                 (f"single_blocks.{hit.group(1)}.{bfl}.weight", None))
+    if arch == "sd3":
+        _sd3_aliases(key_map, model_shapes)
     return key_map
+
+
+def _sd3_aliases(key_map, model_shapes):
+    """comfy/lora.py for SD3: `transformer.` (and `base_model.model.`, `lora_transformer_`, `lycoris_`) +
+    each diffusers name mmdit_to_diffusers knows -> the native weight (a row slice for q, k, v)."""
+    for key, shape in model_shapes.items():
+        hit = SD3_QKV.fullmatch(key)
+        if hit:
+            d = shape[0] // 3
+            for i, name in enumerate(SD3_QKV_NAMES[hit.group(2)]):
+                _sd3_alias(key_map, f"transformer_blocks.{hit.group(1)}.{name}", (key, (i * d, d)))
+        block = re.fullmatch(r"joint_blocks\.(\d+)\.(.+)\.weight", key)
+        if block and block.group(2) in SD3_BLOCK:
+            _sd3_alias(key_map, f"transformer_blocks.{block.group(1)}.{SD3_BLOCK[block.group(2)]}", (key, None))
+        if key.endswith(".weight") and key[:-len(".weight")] in SD3_BASIC:
+            _sd3_alias(key_map, SD3_BASIC[key[:-len(".weight")]], (key, None))
+
+
+def _sd3_alias(key_map, diffusers_name, target):
+    for alias in (f"transformer.{diffusers_name}", f"base_model.model.{diffusers_name}",
+                  "lora_transformer_" + diffusers_name.replace(".", "_"), "lycoris_" + diffusers_name.replace(".", "_")):
+        key_map[alias] = target
 
 
 def _flux_alias(key_map, diffusers_name, target):

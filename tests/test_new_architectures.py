@@ -29,10 +29,12 @@ FULL = {
     "krea2": ("krea2-native", "krea2-diffusers", 256, 7),
     "ltx2": ("ltx2-native", "ltx2-diffusers", 1344, 14),
     "flux3": ("flux3-native", "flux3-diffusers", 258, 12),
+    "sd3": ("sd3.5-large-native", "sd3.5-large-diffusers", 301, 44),
 }
 EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
          "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8),
-         "flux3": ("flux3-distilled-native", "flux3-distilled-diffusers", 258, 14)}
+         "flux3": ("flux3-distilled-native", "flux3-distilled-diffusers", 258, 14),
+         "sd3": ("sd3.5-medium-native", "sd3.5-medium-diffusers", 215, 30)}
 
 
 def layout(name):
@@ -87,8 +89,9 @@ def test_comfyui_rules_consume_every_tensor_of_the_default_output(name):
     for target in a.targets(shapes):
         for module in a.lora_modules(target, fmt):
             assert module.name in key_map, module.name
-            weight, piece = key_map[module.name]
-            assert weight == target.key and piece is None and module.rows is None
+            weight, piece = key_map[module.name]  # the same weight, and the same rows where it is a slice
+            rows = None if module.rows is None else (module.rows[0], module.rows[1] - module.rows[0])
+            assert weight == target.key and piece == rows, (module.name, piece, module.rows)
             tensors += 3 if module.alpha else 2
     assert tensors >= 2 * len(a.targets(shapes))
 
@@ -124,6 +127,10 @@ TINY = {
     "flux3": ("Flux3Transformer2DModel", "Flux3ModularPipeline",
               dict(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                    num_attention_heads=2, joint_attention_dim=32, timestep_channels=32, axes_dims_rope=(4, 4, 4, 4))),
+    "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline",
+            dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
+                 pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))),
 }
 
 

@@ -63,6 +63,9 @@ def transformer_inputs(name, seed=0):
         ids4[:, 1:] = ids3
         return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=t, img_ids=ids4,
                     txt_ids=torch.zeros(8, 4), guidance=torch.tensor([3.5]))
+    if name == "sd3":
+        return dict(hidden_states=r(1, 4, 8, 8), encoder_hidden_states=r(1, 8, 32), pooled_projections=r(1, 16),
+                    timestep=torch.tensor([600]))
     if name == "flux3":
         ids4 = torch.zeros(16, 4)
         ids4[:, 1:] = ids3
