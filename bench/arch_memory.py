@@ -31,9 +31,10 @@ PAIRS = {
     "flux2": ("flux2-dev-diffusers", "flux2-dev-native", 1),
     "wan": ("wan2.2-t2v-a14b-diffusers", "wan2.2-t2v-a14b-native", 2),
     "flux3": ("flux3-diffusers", "flux3-native", 1),
+    "hidream": ("hidream-i1-diffusers", "hidream-i1-native", 1),
 }
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|"
-                    r"mode_blocks|txt_mode_blocks|content_mode_blocks)(?:\.image_cond|\.image)?\.(\d+)\.")
+                    r"mode_blocks|txt_mode_blocks|content_mode_blocks|double_stream_blocks|single_stream_blocks)(?:\.image_cond|\.image)?\.(\d+)\.")
 
 
 def subset(name, blocks):

@@ -30,6 +30,7 @@ FULL = {
     "ltx2": ("ltx2-native", "ltx2-diffusers", 1344, 14),
     "flux3": ("flux3-native", "flux3-diffusers", 258, 12),
     "sd3": ("sd3.5-large-native", "sd3.5-large-diffusers", 301, 44),
+    "hidream": ("hidream-i1-native", None, 1024, 104),  # native names are diffusers' (hidream-i1-diffusers: the same)
 }
 EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
          "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8),
@@ -131,6 +132,11 @@ TINY = {
             dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
                  pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))),
+    "hidream": ("HiDreamImageTransformer2DModel", "HiDreamImagePipeline",
+                dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+                     attention_head_dim=8, num_attention_heads=2, caption_channels=[16, 16], text_emb_dim=16,
+                     num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(2, 2, 4), max_resolution=(16, 16),
+                     llama_layers=[0, 1])),
 }
 
 
@@ -278,7 +284,7 @@ def test_extracted_lora_reproduces_the_tuned_layers_through_diffusers(tmp_path, 
         written = [p for t in a.targets({k: tuple(v.shape) for k, v in base.items()}) for p in pieces(a, fmt, t)]
         assert report.architecture.startswith(a.title) and len(report.extracted) == len(written)
         assert report.dtype == "bfloat16"
-        if label == "cross-layout" and a.name != "qwen_image":  # Qwen-Image has one layout
+        if label == "cross-layout" and a.name not in ("qwen_image", "hidream"):  # one layout: diffusers names
             assert report.architecture.endswith(" / native") and "(diffusers" in report.architecture
         factors = {v.dtype for k, v in load_file(str(out)).items() if not k.endswith(".alpha")}
         assert factors == {torch.bfloat16}

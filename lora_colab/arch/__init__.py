@@ -11,6 +11,7 @@ from .flux import Flux
 from .flux2 import Flux2
 from .flux3 import Flux3
 from .generic import Generic
+from .hidream import HiDream
 from .krea2 import Krea2
 from .ltx2 import LTX2
 from .qwen_image import QwenImage, QwenImage21
@@ -21,7 +22,7 @@ from .zimage import ZImage
 
 # Detection order matters where layouts share names: FLUX.2 and Chroma reuse Flux.1's block names.
 ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
-                                               QwenImage(), Wan(), Krea2(), LTX2(), SD3())}
+                                               QwenImage(), Wan(), Krea2(), LTX2(), SD3(), HiDream())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
 
