@@ -30,7 +30,8 @@ FULL = {
     "ltx2": ("ltx2-native", "ltx2-diffusers", 1344, 14),
     "flux3": ("flux3-native", "flux3-diffusers", 258, 12),
     "sd3": ("sd3.5-large-native", "sd3.5-large-diffusers", 301, 44),
-    "hidream": ("hidream-i1-native", None, 1024, 104),  # native names are diffusers' (hidream-i1-diffusers: the same)
+    "hidream": ("hidream-i1-native", None, 1024, 104),
+    "lumina2": ("lumina2-native", "lumina2-diffusers", 178, 6),  # native names are diffusers' (hidream-i1-diffusers: the same)
 }
 EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
          "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8),
@@ -137,11 +138,17 @@ TINY = {
                      attention_head_dim=8, num_attention_heads=2, caption_channels=[16, 16], text_emb_dim=16,
                      num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(2, 2, 4), max_resolution=(16, 16),
                      llama_layers=[0, 1])),
+    "lumina2": ("Lumina2Transformer2DModel", "Lumina2Pipeline",
+                dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, hidden_size=32, num_layers=2,
+                     num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
+                     axes_dim_rope=(4, 2, 2), axes_lens=(64, 16, 16), cap_feat_dim=16)),
 }
 
 
 # diffusers' Flux-family converters for kohya/ComfyUI spellings assume Flux.1's real 3072 width
-FULL_WIDTH = {"chroma": dict(attention_head_dim=128, num_attention_heads=24)}
+FULL_WIDTH = {"chroma": dict(attention_head_dim=128, num_attention_heads=24),
+              # Lumina 2's converter cuts q, k, v at the release's rows (2304, 768, 768)
+              "lumina2": dict(hidden_size=2304, num_attention_heads=24, num_kv_heads=8, axes_dim_rope=(32, 32, 32))}
 
 
 def tiny(name, seed=0):

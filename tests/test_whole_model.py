@@ -19,7 +19,7 @@ from whole_model import (PLANTED_RANK, LoaderWarnings, canonical_of, comfy_apply
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-FAMILIES = ["flux", "chroma", "zimage", "qwen_image", "qwen_image_2_1", "wan", "flux2", "krea2", "ltx2", "flux3", "sd3", "hidream"]
+FAMILIES = ["flux", "chroma", "zimage", "qwen_image", "qwen_image_2_1", "wan", "flux2", "krea2", "ltx2", "flux3", "sd3", "hidream", "lumina2"]
 FORMATS = ["kohya", "comfy", "diffusers"]
 GAP = 0.02
 
@@ -27,10 +27,11 @@ GAP = 0.02
 def diffusers_loads(a, fmt):
     """Whether diffusers' pipeline loader is a client of `fmt` for this family at the tiny width: its own
     PEFT spelling always; the `auto` spelling where the report names no other client (Flux.1's and Chroma's
-    kohya converters need the real 3072 width: covered by test_new_architectures at that width)."""
+    kohya converters and Lumina 2's comfy converter need the real width: covered by test_new_architectures at that
+    width)."""
     if fmt == "diffusers":
         return True
-    if a.name in ("flux", "chroma") or a.format_notes(fmt, []):
+    if a.name in ("flux", "chroma", "lumina2") or a.format_notes(fmt, []):
         return False
     return fmt == arch.resolve_format(a, "auto") or (fmt == "comfy" and a.diffusers_reads_comfy)
 

@@ -63,6 +63,9 @@ def transformer_inputs(name, seed=0):
         ids4[:, 1:] = ids3
         return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=t, img_ids=ids4,
                     txt_ids=torch.zeros(8, 4), guidance=torch.tensor([3.5]))
+    if name == "lumina2":
+        return dict(hidden_states=r(1, 4, 8, 8), timestep=t, encoder_hidden_states=r(1, 8, 16),
+                    encoder_attention_mask=torch.ones(1, 8, dtype=torch.bool))
     if name == "hidream":
         return dict(hidden_states=r(1, 4, 8, 8), timesteps=torch.tensor([600]), encoder_hidden_states_t5=r(1, 8, 16),
                     encoder_hidden_states_llama3=r(2, 1, 8, 16), pooled_embeds=r(1, 16))

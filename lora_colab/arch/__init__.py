@@ -14,14 +14,16 @@ from .generic import Generic
 from .hidream import HiDream
 from .krea2 import Krea2
 from .ltx2 import LTX2
+from .lumina2 import Lumina2
 from .qwen_image import QwenImage, QwenImage21
 from .sd3 import SD3
 from .stable_diffusion import SD15, SDXL, sgm_to_diffusers
 from .wan import Wan
 from .zimage import ZImage
 
-# Detection order matters where layouts share names: FLUX.2 and Chroma reuse Flux.1's block names.
-ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
+# Detection order matters where layouts share names: FLUX.2 and Chroma reuse Flux.1's block names, Lumina 2
+# Z-Image's.
+ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
                                                QwenImage(), Wan(), Krea2(), LTX2(), SD3(), HiDream())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")

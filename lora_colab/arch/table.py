@@ -89,7 +89,7 @@ class TableArchitecture(NativeArchitecture):
             group = self._group_of(module, groups)
             if group is None:
                 continue
-            found.append(Target(key, module, tuple(shape), splits=self._splits(module, shape[0]), group=group))
+            found.append(Target(key, module, tuple(shape), splits=self._splits(module, tuple(shape)), group=group))
         return found
 
     def _group_of(self, module, groups):
@@ -101,12 +101,18 @@ class TableArchitecture(NativeArchitecture):
                 return group
         return None
 
-    def _splits(self, module, rows):
+    def _splits(self, module, shape):
+        """(diffusers module, first row, end row) of each part a fused native weight is stored as."""
         parts = self._diffusers_parts(module)
         if len(parts) < 2:
             return ()
-        height = rows // len(parts)
-        return tuple((name, i * height, (i + 1) * height) for i, name in enumerate(parts))
+        heights = self._part_heights(module, shape, len(parts))
+        starts = [sum(heights[:i]) for i in range(len(parts) + 1)]
+        return tuple((name, starts[i], starts[i + 1]) for i, name in enumerate(parts))
+
+    def _part_heights(self, module, shape, n):
+        """Rows of each part of a fused weight: equal heights (a family with other fusions says its own)."""
+        return [shape[0] // n] * n
 
     def _diffusers_parts(self, module):
         """The diffusers modules a native module is stored as, in row order ([itself] when unrenamed)."""
