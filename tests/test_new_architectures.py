@@ -31,7 +31,8 @@ FULL = {
     "flux3": ("flux3-native", "flux3-diffusers", 258, 12),
     "sd3": ("sd3.5-large-native", "sd3.5-large-diffusers", 301, 44),
     "hidream": ("hidream-i1-native", None, 1024, 104),
-    "lumina2": ("lumina2-native", "lumina2-diffusers", 178, 6),  # native names are diffusers' (hidream-i1-diffusers: the same)
+    "lumina2": ("lumina2-native", "lumina2-diffusers", 178, 6),
+    "ernie_image": ("ernie-image-native", None, 252, 6),  # native names are the diffusers names  # native names are diffusers' (hidream-i1-diffusers: the same)
 }
 EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
          "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8),
@@ -142,6 +143,9 @@ TINY = {
                 dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, hidden_size=32, num_layers=2,
                      num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
                      axes_dim_rope=(4, 2, 2), axes_lens=(64, 16, 16), cap_feat_dim=16)),
+    "ernie_image": ("ErnieImageTransformer2DModel", "ErnieImagePipeline",
+                    dict(hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64, in_channels=4,
+                         out_channels=4, patch_size=1, text_in_dim=16, rope_axes_dim=(4, 6, 6))),
 }
 
 
@@ -291,7 +295,7 @@ def test_extracted_lora_reproduces_the_tuned_layers_through_diffusers(tmp_path, 
         written = [p for t in a.targets({k: tuple(v.shape) for k, v in base.items()}) for p in pieces(a, fmt, t)]
         assert report.architecture.startswith(a.title) and len(report.extracted) == len(written)
         assert report.dtype == "bfloat16"
-        if label == "cross-layout" and a.name not in ("qwen_image", "hidream"):  # one layout: diffusers names
+        if label == "cross-layout" and a.name not in ("qwen_image", "hidream", "ernie_image"):  # one layout: diffusers names
             assert report.architecture.endswith(" / native") and "(diffusers" in report.architecture
         factors = {v.dtype for k, v in load_file(str(out)).items() if not k.endswith(".alpha")}
         assert factors == {torch.bfloat16}

@@ -40,7 +40,12 @@ def make_transformer(name, seed=0):
     import diffusers
     cls, _, kwargs = transformer_spec(name)
     torch.manual_seed(seed)
-    return getattr(diffusers, cls)(**kwargs).eval()
+    model = getattr(diffusers, cls)(**kwargs).eval()
+    with torch.no_grad():  # a trained model has no all-zero layer: zero-initialized outputs (ERNIE-Image's
+        for param in model.parameters():  # final linear) would hide every change behind them
+            if param.dim() >= 2 and not param.any():
+                param.normal_(0, 0.02)
+    return model
 
 
 def transformer_inputs(name, seed=0):
@@ -63,6 +68,8 @@ def transformer_inputs(name, seed=0):
         ids4[:, 1:] = ids3
         return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=t, img_ids=ids4,
                     txt_ids=torch.zeros(8, 4), guidance=torch.tensor([3.5]))
+    if name == "ernie_image":
+        return dict(hidden_states=r(1, 4, 4, 4), timestep=t, text_bth=r(1, 8, 16), text_lens=torch.tensor([8]))
     if name == "lumina2":
         return dict(hidden_states=r(1, 4, 8, 8), timestep=t, encoder_hidden_states=r(1, 8, 16),
                     encoder_attention_mask=torch.ones(1, 8, dtype=torch.bool))

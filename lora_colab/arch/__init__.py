@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..errors import OptionError
 from .chroma import Chroma
 from .common import MODEL_PREFIXES, LoraModule, Target
+from .ernie_image import ErnieImage
 from .flux import Flux
 from .flux2 import Flux2
 from .flux3 import Flux3
@@ -24,7 +25,8 @@ from .zimage import ZImage
 # Detection order matters where layouts share names: FLUX.2 and Chroma reuse Flux.1's block names, Lumina 2
 # Z-Image's.
 ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
-                                               QwenImage(), Wan(), Krea2(), LTX2(), SD3(), HiDream())}
+                                               QwenImage(), Wan(), Krea2(), LTX2(), SD3(), HiDream(),
+                                               ErnieImage())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
 
