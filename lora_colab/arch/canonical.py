@@ -6,6 +6,7 @@ from ..closeable import Closeable
 from .. import arch as arch_registry
 from ..io.opener import open_checkpoint
 from ..errors import CheckpointError
+from .diffusers_model import DiffusersModel, loader_problem
 from .lora_keys import looks_like_lora
 from ..io.dequant import Dequantizer, is_auxiliary
 
@@ -20,6 +21,17 @@ class CanonicalCheckpoint(Closeable):
             raise CheckpointError(ckpt.path, f"is a LoRA file, not a model checkpoint: give {role} "
                                              f"(lora-colab inspect shows what a file is)")
         detected = arch_registry.detect(keys)
+        info = getattr(ckpt, "diffusers", None)
+        if info is not None and (detected.arch is arch_registry.GENERIC or (
+                detected.arch.diffusers_classes and info.model_class not in detected.arch.diffusers_classes)):
+            # a class without a table, or one whose names resemble a family's (HunyuanVideo's are Flux's)
+            problem = loader_problem(info)
+            if problem:
+                raise CheckpointError(ckpt.path, problem)
+            detected = arch_registry.Detected(DiffusersModel(info), "diffusers", detected.prefix)
+        if arch is not None and detected.arch.name != arch and arch.startswith("diffusers:"):
+            raise CheckpointError(ckpt.path, f"is {detected.describe()}, not a diffusers folder of "
+                                             f"{arch.split(':', 1)[1]} as the base is")
         if arch is not None and detected.arch.name != arch:
             wanted = arch_registry.get(arch)
             found = wanted.detect(set(keys))

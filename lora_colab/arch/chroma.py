@@ -13,6 +13,7 @@ _TO_DIFFUSERS = {"in_layer": "linear_1", "out_layer": "linear_2"}
 class Chroma(Flux):
     diffusers_reads_comfy = True  # diffusers reads its comfy-format files too, but not every .diff/.diff_b
     name = "chroma"
+    diffusers_classes = ("ChromaTransformer2DModel",)  # the class a diffusers folder of this layout names
     title = "Chroma"
     base_model_version = "chroma"
     modelspec_architecture = "chroma/lora"

@@ -10,6 +10,7 @@ _L = "layers.{i}"
 
 class ErnieImage(TableArchitecture):
     name = "ernie_image"
+    diffusers_classes = ("ErnieImageTransformer2DModel",)  # the class a diffusers folder of this layout names
     title = "ERNIE-Image"
     base_model_version = "ernie_image"
     modelspec_architecture = "ernie-image/lora"

@@ -62,6 +62,7 @@ def _diffusers_to_bfl(native):
 
 class Flux(NativeArchitecture):
     name = "flux"
+    diffusers_classes = ("FluxTransformer2DModel",)  # the class a diffusers folder of this layout names
     title = "Flux.1"
     auto_format = "kohya"
     base_model_version = "flux1"

@@ -11,6 +11,7 @@ _TD, _TS = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
 
 class Flux2(TableArchitecture):
     name = "flux2"
+    diffusers_classes = ("Flux2Transformer2DModel",)  # the class a diffusers folder of this layout names
     title = "FLUX.2"
     base_model_version = "flux2"
     modelspec_architecture = "flux-2/lora"

@@ -23,6 +23,7 @@ _EMBEDDERS = {"emb_in.image": "x_embedders.image", "emb_in.image_cond": "x_embed
 
 class Flux3(TableArchitecture):
     name = "flux3"
+    diffusers_classes = ("Flux3Transformer2DModel",)  # the class a diffusers folder of this layout names
     title = "FLUX.3"
     base_model_version = "flux3"
     modelspec_architecture = "flux-3/lora"

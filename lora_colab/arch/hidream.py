@@ -19,6 +19,7 @@ def _moe(block):
 
 class HiDream(TableArchitecture):
     name = "hidream"
+    diffusers_classes = ("HiDreamImageTransformer2DModel",)  # the class a diffusers folder of this layout names
     title = "HiDream-I1"
     base_model_version = "hidream"
     modelspec_architecture = "hidream-i1/lora"

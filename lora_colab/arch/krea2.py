@@ -14,6 +14,7 @@ _STREAMS = (("blocks.{i}", "transformer_blocks.{i}"),
 class Krea2(TableArchitecture):
     diffusers_reads_comfy = True  # diffusers reads its comfy-format files too, but not every .diff/.diff_b
     name = "krea2"
+    diffusers_classes = ("Krea2Transformer2DModel",)  # the class a diffusers folder of this layout names
     title = "Krea 2"
     base_model_version = "krea2"
     modelspec_architecture = "krea-2/lora"

@@ -17,6 +17,7 @@ _ADALN = {"adaln_single": "time_embed", "audio_adaln_single": "audio_time_embed"
 class LTX2(TableArchitecture):
     diffusers_reads_comfy = True  # diffusers reads its comfy-format files too, but not every .diff/.diff_b
     name = "ltx2"
+    diffusers_classes = ("LTX2VideoTransformer3DModel",)  # the class a diffusers folder of this layout names
     title = "LTX-2"
     base_model_version = "ltx2"
     modelspec_architecture = "ltx-2/lora"

@@ -12,6 +12,7 @@ _MODULATED = ("noise_refiner.{i}", "layers.{i}")
 
 class Lumina2(TableArchitecture):
     name = "lumina2"
+    diffusers_classes = ("Lumina2Transformer2DModel",)  # the class a diffusers folder of this layout names
     title = "Lumina 2"
     base_model_version = "lumina2"
     modelspec_architecture = "lumina-2/lora"

@@ -15,6 +15,7 @@ class QwenImage(TableArchitecture):
     diffusers_reads_comfy = True  # diffusers reads its comfy-format files too, but not every .diff/.diff_b
 
     name = "qwen_image"
+    diffusers_classes = ("QwenImageTransformer2DModel",)  # the class a diffusers folder of this layout names
     title = "Qwen-Image"
     base_model_version = "qwen_image"
     modelspec_architecture = "qwen-image/lora"
@@ -35,6 +36,7 @@ class QwenImage(TableArchitecture):
 
 class QwenImage21(TableArchitecture):
     name = "qwen_image_2_1"
+    diffusers_classes = ("QwenImage21Transformer2DModel",)  # the class a diffusers folder of this layout names
     title = "Qwen-Image 2.1"
     base_model_version = "qwen_image_2_1"
     modelspec_architecture = "qwen-image-2.1/lora"

@@ -12,6 +12,7 @@ _X, _C = f"{_J}.x_block", f"{_J}.context_block"
 
 class SD3(TableArchitecture):
     name = "sd3"
+    diffusers_classes = ("SD3Transformer2DModel",)  # the class a diffusers folder of this layout names
     title = "SD3.5"
     base_model_version = "sd3"
     modelspec_architecture = "stable-diffusion-v3-medium/lora"

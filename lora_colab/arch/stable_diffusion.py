@@ -87,6 +87,7 @@ def _inner(block, rest):
 
 
 class _StableDiffusion:
+    diffusers_classes = ("UNet2DConditionModel",)  # the class a diffusers folder of this layout names
     auto_format = "kohya"
     optional_groups = {}
     diffusers_reads_comfy = False

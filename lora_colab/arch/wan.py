@@ -11,6 +11,7 @@ _ATTN = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k
 class Wan(TableArchitecture):
     diffusers_reads_comfy = True  # diffusers reads its comfy-format files too, but not every .diff/.diff_b
     name = "wan"
+    diffusers_classes = ("WanTransformer3DModel",)  # the class a diffusers folder of this layout names
     title = "Wan"
     base_model_version = "wan"
     modelspec_architecture = "wan/lora"

@@ -19,6 +19,7 @@ _QKV_PART = re.compile(r"(.*\.attention)\.to_([qkv])\.weight")
 
 class ZImage(NativeArchitecture):
     name = "zimage"
+    diffusers_classes = ("ZImageTransformer2DModel",)  # the class a diffusers folder of this layout names
     title = "Z-Image"
     auto_format = "kohya"
     base_model_version = "zimage"

@@ -84,6 +84,7 @@ class Checkpoint(Closeable):
         self.index_remote = False
         self.metadata = metadata
         self._staging = None
+        self.diffusers = None        # DiffusersFolder: what a diffusers folder's configs say the model is
 
     # -- lookup -------------------------------------------------------------------------------
     def keys(self):

@@ -1,7 +1,11 @@
 """The opener: any source (a file, an index, a model or pipeline folder; local, URL or Hub) to the container
 that reads it. Sits on top of the containers (`checkpoint`, `pickles`, `gguf`), which never import it."""
 
-from ..errors import CheckpointError
+import json
+import posixpath
+from dataclasses import dataclass, field
+
+from ..errors import CheckpointError, LoraColabError
 from .checkpoint import Checkpoint, SafetensorsFile, ShardedCheckpoint
 from .locations import Location, locate
 from .pickles import PICKLE_SUFFIXES, open_pickle
@@ -54,10 +58,18 @@ def open_checkpoint(source, token=None):
     location = locate(source, token)
     if location.is_dir() and is_sd_pipeline(location):
         return PipelineCheckpoint(location)
+    folder = None
     if location.is_dir():
-        location = resolve_folder(location)
+        folder, location = location, resolve_folder(location)
     elif not location.exists():
         raise CheckpointError(location.display, "no such file or folder")
+    ckpt = _open_file(location)
+    if folder is not None:
+        ckpt.diffusers = diffusers_folder(folder, location)
+    return ckpt
+
+
+def _open_file(location):
     name = location.name.lower()
     if name.endswith(".index.json"):
         return ShardedCheckpoint(location)
@@ -104,3 +116,46 @@ def _pick(folder, candidates, suffix):
             return stem + suffix
     raise CheckpointError(folder.display, f"several checkpoints here ({', '.join(sorted(candidates))}); "
                                           f"name the one to use")
+
+
+@dataclass(frozen=True)
+class DiffusersFolder:
+    """What a diffusers folder's configs say: the model's class (`config.json`), and where the folder is a
+    pipeline's component, the pipeline's class (`model_index.json`) and the component's name."""
+
+    model_class: str
+    pipeline_class: str = None
+    component: str = None
+    config: dict = field(default=None, compare=False, repr=False)  # the model's config.json
+
+    def describe(self):
+        where = f", the {self.component} of {self.pipeline_class}" if self.pipeline_class else ""
+        return f"diffusers {self.model_class}{where}"
+
+
+def diffusers_folder(folder, weights):
+    """The DiffusersFolder of a folder opened through `weights` (its resolved file), or None when no
+    `config.json` beside the weights names a class."""
+    config = _small_json(weights.sibling("config.json"))
+    model_class = config.get("_class_name") if isinstance(config, dict) else None
+    if not isinstance(model_class, str):
+        return None
+    component = posixpath.basename(posixpath.dirname(weights.display.replace("\\", "/").rstrip("/")))
+    index = _small_json(weights.sibling("../model_index.json"))
+    pipeline = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(pipeline, str) or component not in index:
+        return DiffusersFolder(model_class, config=config)
+    return DiffusersFolder(model_class, pipeline, component, config)
+
+
+def _small_json(location, limit=1 << 20):
+    """A small JSON file's content, or None when it is missing, too large or not JSON."""
+    try:
+        if not location.exists():
+            return None
+        with location.open() as raw:
+            if raw.size > limit:
+                return None
+            return json.loads(raw.pread(raw.size, 0).decode("utf-8"))
+    except (OSError, ValueError, LoraColabError, NotImplementedError):
+        return None

@@ -1,0 +1,196 @@
+"""Every other model diffusers loads LoRAs for: a diffusers folder of a class without a table extracts in the
+PEFT spelling with its component prefix, which the pipeline's own loader takes in full. The classes are
+enumerated from the installed diffusers (every pipeline with a LoRA loader, its transformer/UNet class), so a
+new diffusers release widens what is checked without new code."""
+
+import inspect
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+
+from lora_colab import arch, extract
+from lora_colab.arch.diffusers_model import DiffusersModel
+from lora_colab.cli import main
+from lora_colab.io.opener import DiffusersFolder
+
+from whole_model import forward, gap, make_pipeline, lora_modules_loaded
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+accelerate = pytest.importorskip("accelerate")
+
+MODEL_COMPONENTS = ("transformer", "transformer_2", "unet")
+
+
+def loadable_classes():
+    """{model class name: (class, a pipeline class that loads LoRAs into it, component)}."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    found = {}
+    for name in sorted(dir(diffusers)):
+        pipeline = getattr(diffusers, name, None)
+        if not (isinstance(pipeline, type) and issubclass(pipeline, LoraBaseMixin) and name.endswith("Pipeline")):
+            continue
+        params = inspect.signature(pipeline.__init__).parameters
+        for component in getattr(pipeline, "_lora_loadable_modules", []):
+            if component not in MODEL_COMPONENTS or component not in params:
+                continue
+            cls = params[component].annotation
+            if isinstance(cls, str):
+                cls = getattr(diffusers, cls.split(".")[-1].strip("'\""), None)
+            if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(cls, "load_lora_adapter"):
+                found.setdefault(cls.__name__, (cls, pipeline, component))
+    return found
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def meta_model(cls):
+    """The class with its default config on the meta device (no memory); None when the defaults do not
+    build (a first-class family's test builds it from its own config)."""
+    try:
+        with accelerate.init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def load_on_meta(model, pipeline, component, state_dict):
+    """Load a LoRA state dict through the pipeline's own converter and loader into a meta-device model;
+    returns the diffusers/PEFT warnings it gave."""
+    caught = Warnings()
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(caught)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # meta parameters: copying values is a no-op, names still matched
+            state = pipeline.lora_state_dict(state_dict)
+            state = state[0] if isinstance(state, tuple) else state
+            loader = getattr(pipeline, "load_lora_into_unet" if component == "unet" else "load_lora_into_transformer")
+            extra = {"network_alphas": None} if "network_alphas" in inspect.signature(loader).parameters else {}
+            loader(state, **{"unet" if component == "unet" else "transformer": model}, adapter_name="x", **extra)
+    finally:
+        logger.removeHandler(caught)
+    return caught.messages
+
+
+def test_every_class_a_lora_loader_takes_is_first_class_or_taken_in_full_through_the_fallback():
+    classes = loadable_classes()
+    assert len(classes) >= 25, sorted(classes)
+    checked, first_class, unbuildable, wrong = [], [], [], []
+    for name, (cls, pipeline, component) in sorted(classes.items()):
+        model = meta_model(cls)
+        if model is None:
+            unbuildable.append(name)
+            continue
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        detected = arch.detect(set(shapes))
+        if name in detected.arch.diffusers_classes:  # a folder of this class is read through its family's table
+            first_class.append(name)
+            continue
+        fallback = DiffusersModel(DiffusersFolder(name, pipeline.__name__, component, dict(model.config)))
+        targets = fallback.targets(shapes)
+        state = {}
+        for t in targets:
+            (module,) = fallback.lora_modules(t, arch.resolve_format(fallback, "auto"))
+            extra = (1,) * (len(t.shape) - 2)
+            state[module.name + ".lora_A.weight"] = torch.zeros((1, t.shape[1]) + extra)
+            state[module.name + ".lora_B.weight"] = torch.zeros((t.shape[0], 1) + extra)
+        messages = load_on_meta(model, pipeline, component, state)
+        injected = {n for n, m in model.named_modules() if "x" in getattr(m, "lora_A", {})}
+        missing = [t.module for t in targets if t.module not in injected]
+        bad = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not loaded"))]
+        if missing or bad or not targets:
+            wrong.append((name, len(targets), missing[:3], bad[:1]))
+        checked.append((name, len(targets)))
+    assert not wrong, wrong
+    assert len(checked) >= 10, (checked, first_class, unbuildable)
+    assert {"SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel"} <= set(first_class)
+    assert set(unbuildable) <= {"HiDreamImageTransformer2DModel"}, unbuildable  # first class: built in its test
+
+
+# --- a tiny model of a class without a table, end to end -------------------------------------------------
+
+AURA = dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+            out_channels=4, pos_embed_max_size=16)
+
+
+def aura(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.AuraFlowTransformer2DModel(**AURA).eval()
+
+
+def pipeline_folder(folder, model):
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "AuraFlowPipeline",
+                                                         "transformer": ["diffusers", "AuraFlowTransformer2DModel"]}))
+    model.save_pretrained(folder / "transformer")
+
+
+def test_an_auraflow_pipeline_pair_extracts_a_lora_its_pipeline_loads_and_reproduces(tmp_path, capsys):
+    base = aura()
+    tuned = aura()
+    gen = torch.Generator().manual_seed(3)
+    planted = 0
+    with torch.no_grad():
+        for name, module in tuned.named_modules():  # a fine-tune of the attention and feed-forward layers
+            if isinstance(module, torch.nn.Linear) and (".attn." in name or ".ff." in name):
+                w = module.weight
+                change = torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(2, w.shape[1], generator=gen)
+                w += change * (0.1 * w.std() / change.std())
+                planted += 1
+    pipeline_folder(tmp_path / "base", base)
+    pipeline_folder(tmp_path / "tuned", tuned)
+    out = tmp_path / "lora.safetensors"
+    report = extract(tmp_path / "base", tmp_path / "tuned", out, rank=2, clamp_quantile=None, dtype="fp32",
+                     progress=False, device="cpu")
+    assert report.architecture.startswith("diffusers AuraFlowTransformer2DModel, the transformer of AuraFlowPipeline")
+    assert report.format == "diffusers" and len(report.extracted) == planted
+    assert any("AuraFlowPipeline.load_lora_weights takes" in w for w in report.warnings)
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=gen), encoder_hidden_states=torch.randn(
+        1, 8, 16, generator=gen), timestep=torch.tensor([600]))
+    want, was = forward(tuned, inputs), forward(base, inputs)
+    model = aura()
+    pipe = make_pipeline("AuraFlowPipeline", transformer=model)
+    caught = Warnings()
+    logging.getLogger("diffusers").addHandler(caught)
+    try:
+        pipe.load_lora_weights(str(out))
+    finally:
+        logging.getLogger("diffusers").removeHandler(caught)
+    assert not [m for m in caught.messages if "unexpected" in m.lower() or "missing" in m.lower()], caught.messages
+    assert lora_modules_loaded(model) == planted
+    assert gap(forward(model, inputs), want, was) <= 0.02
+    assert main(["inspect", str(tmp_path / "base")]) == 0
+    assert "AuraFlowTransformer2DModel" in capsys.readouterr().out
+
+
+def test_a_folder_of_no_diffusers_class_or_of_two_classes_is_one_line(tmp_path, capsys):
+    pipeline_folder(tmp_path / "base", aura())
+    config = tmp_path / "base" / "transformer" / "config.json"
+    pipeline_folder(tmp_path / "fake", aura())
+    fake = tmp_path / "fake" / "transformer" / "config.json"
+    fake.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "NotADiffusersModel"}))
+    args = ["extract", str(tmp_path / "fake"), str(tmp_path / "base"), "-o", str(tmp_path / "x.safetensors"), "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names NotADiffusersModel, which is no class of diffusers" in err
+    # the same weights seen as a single file (generic) against the diffusers folder: both files named
+    single = tmp_path / "single.safetensors"
+    import shutil
+    shutil.copy(tmp_path / "base" / "transformer" / "diffusion_pytorch_model.safetensors", single)
+    assert main(["extract", str(tmp_path / "base"), str(single), "-o", str(tmp_path / "y.safetensors"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(single) in err and "AuraFlowTransformer2DModel" in err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
