@@ -275,6 +275,9 @@ def test_fp8_scaled_and_comfy_quant_are_dequantised(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     ({"layers.0.attention.qkv.absmax": torch.zeros(2)}, "unsupported quantization: bitsandbytes NF4/FP4"),
     ({"layers.0.attention.qkv.weight_scale_2": torch.zeros(1)}, "unsupported quantization: NVFP4"),
+    ({"layers.0.attention.qkv.qweight": torch.zeros(2, dtype=torch.int32), "layers.0.attention.qkv.wscales":
+      torch.zeros(2)}, "unsupported quantization: SVDQuant"),
+    ({"layers.0.attention.qkv.smooth_factor": torch.zeros(2)}, "a Nunchaku checkpoint; give the bf16, fp8 or GGUF"),
     ({"layers.0.attention.qkv.comfy_quant": torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)},
      "NVFP4 weight without layers.0.attention.qkv.weight_scale"),
     ({"layers.0.attention.qkv.comfy_quant": torch.tensor(list(b'{"format": "int4_awq"}'), dtype=torch.uint8)},

@@ -148,9 +148,85 @@ def mxfp8_tensors(key, value):
     return {key: codes, key[: -len(".weight")] + ".weight_scale": scales}, decoded
 
 
-@pytest.mark.parametrize("fmt, encode, block", [("nvfp4", nvfp4_tensors, 64), ("mxfp8", mxfp8_tensors, 32)])
+def hadamard_by_definition(n):
+    """comfy-kitchen's ConvRot matrix: the Kronecker power of its symmetric 4x4 seed, over sqrt(n)."""
+    seed = torch.tensor([[1., 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float64)
+    h = seed
+    while h.shape[0] < n:
+        h = torch.kron(h, seed)
+    return h / n ** 0.5
+
+
+def int8(weight, rowwise=True, group=0):
+    """ComfyUI's int8_tensorwise by its definition: (with ConvRot, W·Hᵀ per group of `group` columns) divided
+    by a scale (per row, or one for the tensor) putting the largest value at 127, rounded. Returns (int8
+    codes, F32 scale, the values those decode to)."""
+    w = weight.double()
+    if group:
+        w = (w.reshape(w.shape[0], -1, group) @ hadamard_by_definition(group).T).reshape(w.shape)
+    scale = (w.abs().amax(dim=1, keepdim=True) if rowwise else w.abs().amax()) / 127
+    codes = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+    stored = scale.float().reshape(-1, 1) if rowwise else scale.float()
+    decoded = codes.float() * stored  # in float32, from the stored scale: what a reader of the file gets
+    if group:
+        decoded = (decoded.reshape(w.shape[0], -1, group) @ hadamard_by_definition(group).float()).reshape(w.shape)
+    return codes, stored, decoded
+
+
+def int8_tensors(group):
+    def encode(key, value):
+        codes, scale, decoded = int8(value, group=group)
+        return {key: codes, key[: -len(".weight")] + ".weight_scale": scale}, decoded
+    return encode
+
+
+@pytest.mark.parametrize("rowwise, group", [(False, 0), (True, 0), (True, 16), (True, 64)])
+def test_int8_weights_decode_as_their_definition_says(tmp_path, rowwise, group):
+    weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(4)) * torch.logspace(-2, 0, 96)[:, None]
+    codes, scale, decoded = int8(weight, rowwise, group)
+    layer = "layers.0.attention.out"
+    spec = {"format": "int8_tensorwise", **({"convrot": True, "convrot_groupsize": group} if group else {})}
+    st_save_file({f"{layer}.weight": codes, f"{layer}.weight_scale": scale,
+                  f"{layer}.comfy_quant": torch.tensor(list(json.dumps(spec).encode()), dtype=torch.uint8),
+                  "layers.0.attention.qkv.weight": torch.zeros(3 * 128, 128, dtype=torch.bfloat16)},
+                 str(tmp_path / "q.safetensors"))
+    with open_canonical(tmp_path / "q.safetensors") as view:
+        key = f"{layer}.weight"
+        assert view.source_dtypes(key) == {"INT8"}
+        torch.testing.assert_close(view.read(key), decoded, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(view.read(key, rows=(40, 70)), decoded[40:70], rtol=1e-5, atol=1e-6)
+        # the truth: the original weight, within the rounding the codes allow
+        assert float((view.read(key) - weight).norm() / weight.norm()) < (0.01 if rowwise else 0.05)
+
+
+def test_int8_rounding_noise_is_estimated_like_the_actual_rounding():
+    from lora_colab.io.quant_noise import noise_sq
+    weight = torch.randn(128, 256, generator=torch.Generator().manual_seed(7))
+    _, _, decoded = int8(weight)
+    actual = float((decoded - weight).double().pow(2).sum())
+    assert noise_sq(decoded, "INT8") == pytest.approx(actual, rel=0.3)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 24}, r"ConvRot group size 24 is not a power"),
+    ({"format": "int8_tensorwise", "convrot_w4a4": True}, r"unsupported quantization: int8_tensorwise with convrot_w4a4"),
+])
+def test_int8_layers_it_cannot_decode_are_one_line(tmp_path, spec, message):
+    layer = "layers.0.attention.out"
+    st_save_file({f"{layer}.weight": torch.zeros(96, 96, dtype=torch.int8), f"{layer}.weight_scale": torch.ones(96, 1),
+                  f"{layer}.comfy_quant": torch.tensor(list(json.dumps(spec).encode()), dtype=torch.uint8),
+                  "layers.0.attention.qkv.weight": torch.zeros(3 * 96, 96, dtype=torch.bfloat16)},
+                 str(tmp_path / "q.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        open_canonical(tmp_path / "q.safetensors")
+
+
+@pytest.mark.parametrize("fmt, encode, block, spec", [
+    ("nvfp4", nvfp4_tensors, 64, {"format": "nvfp4"}), ("mxfp8", mxfp8_tensors, 32, {"format": "mxfp8"}),
+    ("int8", int8_tensors(0), 16, {"format": "int8_tensorwise"}),
+    ("int8", int8_tensors(16), 16, {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 16})])
 def test_extraction_from_a_quantized_fine_tune_equals_extraction_from_its_decoded_values(tmp_path, fmt, encode,
-                                                                                         block):
+                                                                                         block, spec):
     cfg = ZImageConfig(dim=128, n_layers=1, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
     base, tuned, _ = make_zimage_pair(tmp_path, cfg, rank=4, delta_scale=0.05)
     quantized, decoded, layers = {}, {}, {}
@@ -160,7 +236,7 @@ def test_extraction_from_a_quantized_fine_tune_equals_extraction_from_its_decode
             if value.dim() == 2 and value.shape[1] % block == 0 and key.endswith(".weight"):
                 stored, decoded[key] = encode(key, value)
                 quantized.update(stored)
-                layers[key[: -len(".weight")]] = {"format": fmt}
+                layers[key[: -len(".weight")]] = spec
             else:
                 quantized[key] = decoded[key] = value
     assert len(layers) >= 8

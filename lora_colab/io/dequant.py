@@ -1,8 +1,10 @@
 """Quantised checkpoints: plain fp8 is upcast; ComfyUI scaled fp8, comfy_quant fp8 and musubi-tuner's
 block-wise fp8 scales are applied; ComfyUI's NVFP4 (packed E2M1 codes, E4M3 block scales in cuBLAS's
 swizzled 128x4 layout, an F32 global scale) is decoded, and so is its MXFP8 (E4M3 values, one power-of-two
-E8M0 scale per 32 along a row, in the same swizzled layout, as comfy-kitchen writes them); everything else is
-refused with a clear message."""
+E8M0 scale per 32 along a row, in the same swizzled layout, as comfy-kitchen writes them), and so is its INT8
+(`int8_tensorwise`: int8 codes times one scale per tensor or per output row; with `convrot`, the rows were
+rotated by a normalized Hadamard matrix per group of input columns first, which is undone); everything else
+is refused with a clear message."""
 
 import json
 import math
@@ -20,7 +22,12 @@ _UNSUPPORTED_SUFFIXES = {
     ".quant_map": "bitsandbytes NF4/FP4",
     ".quant_state.bitsandbytes__nf4": "bitsandbytes NF4",
     ".quant_state.bitsandbytes__fp4": "bitsandbytes FP4",
-    ".qweight": "SVDQuant/AWQ packed weights (qweight)",
+    ".qweight": "SVDQuant/AWQ packed 4-bit weights (qweight: a Nunchaku or AWQ checkpoint; give the bf16, fp8 "
+                "or GGUF model it was made from)",
+    ".wscales": "SVDQuant packed 4-bit weights (wscales: a Nunchaku checkpoint; give the bf16, fp8 or GGUF model "
+                "it was made from)",
+    ".smooth_factor": "SVDQuant smoothing with a low-rank branch (a Nunchaku checkpoint; give the bf16, fp8 or "
+                      "GGUF model it was made from)",
     ".SCB": "bitsandbytes int8",
 }
 # E2M1 (FP4) code -> value, sign in bit 3
@@ -28,6 +35,19 @@ E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3
 NVFP4_BLOCK = 16
 MXFP8_BLOCK = 32
 _E8M0_NAN = 255
+
+
+_H4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
+
+
+def hadamard(size, device=None):
+    """ConvRot's normalized regular Hadamard matrix of `size` (a power of 4): the Kronecker power of
+    comfy-kitchen's symmetric 4x4 seed over sqrt(size); symmetric and orthogonal."""
+    h4 = torch.tensor(_H4, dtype=torch.float32)
+    matrix = torch.ones(1, 1)
+    while matrix.shape[0] < size:
+        matrix = torch.kron(matrix, h4)
+    return (matrix / math.sqrt(size)).to(device)
 
 
 def unswizzle(flat, rows, cols):
@@ -51,14 +71,15 @@ class Dequantizer:
         self._scales = {}  # weight key -> scale key
         self._nvfp4 = {}   # weight key -> (block scale key, global scale key)
         self._mxfp8 = {}   # weight key -> E8M0 block scale key
+        self._int8 = {}    # weight key -> ConvRot group size (0: not rotated); its scale is in _scales
         self._block_scales = (None, None)  # (weight key, its unswizzled block scales): the last one read
         keys = set(ckpt.keys())
         for key in keys:
             for suffix, what in _UNSUPPORTED_SUFFIXES.items():
                 if key.endswith(suffix):
                     raise CheckpointError(ckpt.path, f"unsupported quantization: {what}", key)
-        for layer, fmt in self._metadata_layers().items():
-            self._register(layer, fmt, keys, "_quantization_metadata")
+        for layer, spec in self._metadata_layers().items():
+            self._register(layer, spec, keys, "_quantization_metadata")
         for key in keys:
             if key.endswith(".comfy_quant"):
                 self._comfy_quant(key, keys)
@@ -72,7 +93,7 @@ class Dequantizer:
                                                  "_quantization_metadata entry saying so", key)
 
     def _metadata_layers(self):
-        """{layer: format} from ComfyUI's `_quantization_metadata` header entry, if any."""
+        """{layer: spec ({"format": ...})} from ComfyUI's `_quantization_metadata` header entry, if any."""
         text = getattr(self._ckpt, "metadata", {}).get("_quantization_metadata")
         if not text:
             return {}
@@ -82,10 +103,10 @@ class Dequantizer:
             raise CheckpointError(self._ckpt.path, "_quantization_metadata is not a JSON object") from None
         if not isinstance(layers, dict):
             raise CheckpointError(self._ckpt.path, "_quantization_metadata has no 'layers' object")
-        return {name: spec.get("format", "") if isinstance(spec, dict) else str(spec) for name, spec in layers.items()}
+        return {name: spec if isinstance(spec, dict) else {"format": str(spec)} for name, spec in layers.items()}
 
-    def _register(self, layer, fmt, keys, where):
-        fmt = str(fmt).lower()
+    def _register(self, layer, spec, keys, where):
+        fmt = str(spec.get("format", "")).lower()
         weight = layer + ".weight"
         if weight not in keys:
             return
@@ -113,18 +134,39 @@ class Dequantizer:
                 raise CheckpointError(self._ckpt.path, f"MXFP8 weight of shape {list(shape)}: rows must hold whole "
                                                        f"blocks of {MXFP8_BLOCK}", weight)
             self._mxfp8[weight] = layer + ".weight_scale"
+        elif fmt == "int8_tensorwise":
+            self._register_int8(layer, spec, keys, weight)
         else:
             raise CheckpointError(self._ckpt.path, f"unsupported quantization: comfy_quant format {fmt!r}", where)
+
+    def _register_int8(self, layer, spec, keys, weight):
+        scale = layer + ".weight_scale"
+        if scale not in keys:
+            raise CheckpointError(self._ckpt.path, f"INT8 weight without {scale}", weight)
+        if self._ckpt.st_dtype(weight) != "I8":
+            raise CheckpointError(self._ckpt.path, f"INT8 weight stored as {self._ckpt.st_dtype(weight)}, not int8",
+                                  weight)
+        unknown = sorted(k for k, v in spec.items() if k not in ("format", "convrot", "convrot_groupsize",
+                                                                "per_channel") and v)
+        if unknown:
+            raise CheckpointError(self._ckpt.path, f"unsupported quantization: int8_tensorwise with {unknown[0]}",
+                                  weight)
+        group = int(spec.get("convrot_groupsize") or 256) if spec.get("convrot") else 0
+        cols = math.prod(self._ckpt.shape(weight)[1:])
+        if group and (group < 4 or 4 ** round(math.log(group, 4)) != group or cols % group):
+            raise CheckpointError(self._ckpt.path, f"INT8 ConvRot group size {group} is not a power of 4 that "
+                                                   f"divides the weight's {cols} columns", weight)
+        self._add(weight, scale)
+        self._int8[weight] = group
 
     def _comfy_quant(self, key, keys):
         layer = key[: -len(".comfy_quant")]
         raw = self._ckpt.read(key)
         try:
             spec = json.loads(bytes(raw.to(torch.uint8).tolist()).decode("utf-8"))
-            fmt = spec.get("format", "") if isinstance(spec, dict) else ""
         except (ValueError, UnicodeDecodeError):
             raise CheckpointError(self._ckpt.path, "comfy_quant is not JSON", key) from None
-        self._register(layer, fmt, keys, key)
+        self._register(layer, spec if isinstance(spec, dict) else {}, keys, key)
 
     def _add(self, weight, scale_key):
         numel = 1
@@ -188,11 +230,13 @@ class Dequantizer:
         """"NVFP4" or "MXFP8" for ComfyUI's block formats, else the safetensors dtype name."""
         if key in self._nvfp4:
             return "NVFP4"
+        if key in self._int8:
+            return "INT8"
         return "MXFP8" if key in self._mxfp8 else self._ckpt.st_dtype(key)
 
     def check_weight(self, key):
         """Refuse integer-quantised weights that have no known dequantisation."""
-        if key in self._nvfp4:
+        if key in self._nvfp4 or key in self._int8:
             return
         st_dtype = self._ckpt.st_dtype(key)
         if st_dtype in ("I8", "U8", "I16", "I32") and key.endswith(".weight"):
@@ -221,4 +265,9 @@ class Dequantizer:
         if scale.numel() > 1:
             start, stop = rows if rows else (0, scale.numel())
             scale = scale[start:stop].reshape((-1,) + (1,) * (tensor.dim() - 1))
-        return tensor * scale
+        tensor = tensor * scale
+        group = self._int8.get(key)
+        if group:  # ConvRot stored W·H per group of columns (H symmetric and orthogonal): W = (W·H)·H
+            shaped = tensor.reshape(tensor.shape[0], -1, group)
+            tensor = (shaped @ hadamard(group, tensor.device)).reshape(tensor.shape)
+        return tensor

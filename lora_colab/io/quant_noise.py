@@ -17,8 +17,9 @@ _E2M1_WIDTH = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.5, 1.0])
 
 
 def is_lossy(stored):
-    """True for stored types whose values were rounded from a finer one (GGUF quants, fp8, NVFP4, MXFP8)."""
-    return stored in _BLOCKS or stored in _MANTISSA or stored == "NVFP4"
+    """True for stored types whose values were rounded from a finer one (GGUF quants, fp8, NVFP4, MXFP8,
+    INT8)."""
+    return stored in _BLOCKS or stored in _MANTISSA or stored in ("NVFP4", "INT8")
 
 
 _CHUNK = 1 << 22  # values per step: the estimate's temporaries stay small for any layer
@@ -28,6 +29,10 @@ def noise_sq(values, stored):
     """Expected ‖noise‖² of `values` (float, as dequantized) stored as `stored`; 0 for float formats."""
     if not is_lossy(stored):
         return 0.0
+    if stored == "INT8":  # symmetric codes in ±127 with one step per row (its largest value at 127)
+        rows = values.reshape(values.shape[0], -1).float()
+        step = rows.abs().amax(dim=1) / 127
+        return float(step.double().pow(2).sum()) * rows.shape[1] / 12
     flat = values.reshape(-1)
     size = _BLOCKS.get(stored, (16,))[0] if stored not in _MANTISSA else 1
     flat = flat[: flat.numel() // size * size]
