@@ -32,7 +32,8 @@ FULL = {
     "sd3": ("sd3.5-large-native", "sd3.5-large-diffusers", 301, 44),
     "hidream": ("hidream-i1-native", None, 1024, 104),
     "lumina2": ("lumina2-native", "lumina2-diffusers", 178, 6),
-    "ernie_image": ("ernie-image-native", None, 252, 6),  # native names are the diffusers names  # native names are diffusers' (hidream-i1-diffusers: the same)
+    "ernie_image": ("ernie-image-native", None, 252, 6),  # native names are the diffusers names
+    "ideogram4": ("ideogram4-native", "ideogram4-diffusers", 170, 41),  # native names are diffusers' (hidream-i1-diffusers: the same)
 }
 EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
          "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8),
@@ -146,6 +147,9 @@ TINY = {
     "ernie_image": ("ErnieImageTransformer2DModel", "ErnieImagePipeline",
                     dict(hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64, in_channels=4,
                          out_channels=4, patch_size=1, text_in_dim=16, rope_axes_dim=(4, 6, 6))),
+    "ideogram4": ("Ideogram4Transformer2DModel", "Ideogram4Pipeline",
+                  dict(in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, intermediate_size=64,
+                       adaln_dim=16, llm_features_dim=32, mrope_section=(2, 1, 1))),
 }
 
 

@@ -68,6 +68,13 @@ def transformer_inputs(name, seed=0):
         ids4[:, 1:] = ids3
         return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=t, img_ids=ids4,
                     txt_ids=torch.zeros(8, 4), guidance=torch.tensor([3.5]))
+    if name == "ideogram4":
+        from diffusers.models.transformers.transformer_ideogram4 import LLM_TOKEN_INDICATOR, OUTPUT_IMAGE_INDICATOR
+        indicator = torch.tensor([[LLM_TOKEN_INDICATOR] * 8 + [OUTPUT_IMAGE_INDICATOR] * 16])
+        position = torch.zeros(1, 24, 3)
+        position[0, 8:, 1:] = ids3[:, 1:]
+        return dict(hidden_states=r(1, 24, 16), timestep=t, encoder_hidden_states=r(1, 24, 32), position_ids=position,
+                    segment_ids=torch.zeros(1, 24, dtype=torch.long), indicator=indicator)
     if name == "ernie_image":
         return dict(hidden_states=r(1, 4, 4, 4), timestep=t, text_bth=r(1, 8, 16), text_lens=torch.tensor([8]))
     if name == "lumina2":

@@ -13,6 +13,7 @@ from .flux2 import Flux2
 from .flux3 import Flux3
 from .generic import Generic
 from .hidream import HiDream
+from .ideogram4 import Ideogram4
 from .krea2 import Krea2
 from .ltx2 import LTX2
 from .lumina2 import Lumina2
@@ -23,8 +24,8 @@ from .wan import Wan
 from .zimage import ZImage
 
 # Detection order matters where layouts share names: FLUX.2 and Chroma reuse Flux.1's block names, Lumina 2
-# Z-Image's.
-ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
+# and Ideogram 4 Z-Image's.
+ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), Ideogram4(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
                                                QwenImage(), Wan(), Krea2(), LTX2(), SD3(), HiDream(),
                                                ErnieImage())}
 GENERIC = Generic()
