@@ -33,7 +33,8 @@ FULL = {
     "hidream": ("hidream-i1-native", None, 1024, 104),
     "lumina2": ("lumina2-native", "lumina2-diffusers", 178, 6),
     "ernie_image": ("ernie-image-native", None, 252, 6),  # native names are the diffusers names
-    "ideogram4": ("ideogram4-native", "ideogram4-diffusers", 170, 41),  # native names are diffusers' (hidream-i1-diffusers: the same)
+    "ideogram4": ("ideogram4-native", "ideogram4-diffusers", 170, 41),
+    "kandinsky5": ("kandinsky5-diffusers", None, 512, 59),  # one layout: the original names are the diffusers names  # native names are diffusers' (hidream-i1-diffusers: the same)
 }
 EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
          "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8),
@@ -150,6 +151,10 @@ TINY = {
     "ideogram4": ("Ideogram4Transformer2DModel", "Ideogram4Pipeline",
                   dict(in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, intermediate_size=64,
                        adaln_dim=16, llm_features_dim=32, mrope_section=(2, 1, 1))),
+    "kandinsky5": ("Kandinsky5Transformer3DModel", "Kandinsky5T2IPipeline",
+                   dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
+                        patch_size=(1, 2, 2), model_dim=128, ff_dim=64, num_text_blocks=1, num_visual_blocks=2,
+                        axes_dims=(16, 24, 24))),
 }
 
 
@@ -204,7 +209,13 @@ def write_random_lora(folder, a, fmt, targets, seed=0):
 
 # (architecture, format) pairs that diffusers' loader must take fully: `auto` wherever one spelling loads
 # in both clients, `diffusers` always
-LOADS = [(n, "auto") for n in TINY if n != "qwen_image_2_1"] + [(n, "diffusers") for n in TINY]
+def auto_is_diffusers_too(name):
+    """Whether the auto spelling claims diffusers as a client: wherever the report names no other one."""
+    a = arch.get(name)
+    return not a.format_notes(arch.resolve_format(a, "auto"), [])
+
+
+LOADS = [(n, "auto") for n in TINY if auto_is_diffusers_too(n)] + [(n, "diffusers") for n in TINY]
 
 
 @pytest.mark.parametrize("name,fmt", LOADS)
@@ -291,15 +302,15 @@ def test_extracted_lora_reproduces_the_tuned_layers_through_diffusers(tmp_path, 
     change = sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5
     assert change > 0
 
-    # the PEFT spelling where diffusers' other route needs the full width (tested above, on its own)
-    fmt = "diffusers" if name in ("qwen_image_2_1", *FULL_WIDTH) else "auto"
+    # the PEFT spelling where diffusers' other route needs the full width (tested above) or loads no auto file
+    fmt = "diffusers" if name in FULL_WIDTH or not auto_is_diffusers_too(name) else "auto"
     for label, base_path in (("cross-layout", tmp_path / "base"), ("native", tmp_path / "base_native.safetensors")):
         out = tmp_path / f"{label}.safetensors"
         report = extract(base_path, tmp_path / "tuned.safetensors", out, rank=4, format=fmt, progress=False)
         written = [p for t in a.targets({k: tuple(v.shape) for k, v in base.items()}) for p in pieces(a, fmt, t)]
         assert report.architecture.startswith(a.title) and len(report.extracted) == len(written)
         assert report.dtype == "bfloat16"
-        if label == "cross-layout" and a.name not in ("qwen_image", "hidream", "ernie_image"):  # one layout: diffusers names
+        if label == "cross-layout" and a.name not in ("qwen_image", "hidream", "ernie_image", "kandinsky5"):  # one layout: diffusers names
             assert report.architecture.endswith(" / native") and "(diffusers" in report.architecture
         factors = {v.dtype for k, v in load_file(str(out)).items() if not k.endswith(".alpha")}
         assert factors == {torch.bfloat16}

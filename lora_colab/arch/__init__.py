@@ -14,6 +14,7 @@ from .flux3 import Flux3
 from .generic import Generic
 from .hidream import HiDream
 from .ideogram4 import Ideogram4
+from .kandinsky5 import Kandinsky5
 from .krea2 import Krea2
 from .ltx2 import LTX2
 from .lumina2 import Lumina2
@@ -27,7 +28,7 @@ from .zimage import ZImage
 # and Ideogram 4 Z-Image's.
 ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), Ideogram4(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
                                                QwenImage(), Wan(), Krea2(), LTX2(), SD3(), HiDream(),
-                                               ErnieImage())}
+                                               ErnieImage(), Kandinsky5())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
 
