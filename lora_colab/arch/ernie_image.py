@@ -3,7 +3,7 @@ prefix); split q/k/v, a gated MLP, and one adaLN modulation shared by every laye
 
 import re
 
-from .table import TableArchitecture
+from .table import TableArchitecture, kohya_not_diffusers
 
 _L = "layers.{i}"
 
@@ -35,6 +35,5 @@ class ErnieImage(TableArchitecture):
 
     def format_notes(self, fmt, groups):
         if fmt == "kohya":
-            return ["diffusers' ERNIE-Image loader takes `diffusion_model.` names, not kohya's: this file loads in "
-                    "ComfyUI; --format comfy (the auto spelling) loads in both"]
+            return [kohya_not_diffusers(self.title)]
         return []

@@ -4,7 +4,7 @@ the same fusions: the two differ in names only."""
 
 import re
 
-from .table import Rule, TableArchitecture
+from .table import Rule, TableArchitecture, kohya_not_diffusers
 
 _STREAMS = (("content_mode_blocks.image.{i}", "mode_blocks.image.{i}"),
             ("content_mode_blocks.image_cond.{i}", "mode_blocks.image_cond.{i}"),
@@ -54,6 +54,5 @@ class Flux3(TableArchitecture):
             return ["diffusers' FLUX.3 converter renames block layers only: the optional groups in this spelling "
                     "load in ComfyUI; for diffusers extract with --format diffusers"]
         if fmt == "kohya":
-            return ["diffusers' FLUX.3 loader takes `diffusion_model.` names, not kohya's: this file loads in "
-                    "ComfyUI and kohya's tools; --format comfy (the auto spelling) loads in both"]
+            return [kohya_not_diffusers(self.title)]
         return []

@@ -4,7 +4,7 @@ feed-forwards (a shared expert plus routed experts; the router's gate is never a
 
 import re
 
-from .table import TableArchitecture
+from .table import TableArchitecture, kohya_not_diffusers
 
 _D, _S = "double_stream_blocks.{i}.block", "single_stream_blocks.{i}.block"
 _ATTN = ("to_q", "to_k", "to_v", "to_out")
@@ -46,6 +46,5 @@ class HiDream(TableArchitecture):
 
     def format_notes(self, fmt, groups):
         if fmt == "kohya":
-            return ["diffusers' HiDream loader takes `diffusion_model.` names, not kohya's: this file loads in "
-                    "ComfyUI; --format comfy (the auto spelling) loads in both"]
+            return [kohya_not_diffusers(self.title)]
         return []

@@ -38,6 +38,12 @@ class Rule:
         return self.diffusers.format(**hit.groupdict()) if hit else None
 
 
+def kohya_not_diffusers(title):
+    """The report line for a kohya file of a family whose diffusers loader takes `diffusion_model.` names."""
+    return (f"diffusers' {title} loader takes `diffusion_model.` names, not kohya's: this file loads in ComfyUI; "
+            f"--format comfy (the auto spelling) loads in both")
+
+
 def fused(native, diffusers_parts):
     """Rules for a native module that fuses `diffusers_parts` (in row order, equal heights)."""
     return [Rule(native, d, i, len(diffusers_parts)) for i, d in enumerate(diffusers_parts)]
