@@ -34,7 +34,8 @@ FULL = {
     "lumina2": ("lumina2-native", "lumina2-diffusers", 178, 6),
     "ernie_image": ("ernie-image-native", None, 252, 6),  # native names are the diffusers names
     "ideogram4": ("ideogram4-native", "ideogram4-diffusers", 170, 41),
-    "kandinsky5": ("kandinsky5-diffusers", None, 512, 59),  # one layout: the original names are the diffusers names  # native names are diffusers' (hidream-i1-diffusers: the same)
+    "kandinsky5": ("kandinsky5-diffusers", None, 512, 59),
+    "anima": ("anima-native", "anima-diffusers", 280, 235),  # one layout: the original names are the diffusers names  # native names are diffusers' (hidream-i1-diffusers: the same)
 }
 EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
          "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8),
@@ -72,7 +73,7 @@ def test_full_layouts_detect_and_pair_across_layouts(name):
     every = detected.arch.targets(shapes, groups=set(detected.arch.optional_groups))
     default = detected.arch.targets(shapes)
     assert (len(default), len(every) - len(default)) == (n_default, n_optional)
-    stripped = {k.removeprefix("model.diffusion_model."): v for k, v in native.items()}
+    stripped = {k.removeprefix(detected.prefix): v for k, v in native.items()}  # LTX-2's and Anima's own prefixes
     prefixed = {"model.diffusion_model." + k: v for k, v in stripped.items()}
     for variant in (stripped, prefixed):
         assert arch.detect(set(variant)).arch.name == key
@@ -80,7 +81,9 @@ def test_full_layouts_detect_and_pair_across_layouts(name):
         d_detected, d_shapes = canonical(layout(diffusers_name))
         assert (d_detected.arch.name, d_detected.layout) == (key, "diffusers")
         d_every = d_detected.arch.targets(d_shapes, groups=set(d_detected.arch.optional_groups))
-        assert {t.key: t.shape for t in d_every} == {t.key: t.shape for t in every}
+        shared = {t.group for t in d_every}  # Anima's diffusers folder keeps its LLM adapter as another model
+        assert {t.key: t.shape for t in d_every} == {t.key: t.shape for t in every if t.group in shared}
+        assert len(shared) >= len(detected.arch.optional_groups)
 
 
 @pytest.mark.parametrize("name", sorted(FULL))
@@ -155,6 +158,11 @@ TINY = {
                    dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
                         patch_size=(1, 2, 2), model_dim=128, ff_dim=64, num_text_blocks=1, num_visual_blocks=2,
                         axes_dims=(16, 24, 24))),
+    "anima": ("CosmosTransformer3DModel", "AnimaModularPipeline",
+              dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                   mlp_ratio=2.0, text_embed_dim=32, adaln_lora_dim=8, max_size=(4, 16, 16), patch_size=(1, 2, 2),
+                   concat_padding_mask=False, extra_pos_embed_type=None, crossattn_proj_in_channels=32,
+                   encoder_hidden_states_channels=32)),
 }
 
 
@@ -403,3 +411,29 @@ def test_sharded_diffusers_folder_pairs_with_a_prefixed_native_file(tmp_path):
     assert report.architecture == "Wan (diffusers) / native" and report.dtype == "bfloat16"
     assert len(report.extracted) == len(a.targets({k: tuple(v.shape) for k, v in base.items()}))
     assert max(layer.rel_error for layer in report.extracted) < 0.02  # F16 rounding of the fine-tune only
+
+
+@pytest.mark.parametrize("fmt", ["comfy", "diffusers"])
+def test_anima_llm_adapter_loads_into_diffusers_text_conditioner(fmt, diffusers_warnings):
+    """Anima's single file holds its LLM adapter (`net.llm_adapter.*`), which diffusers loads as the separate
+    AnimaTextConditioner: the adapter's LoRA modules in both spellings reach that model in full."""
+    torch.manual_seed(0)
+    conditioner = diffusers.AnimaTextConditioner(source_dim=32, target_dim=32, model_dim=32, num_layers=2,
+                                                 num_attention_heads=2, target_vocab_size=64).eval()
+    a = arch.get("anima")
+    shapes = {"llm_adapter." + k: tuple(v.shape) for k, v in conditioner.state_dict().items()}
+    targets = [t for t in a.targets(shapes, groups={"llm_adapter"}) if t.group == "llm_adapter"]
+    assert len(targets) == 2 * 10 + 1
+    gen = torch.Generator().manual_seed(1)
+    state, expected = {}, {}
+    for t in targets:
+        down, up = torch.randn(RANK, t.shape[1], generator=gen), torch.randn(t.shape[0], RANK, generator=gen)
+        state.update(module_tensors(a, fmt, t, down, up, ALPHA, torch.float32))
+        expected[t.module.removeprefix("llm_adapter.")] = LowRank(up, down, ALPHA / RANK, t.shape)
+    pipeline = diffusers.AnimaModularPipeline
+    converted = pipeline.lora_state_dict(state)
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    pipeline.load_lora_into_text_conditioner(converted, text_conditioner=conditioner, adapter_name="x")
+    assert_deltas(conditioner, "x", expected)
+    bad = [m for m in diffusers_warnings if any(w in m.lower() for w in ("unexpected", "missing", "not loaded"))]
+    assert not bad, bad[:3]

@@ -68,6 +68,9 @@ def transformer_inputs(name, seed=0):
         ids4[:, 1:] = ids3
         return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=t, img_ids=ids4,
                     txt_ids=torch.zeros(8, 4), guidance=torch.tensor([3.5]))
+    if name == "anima":
+        # (the tiny model concatenates no padding mask: diffusers resizes it with torchvision, not a dependency)
+        return dict(hidden_states=r(1, 16, 1, 8, 8), timestep=torch.tensor([0.5]), encoder_hidden_states=r(1, 8, 32))
     if name == "kandinsky5":
         return dict(hidden_states=r(1, 1, 8, 8, 4), encoder_hidden_states=r(1, 8, 16), timestep=torch.tensor([600.0]),
                     pooled_projections=r(1, 8), visual_rope_pos=[torch.arange(1), torch.arange(4), torch.arange(4)],

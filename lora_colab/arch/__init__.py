@@ -5,6 +5,7 @@ family modules import nothing but each other and errors; `canonical` reads throu
 from dataclasses import dataclass
 
 from ..errors import OptionError
+from .anima import Anima
 from .chroma import Chroma
 from .common import MODEL_PREFIXES, LoraModule, Target
 from .ernie_image import ErnieImage
@@ -28,7 +29,7 @@ from .zimage import ZImage
 # and Ideogram 4 Z-Image's.
 ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), Ideogram4(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
                                                QwenImage(), Wan(), Krea2(), LTX2(), SD3(), HiDream(),
-                                               ErnieImage(), Kandinsky5())}
+                                               ErnieImage(), Kandinsky5(), Anima())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
 

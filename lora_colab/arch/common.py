@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 # Prefixes checkpoints carry in front of the model's own names, longest first.
-MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "unet.")
+MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "unet.", "net.")
 
 
 @dataclass(frozen=True)
