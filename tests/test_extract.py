@@ -298,3 +298,14 @@ def test_two_runs_writing_one_output_at_once_leave_one_complete_file(tmp_path):
     for key, delta in deltas.items():
         assert float((delta - products[key]).norm() / delta.norm()) < 1e-4, key
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_unknown_single_file_says_which_clients_load_its_lora(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    base, tuned = _generic_pair(tmp_path, {"a.fc.weight": _low_rank(32, 32, 2, 0, gen)})
+    report = extract(base, tuned, tmp_path / "g.safetensors", rank=2, progress=False, device="cpu")
+    assert report.format == "comfy" and set(load_file(str(tmp_path / "g.safetensors"))) >= {
+        "diffusion_model.a.fc.lora_down.weight", "diffusion_model.a.fc.lora_up.weight"}
+    note = next(w for w in report.warnings if w.startswith("architecture not recognised"))
+    assert "ComfyUI's generic rule loads" in note and "diffusers and kohya's tools do not know it" in note
+

@@ -30,6 +30,7 @@ class Anima(TableArchitecture):
     # and ComfyUI maps `diffusion_model.<module>`: lora_A/B under that prefix loads in both
     auto_format = "comfy"
     comfy_peft = True
+    own_prefixes = ("net.",)  # the released file's (the model is Cosmos' MiniTrainDIT `net`)
     native_probes = ("blocks.0.self_attn.q_proj.weight", "blocks.0.adaln_modulation_mlp.1.weight")
     diffusers_probes = ("transformer_blocks.0.attn1.to_q.weight", "transformer_blocks.0.norm3.linear_1.weight")
     rules = tuple([Rule(f"{_B}.{a}.{n}", f"{_T}.{d}.{m}") for a, d in (("self_attn", "attn1"), ("cross_attn", "attn2"))

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 # Prefixes checkpoints carry in front of the model's own names, longest first.
-MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "unet.", "net.")
+MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "unet.")
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,9 @@ def kohya_name(prefix, module):
     return f"{prefix}_{module.replace('.', '_')}"
 
 
-def find_prefix(keys, probes):
-    """The prefix under which all `probes` occur in `keys`, or None."""
-    for prefix in ("",) + MODEL_PREFIXES:
+def find_prefix(keys, probes, extra=()):
+    """The prefix under which all `probes` occur in `keys`, or None (`extra`: a family's own prefixes)."""
+    for prefix in ("",) + MODEL_PREFIXES + tuple(extra) + tuple(p + e for p in MODEL_PREFIXES for e in extra):
         if all(prefix + probe in keys for probe in probes):
             return prefix
     return None

@@ -58,6 +58,7 @@ class TableArchitecture(NativeArchitecture):
     default_targets = ()       # native module templates (regex-free, `{i}` fields)
     optional = {}              # group -> (description, [native module templates])
     comfy_peft = False         # the comfy format uses lora_A/lora_B without alpha (what both clients load)
+    own_prefixes = ()          # prefixes this family's files carry besides the common ones (Anima's `net.`)
     auto_format = "kohya"
 
     def __init_subclass__(cls, **kwargs):
@@ -70,7 +71,7 @@ class TableArchitecture(NativeArchitecture):
     def detect(self, keys):
         for layout, probes in (("native", self.native_probes), ("diffusers", self.diffusers_probes)):
             if probes:
-                prefix = find_prefix(keys, list(probes))
+                prefix = find_prefix(keys, list(probes), self.own_prefixes)
                 if prefix is not None:
                     return layout, prefix
         return None

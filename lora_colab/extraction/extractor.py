@@ -157,7 +157,10 @@ def _notices(arch, targets, rank, conv_rank):
     notes = []
     if arch.name == "generic":
         notes.append(f"architecture not recognised: the generic fallback took {len(targets)} weights (every 2-D "
-                     f"weight outside norms and embeddings) and names them as ComfyUI does")
+                     f"weight outside norms and embeddings) and names them diffusion_model.<weight>, which ComfyUI's "
+                     f"generic rule loads where these are its names for the model; diffusers and kohya's tools do "
+                     f"not know it (a diffusers model given as its diffusers folder gets the spelling its pipeline "
+                     f"loads)")
     if conv_rank is not None and not any(t.kind == "conv" for t in targets):
         notes.append(f"conv_rank {conv_rank} ignored: this {arch.title} model has no k×k convolutions to extract")
     full = max((min(t.shape[0], math.prod(t.shape[1:])) for t in targets if t.kind != "conv"), default=0)
