@@ -32,7 +32,9 @@ from lora_colab.extraction.report import LayerReport  # noqa: E402
 LAYOUTS = {"sdxl": "sdxl-single-file", "flux": "flux1-dev-bfl", "chroma": "chroma1-hd-native",
            "zimage": "zimage-single-file", "qwen_image": "qwen-image-diffusers",
            "qwen_image_2_1": "qwen-image-2.1-native", "wan": "wan2.2-t2v-a14b-native", "flux2": "flux2-dev-native",
-           "krea2": "krea2-native", "ltx2": "ltx2-native"}
+           "krea2": "krea2-native", "ltx2": "ltx2-native", "flux3": "flux3-native", "sd3": "sd3.5-medium-native",
+           "hidream": "hidream-i1-native", "lumina2": "lumina2-native", "ernie_image": "ernie-image-native",
+           "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers", "anima": "anima-native"}
 FORMATS = ("kohya", "comfy", "diffusers")
 
 
