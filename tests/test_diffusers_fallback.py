@@ -26,23 +26,39 @@ MODEL_COMPONENTS = ("transformer", "transformer_2", "unet")
 
 
 def loadable_classes():
-    """{model class name: (class, a pipeline class that loads LoRAs into it, component)}."""
+    """{model class name: (class, a pipeline class that loads LoRAs into it, component)}: the classic pipelines'
+    model components by their __init__ annotations, the modular ones' by their blocks' expected components."""
     from diffusers.loaders.lora_base import LoraBaseMixin
     found = {}
-    for name in sorted(dir(diffusers)):
-        pipeline = getattr(diffusers, name, None)
-        if not (isinstance(pipeline, type) and issubclass(pipeline, LoraBaseMixin) and name.endswith("Pipeline")):
-            continue
-        params = inspect.signature(pipeline.__init__).parameters
-        for component in getattr(pipeline, "_lora_loadable_modules", []):
-            if component not in MODEL_COMPONENTS or component not in params:
-                continue
+    pipelines = [getattr(diffusers, name, None) for name in sorted(dir(diffusers)) if name.endswith("Pipeline")]
+    pipelines = [p for p in pipelines if isinstance(p, type) and issubclass(p, LoraBaseMixin)]
+    for pipeline in sorted(pipelines, key=lambda p: issubclass(p, diffusers.ModularPipeline)):  # classic ones first
+        for component, cls in model_components(pipeline):
+            if component in getattr(pipeline, "_lora_loadable_modules", []) and isinstance(cls, type) \
+                    and issubclass(cls, torch.nn.Module) and hasattr(cls, "load_lora_adapter"):
+                found.setdefault(cls.__name__, (cls, pipeline, component))
+    return found
+
+
+def model_components(pipeline):
+    """[(component, class)] of a pipeline's transformer/UNet components."""
+    if issubclass(pipeline, diffusers.ModularPipeline):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                specs = pipeline().blocks.expected_components
+        except Exception:  # noqa: BLE001 - a modular pipeline whose default blocks need more than offline defaults
+            return []
+        return [(spec.name, spec.type_hint) for spec in specs if spec.name in MODEL_COMPONENTS]
+    params = inspect.signature(pipeline.__init__).parameters
+    pairs = []
+    for component in MODEL_COMPONENTS:
+        if component in params:
             cls = params[component].annotation
             if isinstance(cls, str):
                 cls = getattr(diffusers, cls.split(".")[-1].strip("'\""), None)
-            if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(cls, "load_lora_adapter"):
-                found.setdefault(cls.__name__, (cls, pipeline, component))
-    return found
+            pairs.append((component, cls))
+    return pairs
 
 
 class Warnings(logging.Handler):
@@ -86,7 +102,8 @@ def load_on_meta(model, pipeline, component, state_dict):
 
 def test_every_class_a_lora_loader_takes_is_first_class_or_taken_in_full_through_the_fallback():
     classes = loadable_classes()
-    assert len(classes) >= 25, sorted(classes)
+    assert len(classes) >= 30, sorted(classes)
+    assert {"Flux3Transformer2DModel", "MiniMaxH3Transformer3DModel"} <= set(classes)  # from modular pipelines
     checked, first_class, unbuildable, wrong = [], [], [], []
     for name, (cls, pipeline, component) in sorted(classes.items()):
         model = meta_model(cls)
