@@ -270,7 +270,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                 math.prod(shape) for _, _, shape in specs_of(piece, 1) if len(shape) >= 2),
                 journal=writer if resume else None)
         written = []  # ((rank, alpha), target) of every piece written
-        remaining = _resume(writer, targets, parts, report, written, selecting, alpha_of) if resume else targets
+        remaining = _resume(writer, targets, parts, report, written, selecting) if resume else targets
         total_pieces = sum(len(p) for p in parts.values())
         if resume:
             _say_resume(writer, report, total_pieces, progress)
@@ -283,7 +283,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
         last_purge = time.perf_counter()
         try:
             for target, delta in differences:
-                finished = len(report.layers)
+                finished, written_before = len(report.layers), len(written)
                 layer_rank = conv_rank if target.kind == "conv" else rank
                 largest = _max_abs(delta)
                 error = None
@@ -331,7 +331,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                     report.purge_seconds += purge(full=False).seconds
                     last_purge = time.perf_counter()
                 if resume:
-                    writer.commit(target.key, _record(report.layers[finished:], written, target, selecting))
+                    writer.commit(target.key, _record(report.layers[finished:], written[written_before:], selecting))
             report.read_wait_seconds = differences.wait_seconds
             report.warnings.extend(_noise_notes(report, b, t, targets))
             _write_diffs(b, t, diff_targets, writer, out_dtype, scale, min_diff, report)
@@ -465,17 +465,16 @@ def _run_identity(base, tuned, targets, options):
             "targets": f"{len(targets)}:{zlib.crc32(keys):08x}"}
 
 
-def _record(layers, written, target, selecting):
-    """A finished target's journal info: its pieces' reports, the (rank, alpha) of each piece written and
-    (with a recipe) what the selection needs of each piece collected."""
-    info = {"layers": [layer.to_dict() for layer in layers],
-            "written": [list(ra) for ra, t in written if t is target]}
+def _record(layers, written, selecting):
+    """A finished target's journal info: its pieces' reports, the (rank, alpha) of each piece it wrote
+    (`written`: this target's entries) and (with a recipe) what the selection needs of each piece collected."""
+    info = {"layers": [layer.to_dict() for layer in layers], "written": [list(ra) for ra, _ in written]}
     if selecting is not None:
-        info["collected"] = selecting.journal_info(target)
+        info["collected"] = selecting.journal_info()
     return info
 
 
-def _resume(journal, targets, parts, report, written, selecting, alpha_of):
+def _resume(journal, targets, parts, report, written, selecting):
     """Take back the journal's finished targets (reports, written pieces, a recipe's collected layers);
     returns the targets still to compute."""
     remaining = []

@@ -77,7 +77,7 @@ class RecipeExtraction:
             self._journal.add_scratch(name, tensor) if self._journal is not None else self._spill.add(name, tensor)
         self.layers.append(layer)
 
-    def journal_info(self, target):
+    def journal_info(self):
         """{piece label: what `restore` needs} of the pieces collected since the last call (one target's)."""
         info = {}
         for layer in self.layers[self._journaled:]:

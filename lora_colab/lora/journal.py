@@ -12,16 +12,15 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import time
 import zlib
 from pathlib import Path
 
-import torch
-
-from ..dtypes import from_torch, to_torch
-from ..errors import CheckpointError
+from ..dtypes import from_torch
+from ..errors import CheckpointError, LoraColabError, SourceError
 from ..io.buffers import byte_view
-from .writer import SpillWriter, remove_orphans
+from .writer import SpillWriter, _pwrite_all, remove_orphans
 
 _FILE_MAGIC = b"LCJ1"
 _RECORD_MAGIC = b"LCJR"
@@ -226,7 +225,8 @@ class Journal(SpillWriter):
     def read_scratch(self, name):
         if self.shared:
             return self.read(f"scratch/{name}")
-        return _read_entry(self._spill, self._scratch[name], self._pending_data(name))
+        pending = self._pending_data(name)
+        return pending if pending is not None else self._read_entry(self._scratch[name])
 
     def _queue(self, kind, name, tensor, table):
         if name in table or any(name == n for _, n, _ in self._pending):
@@ -256,10 +256,10 @@ class Journal(SpillWriter):
         head = _RECORD_HEAD.pack(_RECORD_MAGIC, len(meta_raw), offset, crc)
         at = self._size
         try:
-            self._write_at(head + meta_raw, at)
+            _pwrite_all(self._spill, head + meta_raw, at)
             position = at + len(head) + len(meta_raw)
             for data in blobs:
-                self._write_at(data, position)
+                _pwrite_all(self._spill, data, position)
                 position += len(data)
             self._sync()
         except OSError as exc:
@@ -267,12 +267,6 @@ class Journal(SpillWriter):
         self._pending = []
         self._size = position
         self._restore(meta, at + len(head) + len(meta_raw))
-
-    def _write_at(self, data, offset):
-        view = memoryview(data).cast("B")
-        while len(view):
-            written = os.pwrite(self._spill.fileno(), view, offset)
-            view, offset = view[written:], offset + written
 
     def _sync(self, force=False):
         """fsync at most every few seconds (a Drive folder uploads what is synced); kill -9 loses nothing
@@ -309,7 +303,6 @@ def show(lines, progress):
     """Print a run's resume lines at once where it shows progress: on stdout for a notebook's bar
     (`progress` a factory), on stderr beside tqdm's own bar, not at all when quiet."""
     if progress and lines:
-        import sys
         stream = sys.stdout if callable(progress) else sys.stderr
         for line in lines:
             print(line, file=stream, flush=True)
@@ -318,7 +311,6 @@ def show(lines, progress):
 def worth_keeping(exc):
     """Whether a run stopped by `exc` keeps its journal: yes for interruptions (Ctrl-C, a lost connection,
     a full disk, running out of memory), no for bad input or options, which a rerun would meet again."""
-    from ..errors import LoraColabError, SourceError
     return not isinstance(exc, LoraColabError) or isinstance(exc, SourceError)
 
 
@@ -351,13 +343,3 @@ def _read_header(spill, size):
         return json.loads(raw), 8 + n + 4
     except ValueError:
         return None, 0
-
-
-def _read_entry(spill, entry, pending=None):
-    if pending is not None:
-        return pending
-    dtype, shape, offset, nbytes = entry
-    data = bytearray(os.pread(spill.fileno(), nbytes, offset))
-    if not nbytes:
-        return torch.empty(shape, dtype=to_torch(dtype))
-    return torch.frombuffer(data, dtype=to_torch(dtype)).reshape(shape)

@@ -147,15 +147,7 @@ class SafetensorsWriter:
         raise CheckpointError(self.path, f"write failed: {exc.strerror or exc}", tensor) from None
 
     def _pwrite(self, data, offset):
-        view = memoryview(data).cast("B")
-        while len(view):
-            if _HAS_PWRITE:
-                written = os.pwrite(self._file.fileno(), view, offset)
-            else:
-                self._file.seek(offset)
-                written = self._file.write(view)
-            view = view[written:]
-            offset += written
+        _pwrite_all(self._file, data, offset)
 
     def __enter__(self):
         return self
@@ -277,9 +269,13 @@ class SpillWriter:
 
     def read(self, name):
         """A tensor added earlier, read back from the spill file."""
+        return self._read_entry(self._entries[name])
+
+    def _read_entry(self, entry):
+        """The tensor an entry (dtype, shape, spill offset, nbytes) describes, read back from the spill file."""
         from ..dtypes import to_torch
 
-        dtype, shape, offset, nbytes = self._entries[name]
+        dtype, shape, offset, nbytes = entry
         data = bytearray(os.pread(self._spill.fileno(), nbytes, offset))
         return torch.frombuffer(data, dtype=to_torch(dtype)).reshape(shape) if nbytes else \
             torch.empty(shape, dtype=to_torch(dtype))

@@ -1,12 +1,14 @@
 """The base checkpoint's side of resizing: which base weight (rows) a LoRA layer patches, and that
 weight's spectral and Frobenius norms (kept in lowrank.norm_cache by checkpoint content)."""
 
+import functools
 import json
 
 import torch
 
 from ..arch.canonical import open_canonical
 from ..closeable import Closeable
+from ..lora.journal import identity_of
 from ..lowrank.factor import spectral_norm
 from ..lowrank.norm_cache import norms_cache_path, write_cache
 
@@ -55,6 +57,11 @@ class BaseReferences(Closeable):
         self._cache = self._load_cache()
         self._dirty = False
         self.norm_reads = 0
+
+    @functools.cached_property
+    def identity(self):
+        """The base's content identity (what a resize journal records), computed once for every LoRA."""
+        return identity_of(self.view.ckpt.sources)
 
     @property
     def arch(self):

@@ -18,7 +18,7 @@ def open_journal(folder, lora_arg, loras, base, stem, restart=False):
     against `base` (BaseReferences or None), at `folder/STEM.resize.journal`."""
     identity = {"run": "resize", "version": 1,
                 "loras": [[identity_of(lora.ckpt.sources), weight] for lora, weight in loras],
-                "base": identity_of(base.view.ckpt.sources) if base is not None else None}
+                "base": base.identity if base is not None else None}
     if "," in str(lora_arg):
         stem = f"merged-{zlib.crc32(str(lora_arg).encode()):08x}"
     return Journal(folder / f"{stem}.resize", identity, restart=restart)
