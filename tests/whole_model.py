@@ -68,6 +68,15 @@ def transformer_inputs(name, seed=0):
         ids4[:, 1:] = ids3
         return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=t, img_ids=ids4,
                     txt_ids=torch.zeros(8, 4), guidance=torch.tensor([3.5]))
+    if name == "minimax_h3":  # one packed sequence: 8 text rows, 16 video rows, 4 audio rows
+        tags = torch.tensor([1] * 8 + [0] * 16 + [2] * 4)
+        position = torch.zeros(28, 3)
+        position[8:24] = ids3
+        position[24:, 0] = torch.arange(4)
+        return dict(hidden_states=r(1, 16, 16), audio_hidden_states=r(1, 4, 8), encoder_hidden_states=r(1, 8, 16),
+                    timestep=torch.tensor([0.6, 0.3]), timestep_indices=(tags == 2).long(), token_tags=tags,
+                    position_ids=position, video_indices=torch.arange(8, 24), audio_indices=torch.arange(24, 28),
+                    text_indices=torch.arange(8))
     if name == "anima":
         # (the tiny model concatenates no padding mask: diffusers resizes it with torchvision, not a dependency)
         return dict(hidden_states=r(1, 16, 1, 8, 8), timestep=torch.tensor([0.5]), encoder_hidden_states=r(1, 8, 32))
@@ -204,24 +213,20 @@ def exact_rank(arch, fmt, targets):
 
 def canonical_of(arch, state, layout, prefix=""):
     """{canonical key: tensor} of a state dict in `layout`, fused parts concatenated in row order."""
-    cmap = arch.canonical_map(list(state), layout, prefix)
-    return {key: torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
-            for key, sources in cmap.sources.items() if None not in sources}
+    cmap = arch.canonical_map({k: tuple(v.shape) for k, v in state.items()}, layout, prefix)
+    return {key: cmap.assemble(key, state.__getitem__) for key, sources in cmap.sources.items() if None not in sources}
 
 
 def with_canonical(arch, state, layout, canonical, prefix=""):
     """`state` (a diffusers or other layout) with every weight that maps to a canonical key replaced by its
     rows of `canonical[key]`."""
-    cmap = arch.canonical_map(list(state), layout, prefix)
+    cmap = arch.canonical_map({k: tuple(v.shape) for k, v in state.items()}, layout, prefix)
     out = dict(state)
     for key, sources in cmap.sources.items():
         if None in sources or key not in canonical:
             continue
-        start = 0
-        for source in sources:
-            rows = state[source].shape[0]
-            out[source] = canonical[key][start:start + rows].reshape(state[source].shape).to(state[source].dtype)
-            start += rows
+        for source, rows in cmap.disassemble(key, canonical[key], lambda s: state[s].shape[0]).items():
+            out[source] = rows.reshape(state[source].shape).to(state[source].dtype)
     return out
 
 

@@ -38,30 +38,45 @@ class CanonicalCheckpoint(Closeable):
             if found is None:
                 raise CheckpointError(ckpt.path, f"is {detected.describe()}, not {wanted.title}")
             detected = arch_registry.Detected(wanted, *found)
+        stored_layout = detected.arch.stored_layout(detected.layout, getattr(ckpt, "sharded", False))
+        self.dequant = Dequantizer(ckpt)
+        self._stored = {key: self.dequant.shape(key) for key in keys}
+        self.notes = []  # lines for the report (a layout taken from the pair rather than the file)
+        self.relayout(arch_registry.Detected(detected.arch, stored_layout, detected.prefix))
+
+    def relayout(self, detected):
+        """Read the checkpoint as `detected` says (its architecture, layout and prefix)."""
         self.detected = detected
         self.arch = detected.arch
-        self.dequant = Dequantizer(ckpt)
         self._parts = {}
         self._shapes = {}
-        for key, sources in detected.arch.canonical_map(keys, detected.layout, detected.prefix).sources.items():
+        cmap = detected.arch.canonical_map(self._stored, detected.layout, detected.prefix)
+        for key, sources in cmap.sources.items():
             if None in sources:
                 continue  # a fused weight with a part missing is not usable (reported when it is a target)
-            self._parts[key], self._shapes[key] = self._layout_parts(key, sources)
+            self._parts[key], self._shapes[key] = self._layout_parts(key, sources, cmap.orders.get(key))
 
-    def _layout_parts(self, key, sources):
+    def _layout_parts(self, key, sources, order=None):
+        """([(source, first canonical row, end canonical row, first source row)], canonical shape)."""
         shapes = [self.dequant.shape(s) for s in sources]
         tail = shapes[0][1:]
         if any(not s or s[1:] != tail for s in shapes) and len(shapes) > 1:
             raise CheckpointError(self.ckpt.path, f"parts of fused {key} have mismatched shapes {shapes}",
                                   sources[0])
-        parts, offset = [], 0
+        stacked, offset = [], 0  # (source, first stacked row, end stacked row)
         for source, shape in zip(sources, shapes):
             rows = shape[0] if shape else 1
-            parts.append((source, offset, offset + rows))
+            stacked.append((source, offset, offset + rows))
             offset += rows
         shape = (offset,) + tail if len(sources) > 1 else shapes[0]
+        parts, start = [], 0
+        for lo, hi in order or [(0, offset)]:
+            for source, a, b in stacked:
+                x, y = max(lo, a), min(hi, b)
+                if x < y:
+                    parts.append((source, start, start + y - x, x - a))
+                    start += y - x
         return parts, shape
-
     @property
     def path(self):
         return self.ckpt.path
@@ -80,7 +95,7 @@ class CanonicalCheckpoint(Closeable):
 
     def sources(self, key):
         """The checkpoint keys a canonical weight is read from."""
-        return [source for source, _, _ in self._parts[key]]
+        return list(dict.fromkeys(source for source, _, _, _ in self._parts[key]))
 
     @property
     def decodes_on_read(self):
@@ -108,25 +123,39 @@ class CanonicalCheckpoint(Closeable):
         if key not in self._parts:
             raise CheckpointError(self.ckpt.path, "no such weight in this checkpoint", key)
         start, stop = rows if rows is not None else (0, self._shapes[key][0] if self._shapes[key] else 1)
-        pieces = []
-        for source, a, b in self._parts[key]:
+        wanted = []  # (source, first source row, end source row) in canonical order
+        for source, a, b, first in self._parts[key]:
             lo, hi = max(start, a), min(stop, b)
-            if lo >= hi:
-                continue
-            self.dequant.check_weight(source)
-            whole = (lo, hi) == (a, b)
-            if whole:
-                tensor = self.ckpt.read(source, device=device)
-            else:
-                tensor = self.ckpt.read_rows(source, lo - a, hi - a, device=device)
-            if self.dequant.is_packed(source):
-                tensor = self.dequant.decode(source, tensor, None if whole else (lo - a, hi - a))
-            if dtype is not None or self.dequant.is_quantized(source) or not tensor.dtype.is_floating_point:
-                tensor = tensor.to(dtype or torch.float32)
-            pieces.append(self.dequant.apply(source, tensor, None if whole else (lo - a, hi - a)))
+            if lo < hi:
+                wanted.append((source, first + lo - a, first + hi - a))
+        spans = {}
+        for source, lo, hi in wanted:
+            x, y = spans.get(source, (lo, hi))
+            spans[source] = (min(x, lo), max(y, hi))
+        read = {source: self._read_rows(source, lo, hi, dtype, device) for source, (lo, hi) in spans.items()}
+        pieces = []
+        for source, lo, hi in wanted:
+            first = spans[source][0]
+            tensor = read[source]
+            pieces.append(tensor if (lo, hi) == spans[source] else tensor[lo - first:hi - first])
         if not pieces:
             return torch.empty((0,) + tuple(self._shapes[key][1:]), dtype=dtype or torch.float32, device=device)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    def _read_rows(self, source, lo, hi, dtype, device):
+        """Rows lo:hi of one stored tensor, dequantised, as `dtype` (None: the stored float dtype)."""
+        shape = self.dequant.shape(source)
+        whole = (lo, hi) == (0, shape[0] if shape else 1)
+        self.dequant.check_weight(source)
+        if whole:
+            tensor = self.ckpt.read(source, device=device)
+        else:
+            tensor = self.ckpt.read_rows(source, lo, hi, device=device)
+        if self.dequant.is_packed(source):
+            tensor = self.dequant.decode(source, tensor, None if whole else (lo, hi))
+        if dtype is not None or self.dequant.is_quantized(source) or not tensor.dtype.is_floating_point:
+            tensor = tensor.to(dtype or torch.float32)
+        return self.dequant.apply(source, tensor, None if whole else (lo, hi))
 
     def close(self):
         self.ckpt.close()
@@ -175,3 +204,32 @@ def pair(base, tuned, targets):
     for target in targets:
         if target.key not in tuned:
             raise CheckpointError(tuned.path, "missing: the base has this layer", target.key)
+    align_layouts(base, tuned)
+
+
+def align_layouts(base, tuned):
+    """Where a family stores one layout two ways with the same keys (MiniMax-H3's q/k/v, stacked or per
+    head) and the pair's rows disagree at the family's probe, read one file the other way when that makes
+    them agree, and note it on that view."""
+    probe = base.arch.pair_probe(base.shapes())
+    if probe is None or probe[0] not in tuned:
+        return
+    key, rows = probe
+
+    def gap():
+        b, t = base.read(key, rows=rows), tuned.read(key, rows=rows)
+        return float((t - b).norm() / b.norm().clamp_min(1e-12))
+    now = gap()
+    if now < 0.5:
+        return
+    for view in (tuned, base):
+        kept = view.detected
+        for layout in view.arch.other_layouts(kept.layout):
+            view.relayout(arch_registry.Detected(kept.arch, layout, kept.prefix))
+            tried = gap()
+            if tried < now / 4:
+                view.notes.append(f"{view.path} is read as {view.detected.describe()}: only so do its rows "
+                                  f"match the other model's ({now:.2f} of the weights' norm apart the other way, "
+                                  f"{tried:.3f} so)")
+                return
+        view.relayout(kept)

@@ -2,7 +2,7 @@
 
 import re
 
-from .common import CanonicalMap, LoraModule, Target, find_prefix, kohya_name
+from .common import CanonicalMap, LoraModule, NativeArchitecture, Target, find_prefix, kohya_name
 
 UNET = "model.diffusion_model."
 _XFORMER = r"(?:input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)"
@@ -86,17 +86,11 @@ def _inner(block, rest):
     return f"{block}.{rest}" if rest else block
 
 
-class _StableDiffusion:
+class _StableDiffusion(NativeArchitecture):
     diffusers_classes = ("UNet2DConditionModel",)  # the class a diffusers folder of this layout names
     auto_format = "kohya"
-    optional_groups = {}
-    diffusers_reads_comfy = False
     exhaustive_layout_map = True  # diffusers_to_sgm renames every UNet key
     default_dtype = "fp16"
-    resolution = "1024x1024"
-
-    def format_notes(self, fmt, groups):
-        return []
 
     te_prefixes = {}  # component -> key prefix in the single file
 

@@ -226,7 +226,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                                format=fmt, dtype=str(out_dtype).replace("torch.", ""), device=str(device),
                                scale=scale)
         report.warnings.extend(_notices(b.arch, targets, rank, conv_rank))
-        report.warnings.extend(b.arch.format_notes(fmt, groups))
+        report.warnings.extend(b.notes + t.notes + b.arch.format_notes(fmt, groups))
         if diff_note:
             report.warnings.append(diff_note)
         parts = {target.key: pieces(b.arch, fmt, target) for target in targets}

@@ -219,6 +219,8 @@ class SafetensorsFile(Checkpoint):
 class ShardedCheckpoint(Checkpoint):
     """Shards listed by a `*.safetensors.index.json` weight map."""
 
+    sharded = True
+
     def __init__(self, index):
         index = locate(index)
         weight_map, index_bytes = _read_weight_map(index)

@@ -82,6 +82,9 @@ def piece_tensors(piece, down, up, alpha, dtype):
     if not module.alpha:
         s = math.sqrt(alpha / rank)
         down, up = down * s, up * s
+    if module.order is not None:  # the module holds the piece's rows in another order
+        first = piece.rows[0]
+        up = torch.cat([up[a - first:b - first] for a, b in module.order])
     down_suffix, up_suffix = module.factor_suffixes
     tensors = {module.name + down_suffix: down.reshape(down_shape).to(dtype).contiguous(),
                module.name + up_suffix: up.reshape((up.shape[0],) + up_shape[1:]).to(dtype).contiguous()}

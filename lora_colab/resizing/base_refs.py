@@ -7,6 +7,7 @@ import json
 import torch
 
 from ..arch.canonical import open_canonical
+from ..arch.common import row_segments
 from ..closeable import Closeable
 from ..lora.journal import identity_of
 from ..lowrank.factor import spectral_norm
@@ -31,7 +32,7 @@ def lora_name_map(arch, targets):
             names.setdefault(target.module, (target.key, None))  # native names (ai-toolkit, OneTrainer)
         for fmt in _FORMATS:
             for module in arch.lora_modules(target, fmt):
-                entry = (target.key, module.rows)
+                entry = (target.key, module.located_rows)
                 names.setdefault(module.name, entry)
                 by_format[fmt].add(module.name)
                 if fmt == "diffusers" and target.component == "model":
@@ -99,13 +100,15 @@ class BaseReferences(Closeable):
         return f"{self.view.path} ({self.view.detected.describe()})"
 
     def weight(self, key, rows):
-        """The base weight (rows), 2-D float32."""
-        w = self.view.read(key, rows=rows, dtype=torch.float32, device=self.device)
+        """The base weight (its rows: None, (start, stop) or segments in a module's order), 2-D float32."""
+        segments = row_segments(rows, self.view.shape(key)[0])
+        parts = [self.view.read(key, rows=seg, dtype=torch.float32, device=self.device) for seg in segments]
+        w = parts[0] if len(parts) == 1 else torch.cat(parts)
         return w.reshape(w.shape[0], -1)
 
     def norms(self, key, rows):
         """(spectral norm, Frobenius norm) of the base weight (rows), from the cache when known."""
-        cache_key = f"{key}|{rows[0]}:{rows[1]}" if rows else key
+        cache_key = (key + "|" + ",".join(f"{a}:{b}" for a, b in row_segments(rows, 0))) if rows else key
         if cache_key not in self._cache:
             w = self.weight(key, rows)
             self.norm_reads += 1

@@ -45,14 +45,20 @@ def keep_decomposed(journal, part, sp):
     journal.commit(key, {k: getattr(sp, k) for k in _SPECTRUM_FIELDS})
 
 
+def _rows(rows):
+    """A module's rows back from JSON: None, (start, stop) or ((start, stop), ...) segments."""
+    if rows is None:
+        return None
+    return tuple(rows) if isinstance(rows[0], int) else tuple(tuple(seg) for seg in rows)
+
+
 def references(journal, sp):
     """Take back a spectrum's base references from the journal; False when it holds none for it."""
     key = f"r:{sp.name}"
     info = journal.done.get(key) if journal is not None else None
     if info is None:
         return False
-    sp.base = None if info["base"] is None else (info["base"][0], None if info["base"][1] is None
-                                                 else tuple(info["base"][1]))
+    sp.base = None if info["base"] is None else (info["base"][0], _rows(info["base"][1]))
     sp.refs.update(info["refs"])
     if info.get("subspace"):
         sp.refs["subspace"] = journal.read_scratch(key + ".subspace")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..arch import guess_lora_arch
+from ..arch.common import row_index, row_segments
 from .base_refs import BaseReferences
 from ..dtypes import parse_dtype
 from ..errors import CheckpointError, Interrupted, LoraColabError, OptionError
@@ -37,7 +38,7 @@ def attach_references(spectrum, base):
         return
     key, rows = found
     shape = base.view.shape(key)
-    rows_n = (rows[1] - rows[0]) if rows else shape[0]
+    rows_n = sum(b - a for a, b in row_segments(rows, shape[0]))
     cols = math.prod(shape[1:])
     if (rows_n, cols) != (spectrum.u.shape[0], spectrum.v.shape[0]):
         raise CheckpointError(base.view.path, f"base weight is {rows_n}x{cols} but LoRA layer {spectrum.name} "
@@ -282,16 +283,15 @@ def merge_spectra(loaded, base):
         ups, downs, old_rank = [], [], 0
         scale = _top((weight, sp) for weight, sp, _ in parts)
         for weight, sp, rows in parts:
-            start, stop = rows or (0, rows_total)
             up = torch.zeros(rows_total, sp.s.numel(), dtype=sp.u.dtype)
-            up[start:stop] = sp.u * (weight * sp.s)
+            up[row_index(rows, rows_total)] = sp.u * (weight * sp.s)
             ups.append(up)
             downs.append(sp.v.T)
             old_rank += sp.old_rank or sp.s.numel()
         up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
         for module in base.arch.lora_modules(target, fmt):
-            start, stop = module.rows or (0, rows_total)
-            sp = _refactor(module.name, up[start:stop], down, (stop - start,) + tuple(target.shape[1:]), old_rank,
+            index = row_index(module.located_rows, rows_total)
+            sp = _refactor(module.name, up[index], down, (index.numel(),) + tuple(target.shape[1:]), old_rank,
                            module.alpha, module.factor_suffixes, scale)
             if sp is not None:
                 merged.append(sp)
