@@ -34,7 +34,8 @@ LAYOUTS = {"sdxl": "sdxl-single-file", "flux": "flux1-dev-bfl", "chroma": "chrom
            "qwen_image_2_1": "qwen-image-2.1-native", "wan": "wan2.2-t2v-a14b-native", "flux2": "flux2-dev-native",
            "krea2": "krea2-native", "ltx2": "ltx2-native", "flux3": "flux3-native", "sd3": "sd3.5-medium-native",
            "hidream": "hidream-i1-native", "lumina2": "lumina2-native", "ernie_image": "ernie-image-native",
-           "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers", "anima": "anima-native"}
+           "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers", "anima": "anima-native",
+           "minimax_h3": "minimax-h3-native"}
 FORMATS = ("kohya", "comfy", "diffusers")
 
 
@@ -45,7 +46,7 @@ def canonical_targets(name):
     detected = registry.detect(set(shapes))
     a = detected.arch
     assert a.name == name, (name, a.name)
-    cmap = a.canonical_map(list(shapes), detected.layout, detected.prefix)
+    cmap = a.canonical_map(shapes, detected.layout, detected.prefix)
     canonical = {}
     for key, sources in cmap.sources.items():
         if None not in sources:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import arch, extract
+from lora_colab.arch.common import row_index
 from lora_colab.lora.formats import module_tensors, pieces
 
 from comfy_rules import unet_key_map
@@ -35,7 +36,8 @@ FULL = {
     "ernie_image": ("ernie-image-native", None, 252, 6),  # native names are the diffusers names
     "ideogram4": ("ideogram4-native", "ideogram4-diffusers", 170, 41),
     "kandinsky5": ("kandinsky5-diffusers", None, 512, 59),
-    "anima": ("anima-native", "anima-diffusers", 280, 235),  # one layout: the original names are the diffusers names  # native names are diffusers' (hidream-i1-diffusers: the same)
+    "anima": ("anima-native", "anima-diffusers", 280, 235),
+    "minimax_h3": ("minimax-h3-native", "minimax-h3-diffusers", 208, 58),  # one layout: the original names are the diffusers names  # native names are diffusers' (hidream-i1-diffusers: the same)
 }
 EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
          "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8),
@@ -50,16 +52,17 @@ def layout(name):
 def canonical(shapes_or_tensors, prefix_ok=True):
     """(Detected, {canonical key: shape or tensor}) of a key -> shape/tensor dict, fused parts concatenated."""
     detected = arch.detect(set(shapes_or_tensors))
-    cmap = detected.arch.canonical_map(list(shapes_or_tensors), detected.layout, detected.prefix)
+    stored = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in shapes_or_tensors.items()}
+    cmap = detected.arch.canonical_map(stored, detected.layout, detected.prefix)
     out = {}
     for key, sources in cmap.sources.items():
         if None in sources:
             continue
-        parts = [shapes_or_tensors[s] for s in sources]
-        if isinstance(parts[0], torch.Tensor):
-            out[key] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if isinstance(shapes_or_tensors[sources[0]], torch.Tensor):
+            out[key] = cmap.assemble(key, shapes_or_tensors.__getitem__)
         else:
-            out[key] = (sum(p[0] for p in parts),) + tuple(parts[0][1:]) if len(parts) > 1 else parts[0]
+            parts = [stored[s] for s in sources]
+            out[key] = (sum(p[0] for p in parts),) + parts[0][1:]
     return detected, out
 
 
@@ -163,6 +166,10 @@ TINY = {
                    mlp_ratio=2.0, text_embed_dim=32, adaln_lora_dim=8, max_size=(4, 16, 16), patch_size=(1, 2, 2),
                    concat_padding_mask=False, extra_pos_embed_type=None, crossattn_proj_in_channels=32,
                    encoder_hidden_states_channels=32)),
+    "minimax_h3": ("MiniMaxH3Transformer3DModel", "MiniMaxH3ModularPipeline",
+                   dict(num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=2,
+                        num_refiner_layers=1, ffn_dim=48, in_channels=4, audio_in_channels=8, text_dim=16,
+                        freq_dim=32, time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=2)),
 }
 
 
@@ -207,9 +214,9 @@ def write_random_lora(folder, a, fmt, targets, seed=0):
         up = torch.randn(t.shape[0], RANK, generator=gen) / RANK ** 0.5
         tensors.update(module_tensors(a, fmt, t, down, up, ALPHA, torch.float32))
         for module in a.lora_modules(t, "diffusers"):
-            rows = module.rows or (0, t.shape[0])
-            expected[module.name.removeprefix("transformer.")] = LowRank(up[rows[0]:rows[1]], down, ALPHA / RANK,
-                                                                        (rows[1] - rows[0], t.shape[1]))
+            index = row_index(module.located_rows, t.shape[0])  # its rows, in its own order
+            expected[module.name.removeprefix("transformer.")] = LowRank(up[index], down, ALPHA / RANK,
+                                                                        (index.numel(), t.shape[1]))
     name = f"lora_{fmt}.safetensors"
     st_save_file(tensors, str(folder / name))
     return name, expected
@@ -270,12 +277,12 @@ def planted_pair(model, gen, rank=3, scale=0.05):
 
 
 def to_diffusers(a, canonical_tensors, shapes):
-    """diffusers state dict ({name: shape} `shapes`) from canonical tensors, fused parts cut by rows."""
-    located = {key: a.from_layout(key, "diffusers") for key in shapes}
+    """diffusers state dict ({name: shape} `shapes`) from canonical tensors, fused parts cut by rows (and
+    put in the diffusers layout's row order)."""
+    cmap = a.canonical_map(shapes, "diffusers", "")
     out = {}
-    for key, (ckey, part, parts) in located.items():
-        start = sum(shapes[k][0] for k, (c, p, _) in located.items() if c == ckey and p < part)
-        out[key] = canonical_tensors[ckey][start:start + shapes[key][0]] if parts > 1 else canonical_tensors[ckey]
+    for ckey, sources in cmap.sources.items():
+        out.update(cmap.disassemble(ckey, canonical_tensors[ckey], lambda s: shapes[s][0]))
     return out
 
 
@@ -337,11 +344,11 @@ def spellings(a, targets):
     for t in targets:
         for fmt in ("kohya", "comfy", "diffusers"):
             for m in a.lora_modules(t, fmt):
-                out[fmt][m.name] = (t.key, m.rows)
+                out[fmt][m.name] = (t.key, m.located_rows)
                 if fmt == "diffusers":
                     bare = m.name.removeprefix("transformer.")
-                    out["peft-bare"][bare] = (t.key, m.rows)
-                    out["musubi"]["lora_unet_" + bare.replace(".", "_")] = (t.key, m.rows)
+                    out["peft-bare"][bare] = (t.key, m.located_rows)
+                    out["musubi"]["lora_unet_" + bare.replace(".", "_")] = (t.key, m.located_rows)
         out["ai-toolkit"]["base_model.model." + t.module] = (t.key, None)
     return out
 
@@ -437,3 +444,100 @@ def test_anima_llm_adapter_loads_into_diffusers_text_conditioner(fmt, diffusers_
     assert_deltas(conditioner, "x", expected)
     bad = [m for m in diffusers_warnings if any(w in m.lower() for w in ("unexpected", "missing", "not loaded"))]
     assert not bad, bad[:3]
+
+
+def per_head(stacked, heads):
+    """MiniMax-H3 q/k/v rows as the MiniMaxAI shards store them: [h0: q k v, h1: q k v, ...]."""
+    return stacked.reshape(3, heads, -1, stacked.shape[1]).transpose(0, 1).reshape(stacked.shape)
+
+
+def test_minimax_h3_per_head_shards_and_stacked_files_pair(tmp_path):
+    """The MiniMaxAI shards interleave q/k/v per head, single files stack them (same keys and shapes): our
+    reading of the shards equals diffusers' own converter's with qkv_layout="interleaved"; a shards base
+    pairs with a stacked fine-tune, and a hand-merged per-head file is read so when only that matches the
+    base; each LoRA reproduces the planted fine-tune's layers through diffusers."""
+    from diffusers.loaders.single_file_utils import convert_minimax_h3_transformer_checkpoint_to_diffusers
+    from lora_colab.arch.canonical import open_canonical
+    gen = torch.Generator().manual_seed(4)
+    model = tiny("minimax_h3")
+    heads = model.config.num_attention_heads
+    a, base, tuned = planted_pair(model, gen)
+    interleaved = {k: per_head(v, heads) if k.endswith("qkv_proj.weight") else v for k, v in base.items()}
+    names = sorted(interleaved)
+    weight_map = {}
+    for i, chunk in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        st_save_file({k: interleaved[k].contiguous() for k in chunk}, str(tmp_path / shard))
+        weight_map.update({k: shard for k in chunk})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    converted = convert_minimax_h3_transformer_checkpoint_to_diffusers(dict(interleaved), dict(model.config),
+                                                                       qkv_layout="interleaved")
+    with open_canonical(tmp_path / "model.safetensors.index.json") as view:
+        assert view.detected.layout == "native, q/k/v per head"
+        assert set(view.keys()) == set(base)
+        for key in base:  # the converter's reading, put back in canonical rows
+            assert torch.equal(view.read(key, dtype=None), base[key]), key
+    assert all(torch.equal(converted[k], v) for k, v in to_diffusers(a, base, keys).items())
+
+    st_save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp_path / "tuned.safetensors"))
+    st_save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "base.safetensors"))
+    merged = {k: per_head(v, heads) if k.endswith("qkv_proj.weight") else v for k, v in tuned.items()}
+    st_save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp_path / "merged.safetensors"))
+    tuned_model = tiny("minimax_h3")
+    tuned_model.load_state_dict(to_diffusers(a, tuned, keys))
+    want, was = linear_outputs(tuned_model, gen), linear_outputs(model, gen)
+    change = sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5
+    for label, base_path, tuned_path in (("shards", "model.safetensors.index.json", "tuned.safetensors"),
+                                         ("merged", "base.safetensors", "merged.safetensors")):
+        out = tmp_path / f"lora_{label}.safetensors"
+        report = extract(tmp_path / base_path, tmp_path / tuned_path, out, rank=4, format="diffusers",
+                         progress=False)
+        notes = [w for w in report.warnings if "per head" in w]
+        if label == "merged":
+            assert len(notes) == 1 and "merged.safetensors is read as MiniMax-H3 (native, q/k/v per head)" in notes[0]
+        else:
+            assert report.architecture.startswith("MiniMax-H3 (native, q/k/v per head)") and not notes
+        got = linear_outputs(load_into("minimax_h3", tiny("minimax_h3"), tmp_path, out.name), gen)
+        gap = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
+        assert gap <= 0.02 * change, (label, gap / change)
+
+
+def test_minimax_h3_mlp_halves_merge_across_spellings(tmp_path):
+    """diffusers' ff.net.0.proj holds fc1's halves swapped: a diffusers-spelled LoRA merged with a kohya one
+    against the base is, module by module, the sum of their changes in diffusers' row order (halves swapped
+    by hand here), and the subspace score reads the base rows in that order."""
+    from lora_colab.resizing.resizer import resize
+    model = tiny("minimax_h3")
+    a, base, _ = planted_pair(model, torch.Generator().manual_seed(5))
+    st_save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "base.safetensors"))
+    targets = a.targets({k: tuple(v.shape) for k, v in base.items()})
+    gen = torch.Generator().manual_seed(6)
+    want = {}
+    for fmt, weight in (("diffusers", 1.0), ("kohya", -0.5)):
+        tensors = {}
+        for t in targets:
+            down, up = torch.randn(2, t.shape[1], generator=gen), torch.randn(t.shape[0], 2, generator=gen)
+            tensors.update(module_tensors(a, fmt, t, down, up, 2.0, torch.float32))
+            delta = up @ down
+            if t.module.endswith("mlp.fc1"):  # (gate; value) -> diffusers' (value; gate)
+                h = t.shape[0] // 2
+                delta = torch.cat([delta[h:], delta[:h]])
+            name = a.lora_modules(t, "diffusers")[0].name if not t.splits else None
+            if name:
+                want[name] = want.get(name, 0) + weight * delta
+        st_save_file(tensors, str(tmp_path / f"{fmt}.safetensors"))
+    merged = resize(tmp_path / "base.safetensors",
+                    [f"{tmp_path / 'diffusers.safetensors'}:1,{tmp_path / 'kohya.safetensors'}:-0.5"],
+                    tmp_path / "out", "subspace=1,thr=-30", dtype="32")[0]
+    lora = load_file(merged.output)
+    fc1 = [n for n in want if n.endswith("ff.net.0.proj")]
+    assert len(fc1) == 3
+    for name in want:
+        got = lora[name + ".lora_B.weight"] @ lora[name + ".lora_A.weight"]
+        torch.testing.assert_close(got, want[name], rtol=1e-4, atol=1e-5)
+    from lora_colab.resizing.base_refs import BaseReferences
+    with BaseReferences(tmp_path / "base.safetensors") as refs:
+        key, rows = refs.locate(fc1[0])
+        h = base[key].shape[0] // 2
+        assert torch.equal(refs.weight(key, rows), torch.cat([base[key][h:], base[key][:h]]).float())

@@ -19,6 +19,7 @@ from .kandinsky5 import Kandinsky5
 from .krea2 import Krea2
 from .ltx2 import LTX2
 from .lumina2 import Lumina2
+from .minimax_h3 import MiniMaxH3
 from .qwen_image import QwenImage, QwenImage21
 from .sd3 import SD3
 from .stable_diffusion import SD15, SDXL, sgm_to_diffusers
@@ -29,7 +30,7 @@ from .zimage import ZImage
 # and Ideogram 4 Z-Image's.
 ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), Ideogram4(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
                                                QwenImage(), Wan(), Krea2(), LTX2(), SD3(), HiDream(),
-                                               ErnieImage(), Kandinsky5(), Anima())}
+                                               ErnieImage(), Kandinsky5(), Anima(), MiniMaxH3())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
 
