@@ -35,7 +35,7 @@ LAYOUTS = {"sdxl": "sdxl-single-file", "flux": "flux1-dev-bfl", "chroma": "chrom
            "krea2": "krea2-native", "ltx2": "ltx2-native", "flux3": "flux3-native", "sd3": "sd3.5-medium-native",
            "hidream": "hidream-i1-native", "lumina2": "lumina2-native", "ernie_image": "ernie-image-native",
            "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers", "anima": "anima-native",
-           "minimax_h3": "minimax-h3-native"}
+           "minimax_h3": "minimax-h3-native", "hunyuan_video15": "hunyuanvideo1.5-native"}
 FORMATS = ("kohya", "comfy", "diffusers")
 
 

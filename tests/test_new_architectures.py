@@ -4,6 +4,7 @@ key rules; and extraction end to end (a planted fine-tune, native and diffusers 
 
 import inspect
 import json
+import re
 
 import pytest
 import torch
@@ -37,7 +38,8 @@ FULL = {
     "ideogram4": ("ideogram4-native", "ideogram4-diffusers", 170, 41),
     "kandinsky5": ("kandinsky5-diffusers", None, 512, 59),
     "anima": ("anima-native", "anima-diffusers", 280, 235),
-    "minimax_h3": ("minimax-h3-native", "minimax-h3-diffusers", 208, 58),  # one layout: the original names are the diffusers names  # native names are diffusers' (hidream-i1-diffusers: the same)
+    "minimax_h3": ("minimax-h3-native", "minimax-h3-diffusers", 208, 58),
+    "hunyuan_video15": ("hunyuanvideo1.5-native", "hunyuanvideo1.5-diffusers", 440, 124),  # one layout: the original names are the diffusers names  # native names are diffusers' (hidream-i1-diffusers: the same)
 }
 EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
          "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 8),
@@ -170,6 +172,10 @@ TINY = {
                    dict(num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=2,
                         num_refiner_layers=1, ffn_dim=48, in_channels=4, audio_in_channels=8, text_dim=16,
                         freq_dim=32, time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=2)),
+    "hunyuan_video15": ("HunyuanVideo15Transformer3DModel", "HunyuanVideo15ModularPipeline",
+                        dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                             num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=8,
+                             image_embed_dim=8, rope_axes_dim=(4, 6, 6))),
 }
 
 
@@ -326,7 +332,8 @@ def test_extracted_lora_reproduces_the_tuned_layers_through_diffusers(tmp_path, 
         assert report.architecture.startswith(a.title) and len(report.extracted) == len(written)
         assert report.dtype == "bfloat16"
         if label == "cross-layout" and a.name not in ("qwen_image", "hidream", "ernie_image", "kandinsky5"):  # one layout: diffusers names
-            assert report.architecture.endswith(" / native") and "(diffusers" in report.architecture
+            canonical_layout = arch.detect(set(tuned)).layout  # "native"; HunyuanVideo 1.5's: ComfyUI's repack
+            assert report.architecture.endswith(f" / {canonical_layout}") and "(diffusers" in report.architecture
         factors = {v.dtype for k, v in load_file(str(out)).items() if not k.endswith(".alpha")}
         assert factors == {torch.bfloat16}
         model = load_into(name, tiny(name), tmp_path, out.name)
@@ -541,3 +548,56 @@ def test_minimax_h3_mlp_halves_merge_across_spellings(tmp_path):
         key, rows = refs.locate(fc1[0])
         h = base[key].shape[0] // 2
         assert torch.equal(refs.weight(key, rows), torch.cat([base[key][h:], base[key][:h]]).float())
+
+
+def tencent_layout(canonical_state):
+    """HunyuanVideo 1.5 as Tencent ships it: ComfyUI's fused double-block q/k/v split into three weights."""
+    out = {}
+    for key, value in canonical_state.items():
+        hit = re.fullmatch(r"(double_blocks\.\d+\.(?:img|txt)_attn_)qkv\.(weight|bias)", key)
+        if hit:
+            for name, part in zip("qkv", value.chunk(3)):
+                out[f"{hit.group(1)}{name}.{hit.group(2)}"] = part
+        else:
+            out[key] = value
+    return out
+
+
+def test_hunyuan_video15_tencent_and_comfyui_repack_layouts_pair():
+    """Tencent's file (split q/k/v), ComfyUI's repack (fused) and diffusers' names are one canonical model on the
+    full layouts; diffusers' norm_out.linear is the final adaLN modulation with its halves swapped (scale;
+    shift), as diffusers' convert script writes it."""
+    native = layout("hunyuanvideo1.5-native")
+    detected, shapes = canonical(native)
+    assert detected.layout == "native" and len(shapes) < len(native)
+    repack = {k: v for k, v in shapes.items()}  # ComfyUI's repackaged file holds the canonical names
+    for prefix in ("", "model.diffusion_model."):
+        found = arch.detect({prefix + k for k in repack})
+        assert (found.arch.name, found.layout, found.prefix) == ("hunyuan_video15", "comfy", prefix)
+    assert canonical(repack)[1] == shapes
+    state = tiny("hunyuan_video15").state_dict()
+    final = state["norm_out.linear.weight"]
+    h = final.shape[0] // 2
+    assert torch.equal(canonical(dict(state))[1]["final_layer.adaLN_modulation.1.weight"],
+                       torch.cat([final[h:], final[:h]]))
+
+
+def test_hunyuan_video15_tencent_fine_tune_of_a_comfyui_base(tmp_path):
+    """A Tencent-layout fine-tune against a ComfyUI repack base: the LoRA reproduces the tuned layers through
+    diffusers."""
+    gen = torch.Generator().manual_seed(8)
+    model = tiny("hunyuan_video15")
+    a, base, tuned = planted_pair(model, gen)
+    st_save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "repack.safetensors"))
+    st_save_file({k: v.contiguous() for k, v in tencent_layout(tuned).items()}, str(tmp_path / "tencent.safetensors"))
+    keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tuned_model = tiny("hunyuan_video15")
+    tuned_model.load_state_dict(to_diffusers(a, tuned, keys))
+    want, was = linear_outputs(tuned_model, gen), linear_outputs(model, gen)
+    change = sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5
+    report = extract(tmp_path / "repack.safetensors", tmp_path / "tencent.safetensors", tmp_path / "lora.safetensors",
+                     rank=4, format="diffusers", progress=False)
+    assert report.architecture == "HunyuanVideo 1.5 (comfy) / native"
+    got = linear_outputs(load_into("hunyuan_video15", tiny("hunyuan_video15"), tmp_path, "lora.safetensors"), gen)
+    gap = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
+    assert gap <= 0.02 * change, gap / change

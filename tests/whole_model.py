@@ -68,6 +68,12 @@ def transformer_inputs(name, seed=0):
         ids4[:, 1:] = ids3
         return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=t, img_ids=ids4,
                     txt_ids=torch.zeros(8, 4), guidance=torch.tensor([3.5]))
+    if name == "hunyuan_video15":  # 8 Qwen text tokens (2 padding), 4 ByT5 tokens, 2 image tokens (t2v: zeros)
+        mask = torch.ones(1, 8)
+        mask[0, 6:] = 0
+        return dict(hidden_states=r(1, 9, 1, 4, 4), timestep=torch.tensor([600.0]), encoder_hidden_states=r(1, 8, 16),
+                    encoder_attention_mask=mask, encoder_hidden_states_2=r(1, 4, 8),
+                    encoder_attention_mask_2=torch.ones(1, 4), image_embeds=torch.zeros(1, 2, 8))
     if name == "minimax_h3":  # one packed sequence: 8 text rows, 16 video rows, 4 audio rows
         tags = torch.tensor([1] * 8 + [0] * 16 + [2] * 4)
         position = torch.zeros(28, 3)

@@ -14,6 +14,7 @@ from .flux2 import Flux2
 from .flux3 import Flux3
 from .generic import Generic
 from .hidream import HiDream
+from .hunyuan_video15 import HunyuanVideo15
 from .ideogram4 import Ideogram4
 from .kandinsky5 import Kandinsky5
 from .krea2 import Krea2
@@ -27,9 +28,9 @@ from .wan import Wan
 from .zimage import ZImage
 
 # Detection order matters where layouts share names: FLUX.2 and Chroma reuse Flux.1's block names, Lumina 2
-# and Ideogram 4 Z-Image's.
+# and Ideogram 4 Z-Image's, HunyuanVideo 1.5's diffusers names SD3's.
 ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), Ideogram4(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
-                                               QwenImage(), Wan(), Krea2(), LTX2(), SD3(), HiDream(),
+                                               QwenImage(), Wan(), Krea2(), LTX2(), HunyuanVideo15(), SD3(), HiDream(),
                                                ErnieImage(), Kandinsky5(), Anima(), MiniMaxH3())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
