@@ -6,7 +6,7 @@ every layout but diffusers'; the final adaLN modulation is (shift; scale), diffu
 
 import re
 
-from .common import PEFT_SUFFIXES, LoraModule, find_prefix
+from .common import find_prefix
 from .table import Rule, TableArchitecture, fused
 
 _D = "double_blocks.{i}"
@@ -39,10 +39,6 @@ def _stream_rules(s, qkv, out, q_norm, k_norm, ff, mod):
                Rule(f"{_D}.{s}_mlp.fc2", f"{_T}.{ff}.net.2"), Rule(f"{_D}.{s}_mod.linear", f"{_T}.{mod}")])
 
 
-def _swapped_halves(rows):
-    return ((rows // 2, rows), (0, rows // 2))
-
-
 class HunyuanVideo15(TableArchitecture):
     name = "hunyuan_video15"
     diffusers_classes = ("HunyuanVideo15Transformer3DModel",)
@@ -56,6 +52,7 @@ class HunyuanVideo15(TableArchitecture):
     # takes its own PEFT names only (it converts fused img_attn_qkv as HunyuanVideo 1's): the report says so.
     auto_format = "comfy"
     exhaustive_layout_map = True
+    swapped_in_diffusers = (_FINAL_MOD,)  # (shift; scale) -> diffusers' (scale; shift)
     comfy_probes = ("double_blocks.0.img_attn_qkv.weight", "byt5_in.fc1.weight")
     native_probes = ("double_blocks.0.img_attn_q.weight", "byt5_in.fc1.weight")
     diffusers_probes = ("transformer_blocks.0.attn.add_q_proj.weight", "context_embedder_2.linear_1.weight")
@@ -89,26 +86,7 @@ class HunyuanVideo15(TableArchitecture):
         return ("comfy", prefix) if prefix is not None else found
 
     def from_layout(self, native, layout):
-        if layout != "native":
-            return super().from_layout(native, layout)
-        module, _, param = native.rpartition(".")
-        for rule in self.split_rules:
-            mapped = rule.from_diffusers(module)
-            if mapped is not None:
-                return f"{mapped}.{param}", rule.part, rule.parts
-        return native, 0, 1
-
-    def row_order(self, key, layout, shape_of):
-        if layout == "diffusers" and key.startswith(_FINAL_MOD + "."):
-            return _swapped_halves(shape_of(key)[0])
-        return None
-
-    def diffusers_modules(self, target):
-        modules = super().diffusers_modules(target)
-        if target.module == _FINAL_MOD:
-            return [LoraModule(m.name, None, PEFT_SUFFIXES, False, order=_swapped_halves(target.shape[0]))
-                    for m in modules]
-        return modules
+        return self.by_rules(self.split_rules, native) if layout == "native" else super().from_layout(native, layout)
 
     def format_notes(self, fmt, groups):
         if fmt in ("kohya", "comfy"):

@@ -6,7 +6,6 @@ way is read that way). `mlp.fc1` is (gate; value), diffusers' `ff.net.0.proj` (v
 
 import re
 
-from .common import PEFT_SUFFIXES, LoraModule
 from .table import Rule, TableArchitecture, fused
 
 _BLOCKS = (("blocks.{i}", "transformer_blocks.{i}"), ("token_refiner.blocks.{i}", "token_refiner.refiner_blocks.{i}"))
@@ -16,10 +15,6 @@ _EMBEDDERS = {"video_patch_proj": "proj_in", "audio_patch_proj": "audio_proj_in"
               "time_embedder.proj_in": "time_embedder.linear_1", "time_embedder.proj_out": "time_embedder.linear_2"}
 _FINAL = {"final_layer.video_out": "proj_out", "final_layer.audio_out": "audio_proj_out"}
 INTERLEAVED = "native, q/k/v per head"  # the layout name of the MiniMaxAI shards
-
-
-def swapped_halves(rows):
-    return ((rows // 2, rows), (0, rows // 2))
 
 
 def per_head(rows, head_dim):
@@ -43,6 +38,7 @@ class MiniMaxH3(TableArchitecture):
     auto_format = "kohya"
     diffusers_reads_comfy = True  # (`diffusion_model.` + native names too)
     exhaustive_layout_map = True
+    swapped_in_diffusers = ("blocks.{i}.mlp.fc1", "token_refiner.blocks.{i}.mlp.fc1")  # (gate; value) -> (value; gate)
     native_probes = ("blocks.0.attn.qkv_proj.weight", "token_refiner.blocks.0.attn.qkv_proj.weight")
     diffusers_probes = ("transformer_blocks.0.attn.to_q.weight", "token_refiner.refiner_blocks.0.attn.to_q.weight")
     rules = tuple(
@@ -71,19 +67,10 @@ class MiniMaxH3(TableArchitecture):
         return {"native": [INTERLEAVED], INTERLEAVED: ["native"]}.get(layout, [])
 
     def row_order(self, key, layout, shape_of):
-        if layout == "diffusers" and key.endswith((".mlp.fc1.weight", ".mlp.fc1.bias")):
-            return swapped_halves(shape_of(key)[0])
         if layout == INTERLEAVED and key.endswith(".attn.qkv_proj.weight"):
             head_dim = shape_of(key.replace(".qkv_proj.weight", ".q_norm.weight"))[0]
             return per_head(shape_of(key)[0], head_dim)
-        return None
-
-    def diffusers_modules(self, target):
-        modules = super().diffusers_modules(target)
-        if target.module.endswith(".mlp.fc1"):
-            return [LoraModule(m.name, None, PEFT_SUFFIXES, False, order=swapped_halves(target.shape[0]))
-                    for m in modules]
-        return modules
+        return super().row_order(key, layout, shape_of)
 
     def pair_probe(self, shapes):
         """(canonical key, rows) whose rows differ between the stacked and per-head q/k/v orders: the first

@@ -13,6 +13,11 @@ from functools import lru_cache
 from .common import PEFT_SUFFIXES, LoraModule, NativeArchitecture, Target, find_prefix
 
 
+def swapped_halves(rows):
+    """Segments of a weight whose two halves are stored the other way round."""
+    return ((rows // 2, rows), (0, rows // 2))
+
+
 @lru_cache(maxsize=None)
 def _compile(template):
     pattern = re.escape(template)
@@ -59,6 +64,7 @@ class TableArchitecture(NativeArchitecture):
     optional = {}              # group -> (description, [native module templates])
     comfy_peft = False         # the comfy format uses lora_A/lora_B without alpha (what both clients load)
     own_prefixes = ()          # prefixes this family's files carry besides the common ones (Anima's `net.`)
+    swapped_in_diffusers = ()  # native module templates whose diffusers weight holds the two halves swapped
     auto_format = "kohya"
 
     def __init_subclass__(cls, **kwargs):
@@ -66,6 +72,7 @@ class TableArchitecture(NativeArchitecture):
         cls.optional_groups = {group: what for group, (what, _) in cls.optional.items()}
         cls._default = [_compile(t) for t in cls.default_targets]
         cls._groups = {group: [_compile(t) for t in templates] for group, (_, templates) in cls.optional.items()}
+        cls._swapped = [_compile(t) for t in cls.swapped_in_diffusers]
 
     # -- layouts ----------------------------------------------------------------------------------
     def detect(self, keys):
@@ -77,14 +84,22 @@ class TableArchitecture(NativeArchitecture):
         return None
 
     def from_layout(self, native, layout):
-        if layout != "diffusers":
-            return native, 0, 1
-        module, _, param = native.rpartition(".")
-        for rule in self.rules:
+        return self.by_rules(self.rules, native) if layout == "diffusers" else (native, 0, 1)
+
+    @staticmethod
+    def by_rules(rules, key):
+        """(canonical key, part, parts) of a key that `rules` map from their `diffusers` side (else itself)."""
+        module, _, param = key.rpartition(".")
+        for rule in rules:
             mapped = rule.from_diffusers(module)
             if mapped is not None:
                 return f"{mapped}.{param}", rule.part, rule.parts
-        return native, 0, 1
+        return key, 0, 1
+
+    def row_order(self, key, layout, shape_of):
+        if layout == "diffusers" and self._swapped and any(p.fullmatch(key.rpartition(".")[0]) for p in self._swapped):
+            return swapped_halves(shape_of(key)[0])
+        return None
 
     # -- targets ----------------------------------------------------------------------------------
     def targets(self, shapes, groups=frozenset(), conv=False, text_encoders=True):
@@ -136,4 +151,6 @@ class TableArchitecture(NativeArchitecture):
     def diffusers_modules(self, target):
         if target.splits:
             return [LoraModule(f"transformer.{name}", (a, b), PEFT_SUFFIXES, False) for name, a, b in target.splits]
-        return [LoraModule("transformer." + self._diffusers_parts(target.module)[0], None, PEFT_SUFFIXES, False)]
+        order = swapped_halves(target.shape[0]) if any(p.fullmatch(target.module) for p in self._swapped) else None
+        return [LoraModule("transformer." + self._diffusers_parts(target.module)[0], None, PEFT_SUFFIXES, False,
+                           order=order)]
