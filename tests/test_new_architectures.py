@@ -550,6 +550,25 @@ def test_minimax_h3_mlp_halves_merge_across_spellings(tmp_path):
         assert torch.equal(refs.weight(key, rows), torch.cat([base[key][h:], base[key][:h]]).float())
 
 
+def test_minimax_h3_rows_across_the_swapped_halves_read_only_those_rows(tmp_path):
+    """A row block of fc1 that straddles diffusers' swapped halves is two pieces of ff.net.0.proj far apart:
+    each is read alone (the bytes of those rows, not the whole weight between them) and the rows are the
+    canonical (gate; value) rows."""
+    from lora_colab.arch.canonical import open_canonical
+    model = tiny("minimax_h3")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    a, base, _ = planted_pair(model, torch.Generator().manual_seed(5))
+    st_save_file(to_diffusers(a, base, shapes), str(tmp_path / "base.safetensors"))
+    key = next(k for k in base if k.endswith("blocks.0.mlp.fc1.weight"))
+    h, cols = base[key].shape[0] // 2, base[key].shape[1]
+    with open_canonical(tmp_path / "base.safetensors") as view:
+        assert view.detected.layout == "diffusers"
+        before = view.ckpt.bytes_read
+        rows = view.read(key, rows=(h - 3, h + 2))
+        assert view.ckpt.bytes_read - before == 5 * cols * base[key].element_size()
+    torch.testing.assert_close(rows, base[key][h - 3:h + 2].float(), rtol=0, atol=0)
+
+
 def tencent_layout(canonical_state):
     """HunyuanVideo 1.5 as Tencent ships it: ComfyUI's fused double-block q/k/v split into three weights."""
     out = {}

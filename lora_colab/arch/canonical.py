@@ -128,16 +128,14 @@ class CanonicalCheckpoint(Closeable):
             lo, hi = max(start, a), min(stop, b)
             if lo < hi:
                 wanted.append((source, first + lo - a, first + hi - a))
-        spans = {}
-        for source, lo, hi in wanted:
-            x, y = spans.get(source, (lo, hi))
-            spans[source] = (min(x, lo), max(y, hi))
-        read = {source: self._read_rows(source, lo, hi, dtype, device) for source, (lo, hi) in spans.items()}
+        spans = read_spans(wanted)
+        read = {span: self._read_rows(span[0], span[1], span[2], dtype, device) for span in spans.values()}
         pieces = []
-        for source, lo, hi in wanted:
-            first = spans[source][0]
-            tensor = read[source]
-            pieces.append(tensor if (lo, hi) == spans[source] else tensor[lo - first:hi - first])
+        for piece in wanted:
+            span = spans[piece]
+            tensor = read[span]
+            _, lo, hi = piece
+            pieces.append(tensor if piece == span else tensor[lo - span[1]:hi - span[1]])
         if not pieces:
             return torch.empty((0,) + tuple(self._shapes[key][1:]), dtype=dtype or torch.float32, device=device)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
@@ -159,6 +157,21 @@ class CanonicalCheckpoint(Closeable):
 
     def close(self):
         self.ckpt.close()
+
+
+def read_spans(wanted):
+    """{(source, lo, hi) wanted: (source, lo, hi) read}: rows of one source wanted in several pieces (per-head
+    interleaved q/k/v) are read as one span where the rows skipped between them are at most twice those
+    kept; pieces far apart (the two ends of swapped halves) are read on their own, never the rows between."""
+    spans, runs = {}, {}
+    for source, lo, hi in sorted(wanted):
+        run = runs.get(source)
+        if run is not None and lo - run[2] <= 2 * (run[3] + hi - lo):
+            run[2], run[3] = max(run[2], hi), run[3] + hi - lo
+        else:
+            run = runs[source] = [source, lo, hi, hi - lo]  # a run grows as pieces join: spans share it
+        spans[(source, lo, hi)] = run
+    return {piece: (run[0], run[1], run[2]) for piece, run in spans.items()}
 
 
 def nonfinite_error(base, tuned, key):
