@@ -4,9 +4,9 @@ import torch
 
 from ..closeable import Closeable
 from .. import arch as arch_registry
-from ..io.opener import open_checkpoint
+from ..io.opener import open_checkpoint, open_components
 from ..errors import CheckpointError
-from .diffusers_model import DiffusersModel, loader_problem
+from .diffusers_model import DiffusersModel, loader_problem, together
 from .lora_keys import looks_like_lora
 from ..io.dequant import Dequantizer, is_auxiliary
 
@@ -29,6 +29,21 @@ class CanonicalCheckpoint(Closeable):
             if problem:
                 raise CheckpointError(ckpt.path, problem)
             detected = arch_registry.Detected(DiffusersModel(info), "diffusers", detected.prefix)
+            others = together(info)
+            if others:  # a pipeline's folder: its other components that load with the model, in one file
+                self.ckpt = open_components(info, (info.component,) + tuple(others))
+                ckpt.close()
+                keys = [k for k in self.ckpt.keys() if not is_auxiliary(k)]
+                detected = arch_registry.Detected(DiffusersModel(info, others), "diffusers", "")
+        try:
+            self._start(keys, detected, arch)
+        except BaseException:
+            if self.ckpt is not ckpt:  # the caller closes the checkpoint it gave, not this one
+                self.ckpt.close()
+            raise
+
+    def _start(self, keys, detected, arch):
+        ckpt = self.ckpt
         if arch is not None and detected.arch.name != arch and arch.startswith("diffusers:"):
             raise CheckpointError(ckpt.path, f"is {detected.describe()}, not a diffusers folder of "
                                              f"{arch.split(':', 1)[1]} as the base is")

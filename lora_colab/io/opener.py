@@ -18,18 +18,18 @@ _PREFERRED_STEMS = ("diffusion_pytorch_model", "model")
 
 
 class PipelineCheckpoint(Checkpoint):
-    """An SD1.5/SDXL diffusers pipeline folder: its `unet/`, `text_encoder/` and `text_encoder_2/` (each a
-    single file or shards; `*.fp16.*` variants taken when they are all there is) read as one checkpoint
-    whose keys carry the component's name (`unet.conv_in.weight`). vae/, tokenizer/, scheduler/ are not
-    read."""
+    """Components of a diffusers pipeline folder read as one checkpoint whose keys carry the component's
+    name (`unet.conv_in.weight`): by default an SD1.5/SDXL pipeline's `unet/`, `text_encoder/` and
+    `text_encoder_2/` (each a single file or shards; `*.fp16.*` variants taken when they are all there is),
+    else the `components` named (those present are read). vae/, tokenizer/, scheduler/ are not read."""
 
     COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
-    def __init__(self, folder):
+    def __init__(self, folder, components=COMPONENTS):
         folder = locate(folder)
         parts, locations, metadata = [], {}, {}
         try:
-            for component in self.COMPONENTS:
+            for component in components:
                 if component not in folder.list() or not folder.child(component).is_dir():
                     continue
                 part = open_checkpoint(resolve_folder(folder.child(component)))
@@ -127,6 +127,22 @@ class DiffusersFolder:
     pipeline_class: str = None
     component: str = None
     config: dict = field(default=None, compare=False, repr=False)  # the model's config.json
+    # where the folder given was the pipeline's own (not one component's): it, and its model_index.json
+    pipeline_folder: Location = field(default=None, compare=False, repr=False)
+    index: dict = field(default=None, compare=False, repr=False)
+
+    def component_config(self, component):
+        """The config.json of another component of the pipeline folder given (None where there is none)."""
+        if self.pipeline_folder is None:
+            return None
+        return _small_json(self.pipeline_folder.child(component).child("config.json"))
+
+    def has_weights(self, component):
+        """Whether the pipeline folder given holds weights for `component` (a folder of them)."""
+        if self.pipeline_folder is None or component not in (self.index or {}):
+            return False
+        folder = self.pipeline_folder.child(component)
+        return component in self.pipeline_folder.list() and folder.is_dir() and _has_weights(folder)
 
     def describe(self):
         where = f", the {self.component} of {self.pipeline_class}" if self.pipeline_class else ""
@@ -145,7 +161,13 @@ def diffusers_folder(folder, weights):
     pipeline = index.get("_class_name") if isinstance(index, dict) else None
     if not isinstance(pipeline, str) or component not in index:
         return DiffusersFolder(model_class, config=config)
-    return DiffusersFolder(model_class, pipeline, component, config)
+    given = folder if folder.display.rstrip("/") != weights.sibling(".").display.rstrip("/") else None
+    return DiffusersFolder(model_class, pipeline, component, config, given, index if given else None)
+
+
+def open_components(info, components):
+    """The pipeline folder of DiffusersFolder `info` read as one checkpoint of `components` (names prefixed)."""
+    return PipelineCheckpoint(info.pipeline_folder, components)
 
 
 def _small_json(location, limit=1 << 20):
