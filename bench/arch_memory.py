@@ -32,9 +32,11 @@ PAIRS = {
     "wan": ("wan2.2-t2v-a14b-diffusers", "wan2.2-t2v-a14b-native", 2),
     "flux3": ("flux3-diffusers", "flux3-native", 1),
     "hidream": ("hidream-i1-diffusers", "hidream-i1-native", 1),
+    "minimax_h3": ("minimax-h3-diffusers", "minimax-h3-native", 1),
+    "hunyuan_video15": ("hunyuanvideo1.5-diffusers", "hunyuanvideo1.5-native", 1),
 }
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|"
-                    r"mode_blocks|txt_mode_blocks|content_mode_blocks|double_stream_blocks|single_stream_blocks)(?:\.image_cond|\.image)?\.(\d+)\.")
+                    r"mode_blocks|txt_mode_blocks|content_mode_blocks|double_stream_blocks|single_stream_blocks|refiner_blocks)(?:\.image_cond|\.image)?\.(\d+)\.")
 
 
 def subset(name, blocks):
@@ -42,21 +44,12 @@ def subset(name, blocks):
             if not (_BLOCK.search(k) and int(_BLOCK.search(k).group(1)) >= blocks)]
 
 
-def canonical_index(entries):
-    """Detected arch and {key: (canonical key, rows)} of a layout's entries."""
+def canonical_layout(entries):
+    """Detected arch and its CanonicalMap of a layout's entries (which stored keys form which canonical
+    weight, in which row order)."""
     keys = {k: s for k, s, _ in entries}
     detected = arch.detect(set(keys))
-    located = {}
-    for key in keys:
-        local = key[len(detected.prefix):] if key.startswith(detected.prefix) else key
-        mapped = detected.arch.from_layout(local, detected.layout)
-        if mapped is not None:
-            located[key] = mapped
-    index = {}
-    for key, (ckey, part, parts) in located.items():
-        start = sum(keys[k][0] for k, (c, p, _) in located.items() if c == ckey and p < part)
-        index[key] = (ckey, (start, start + keys[key][0]) if parts > 1 else None)
-    return detected, index
+    return detected, detected.arch.canonical_map(keys, detected.layout, detected.prefix)
 
 
 def build(folder, name):
@@ -70,28 +63,30 @@ def build_pair(folder, name, base, tuned):
     paths = []
     planted = None
     for role, (layout_name, entries) in (("base", base), ("tuned", tuned)):
-        detected, index = canonical_index(entries)
+        detected, cmap = canonical_layout(entries)
+        stored = {k: tuple(s) for k, s, _ in entries}
+        owner = {source: ckey for ckey, sources in cmap.sources.items() for source in sources}
         path = folder / f"{name}_{role}.safetensors"
         paths.append(path)
         if path.exists():
             continue
         if planted is None:
-            shapes = {}
-            for key, shape, _ in entries:
-                ckey, rows = index[key]
-                shapes[ckey] = shape if rows is None else (shapes.get(ckey, (0,))[0] + shape[0],) + shape[1:]
+            shapes = {ckey: (sum(stored[s][0] for s in sources),) + stored[sources[0]][1:]
+                      for ckey, sources in cmap.sources.items() if None not in sources}
             targets = {t.key for t in detected.arch.targets(shapes)}
             planted = PlantedPair(targets.__contains__, rank=16, delta_scale=0.002)
             canonical_shapes = shapes
         make = planted.base if role == "base" else planted.tuned
         cache = {}
 
-        def tensor(key, shape, index=index, make=make, cache=cache):
-            ckey, rows = index[key]
+        def tensor(key, shape, make=make, cache=cache, owner=owner, cmap=cmap, stored=stored):
+            ckey = owner.get(key)
+            if ckey is None or ckey not in canonical_shapes:
+                return make(key, shape)
             if ckey not in cache:
                 cache.clear()
-                cache[ckey] = make(ckey, canonical_shapes.get(ckey, shape))
-            return cache[ckey][rows[0]:rows[1]] if rows else cache[ckey]
+                cache[ckey] = cmap.disassemble(ckey, make(ckey, canonical_shapes[ckey]), lambda s: stored[s][0])
+            return cache[ckey][key]
 
         start = time.perf_counter()
         dtype = DTYPES[entries[0][2]]
