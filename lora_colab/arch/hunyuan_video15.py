@@ -25,7 +25,10 @@ _EMBEDDERS = {"txt_in.input_embedder": "context_embedder.proj_in",
               "byt5_in.fc1": "context_embedder_2.linear_1", "byt5_in.fc2": "context_embedder_2.linear_2",
               "byt5_in.fc3": "context_embedder_2.linear_3", "vision_in.proj.1": "image_embedder.linear_1",
               "vision_in.proj.3": "image_embedder.linear_2", "time_in.mlp.0": "time_embed.timestep_embedder.linear_1",
-              "time_in.mlp.2": "time_embed.timestep_embedder.linear_2"}
+              "time_in.mlp.2": "time_embed.timestep_embedder.linear_2",
+              # the step-distilled (meanflow) checkpoints' second time embedder
+              "time_r_in.mlp.0": "time_embed.timestep_embedder_r.linear_1",
+              "time_r_in.mlp.2": "time_embed.timestep_embedder_r.linear_2"}
 _RENAMED = {"byt5_in.layernorm": "context_embedder_2.norm", "vision_in.proj.0": "image_embedder.norm_in",
             "vision_in.proj.4": "image_embedder.norm_out", "img_in.proj": "x_embedder.proj",
             "cond_type_embedding": "cond_type_embed"}
@@ -74,7 +77,8 @@ class HunyuanVideo15(TableArchitecture):
     optional = {
         "modulation": ("the double blocks' img_mod/txt_mod and the token refiner's adaLN modulation",
                        [f"{_D}.img_mod.linear", f"{_D}.txt_mod.linear", f"{_R}.adaLN_modulation.1"]),
-        "embedders": ("the text, ByT5, vision and time embedders", list(_EMBEDDERS)),
+        "embedders": ("the text, ByT5, vision and time embedders (and the meanflow variant's time_r_in)",
+                      list(_EMBEDDERS)),
         "final": ("final_layer.linear and its adaLN modulation", ["final_layer.linear", _FINAL_MOD]),
     }
 
