@@ -536,6 +536,39 @@ def test_minimax_h3_per_head_shards_and_stacked_files_pair(tmp_path):
         assert gap <= 0.02 * change, (label, gap / change)
 
 
+def test_minimax_h3_pruned_fine_tune_of_a_full_base(tmp_path, capsys):
+    """Pruned MiniMax-H3 checkpoints replace time_embedder by an adaln_t_table (diffusers' single-file loader
+    refuses them); their blocks are the model's own: a pruned fine-tune of a full base gives the blocks' LoRA,
+    which reproduces the planted fine-tune's layers through diffusers. Asking for the embedders as well is one
+    line naming the pruned file and the layer it lacks."""
+    from lora_colab.cli import main
+    gen = torch.Generator().manual_seed(8)
+    model = tiny("minimax_h3")
+    a, base, tuned = planted_pair(model, gen)
+    pruned = {k: v for k, v in tuned.items() if not k.startswith("time_embedder.")}
+    pruned["adaln_t_table"] = torch.randn(16, 6 * model.config.hidden_size, generator=gen)
+    st_save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "base.safetensors"))
+    st_save_file({k: v.contiguous() for k, v in pruned.items()}, str(tmp_path / "pruned.safetensors"))
+    tuned_model = tiny("minimax_h3")
+    tuned_model.load_state_dict(to_diffusers(a, tuned, {k: tuple(v.shape) for k, v in model.state_dict().items()}))
+    want, was = linear_outputs(tuned_model, gen), linear_outputs(model, gen)
+    change = sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5
+    out = tmp_path / "lora.safetensors"
+    report = extract(tmp_path / "base.safetensors", tmp_path / "pruned.safetensors", out, rank=4,
+                     format="diffusers", progress=False)
+    targets = a.targets({k: tuple(v.shape) for k, v in base.items()})
+    assert report.architecture.startswith("MiniMax-H3") and \
+        len(report.extracted) == sum(len(a.lora_modules(t, "diffusers")) for t in targets)
+    got = linear_outputs(load_into("minimax_h3", tiny("minimax_h3"), tmp_path, out.name), gen)
+    assert sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5 <= 0.02 * change
+    args = ["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "pruned.safetensors"), "-o",
+            str(tmp_path / "all.safetensors"), "--include", "embedders", "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pruned.safetensors" in err and "time_embedder.proj_in.weight" in err, err
+    assert not (tmp_path / "all.safetensors").exists()
+
+
 def test_minimax_h3_mlp_halves_merge_across_spellings(tmp_path):
     """diffusers' ff.net.0.proj holds fc1's halves swapped: a diffusers-spelled LoRA merged with a kohya one
     against the base is, module by module, the sum of their changes in diffusers' row order (halves swapped
