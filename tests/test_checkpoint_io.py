@@ -372,3 +372,84 @@ def test_a_text_file_named_ckpt_is_one_whole_line_and_a_legacy_pickle_loads(tmp_
     with open_checkpoint(tmp_path / "old.ckpt") as ckpt:
         key = next(iter(weights))
         assert torch.equal(ckpt.read(key), weights[key])
+
+
+# --- large reads around the page cache (O_DIRECT) -----------------------------------------------------
+
+def _direct_file(tmp_path, size=(3 << 20) + 12345):
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(data.numpy().tobytes())
+    return path, data
+
+
+def _recording_preadv(monkeypatch, fail=None):
+    """os.preadv, recording the descriptors it reads; `fail(fd, offset)` may raise or return a byte count."""
+    calls, real = [], os.preadv
+
+    def preadv(fd, buffers, offset):
+        calls.append(fd)
+        if fail is not None:
+            got = fail(fd, buffers, offset)
+            if got is not None:
+                return got
+        return real(fd, buffers, offset)
+    monkeypatch.setattr(os, "preadv", preadv)
+    return calls
+
+
+@pytest.mark.parametrize("offset,nbytes", [(0, 1 << 20), (5, (1 << 20) + 3), (4095, 2 << 20), (12345, (3 << 20)),
+                                           (100, (3 << 20) + 12245)])  # the last ends at the end of the file
+def test_large_reads_bypass_the_page_cache_and_return_exactly_the_bytes(tmp_path, monkeypatch, offset, nbytes):
+    from lora_colab.io.local_file import LocalFile, direct_io_enabled
+    path, data = _direct_file(tmp_path)
+    calls = _recording_preadv(monkeypatch)
+    with LocalFile(path) as src:
+        if not (direct_io_enabled() and src._use_direct):
+            pytest.skip("no O_DIRECT on this file system")
+        got = src.read_new(offset, nbytes)
+        assert torch.equal(got, data[offset:offset + nbytes])
+        assert src.bytes_read == nbytes
+        assert calls and set(calls) == {src._direct}  # the direct descriptor only: no page-cache read
+        assert torch.equal(src.read_new(7, 1000), data[7:1007]) and calls[-1] == src.fd  # small: buffered
+
+
+def test_direct_reads_fall_back_when_refused_or_short(tmp_path, monkeypatch):
+    """A file system that refuses direct reads (EINVAL) is read buffered from then on; a short unaligned
+    direct read is finished through the page cache; either way the bytes are exact."""
+    import errno
+    from lora_colab.io.local_file import LocalFile
+    path, data = _direct_file(tmp_path)
+    with LocalFile(path) as src:
+        if not src._use_direct:
+            pytest.skip("no O_DIRECT on this file system")
+        state = {"n": 0}
+
+        def short_once(fd, buffers, offset):
+            if fd == src._direct and state["n"] == 0:
+                state["n"] += 1
+                view = buffers[0][:1000]  # 1000 bytes: not a whole block
+                got = os.pread(src.fd, 1000, offset)
+                view[:len(got)] = got
+                return len(got)
+            return None
+        calls = _recording_preadv(monkeypatch, short_once)
+        assert torch.equal(src.read_new(333, 2 << 20), data[333:333 + (2 << 20)])
+        assert calls[0] == src._direct and src.fd in calls[1:] and src._use_direct
+
+        def refuse(fd, buffers, offset):
+            if fd == src._direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        calls = _recording_preadv(monkeypatch, refuse)
+        assert torch.equal(src.read_new(4096, 2 << 20), data[4096:4096 + (2 << 20)])
+        assert not src._use_direct and calls[-1] == src.fd
+
+
+def test_direct_io_can_be_turned_off(tmp_path, monkeypatch):
+    from lora_colab.io.local_file import LocalFile
+    monkeypatch.setenv("LORA_COLAB_DIRECT_IO", "0")
+    path, data = _direct_file(tmp_path)
+    calls = _recording_preadv(monkeypatch)
+    with LocalFile(path) as src:
+        assert not src._use_direct
+        assert torch.equal(src.read_new(1, 2 << 20), data[1:1 + (2 << 20)]) and set(calls) == {src.fd}

@@ -2,6 +2,9 @@
 
 from ..closeable import Closeable
 
+ALIGN = 4096  # block alignment direct I/O needs (of the buffer's address, the offset and the length)
+SLACK = 2 * ALIGN  # bytes a buffer given to `read_staged` holds beyond those wanted
+
 
 class ByteSource(Closeable):
     """Random-access, read-only bytes of one file: local, or remote over HTTP range requests.
@@ -21,6 +24,20 @@ class ByteSource(Closeable):
     def readinto(self, view, offset, tensor=None):
         """Fill the writable memoryview `view` with the bytes at `offset`; errors name `tensor`."""
         raise NotImplementedError
+
+    def read_staged(self, buf, offset, nbytes, tensor=None):
+        """The `nbytes` at `offset`, read into the uint8 CPU tensor `buf` (at least nbytes + SLACK long);
+        returns the slice of `buf` that holds them (a local file may place them where direct I/O needs)."""
+        out = buf[:nbytes]
+        if nbytes:
+            from .buffers import byte_view
+            self.readinto(byte_view(out), offset, tensor)
+        return out
+
+    def read_new(self, offset, nbytes, tensor=None):
+        """The `nbytes` at `offset` in a fresh uint8 CPU tensor."""
+        from .buffers import empty_bytes
+        return self.read_staged(empty_bytes(nbytes + SLACK), offset, nbytes, tensor)
 
     def pread(self, n, offset):
         """Exactly `n` bytes at `offset` (small reads: headers)."""

@@ -9,7 +9,8 @@ import torch
 from ..closeable import Closeable
 from ..dtypes import ITEMSIZE, to_torch
 from ..errors import CheckpointError
-from .buffers import byte_view, empty_bytes
+from .buffers import empty_bytes
+from .byte_source import SLACK
 from .locations import locate
 from .safetensors import read_header
 
@@ -52,21 +53,21 @@ class _PinnedStaging:
         out = torch.empty(nbytes, dtype=torch.uint8, device=device)
         for start in range(0, nbytes, STAGING_BYTES):
             n = min(STAGING_BYTES, nbytes - start)
-            buf = self._take(n)
-            raw.readinto(byte_view(buf), offset + start, tensor)
-            out[start:start + n].copy_(buf, non_blocking=True)
+            chunk = raw.read_staged(self._take(), offset + start, n, tensor)
+            out[start:start + n].copy_(chunk, non_blocking=True)
             self._events[self._turn] = torch.cuda.Event()
             self._events[self._turn].record()
             self._turn ^= 1
         return out
 
-    def _take(self, nbytes):
-        """This turn's pinned buffer, once the copy that last used it has finished."""
+    def _take(self):
+        """This turn's pinned buffer (STAGING_BYTES and the slack of an aligned read), once the copy that
+        last used it has finished."""
         if self._events[self._turn] is not None:
             self._events[self._turn].synchronize()
         if self._buffers[self._turn] is None:
-            self._buffers[self._turn] = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
-        return self._buffers[self._turn][:nbytes]
+            self._buffers[self._turn] = torch.empty(STAGING_BYTES + SLACK, dtype=torch.uint8, pin_memory=True)
+        return self._buffers[self._turn]
 
 
 class Checkpoint(Closeable):
@@ -175,9 +176,7 @@ class Checkpoint(Closeable):
         if device.type == "cuda":
             buf = self._staging_buffer().upload(raw, offset, nbytes, device, info.name)
         else:
-            buf = empty_bytes(nbytes)
-            if nbytes:
-                raw.readinto(byte_view(buf), offset, info.name)
+            buf = raw.read_new(offset, nbytes, info.name)
         raw.drop_cache(offset, nbytes)
         if device.type not in ("cpu", "cuda"):
             buf = buf.to(device)

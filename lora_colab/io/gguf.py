@@ -13,7 +13,6 @@ import sys
 import torch
 
 from ..errors import CheckpointError
-from .buffers import byte_view, empty_bytes
 from .checkpoint import Checkpoint, _check_rows
 from .gguf_quants import BY_NAME, DEQUANTIZE, FLOAT_TYPES, GGML_TYPES, dequantize
 from .locations import locate
@@ -179,8 +178,7 @@ class GGUFFile(Checkpoint):
     def prefetch(self, key):
         """Read tensor `key`'s stored bytes now (I/O only); the next whole `read` of it decodes them."""
         raw, info = self._locate(key)
-        buf = empty_bytes(info.nbytes)
-        raw.readinto(byte_view(buf), info.start, info.name)
+        buf = raw.read_new(info.start, info.nbytes, info.name)
         raw.drop_cache(info.start, info.nbytes)
         self._prefetched[key] = buf
 
@@ -217,8 +215,7 @@ class GGUFFile(Checkpoint):
             if stored is not None:
                 buf = stored[at:at + chunk_bytes]
             else:
-                buf = empty_bytes(chunk_bytes)
-                raw.readinto(byte_view(buf), offset + at, info.name)
+                buf = raw.read_new(offset + at, chunk_bytes, info.name)
                 raw.drop_cache(offset + at, chunk_bytes)
             dequantize(buf, info.dtype, count, out=out[first:first + count])
         tensor = out.reshape(out_shape)

@@ -1,14 +1,22 @@
-"""A local file read with positional reads into caller buffers (no mmap), releasing its page cache."""
+"""A local file read with positional reads into caller buffers (no mmap), releasing its page cache; large
+reads bypass the page cache (O_DIRECT) where the file system allows."""
 
+import errno
 import os
 import threading
 
 from ..errors import CheckpointError
-from .byte_source import ByteSource
+from .byte_source import ALIGN, ByteSource
 
 _HAS_PREAD = hasattr(os, "preadv")
 _HAS_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 _CHUNK = 1 << 30  # Linux returns at most ~2 GiB per read call; stay well below
+DIRECT_MIN_BYTES = 1 << 20  # reads this large go around the page cache (smaller ones keep its readahead)
+
+
+def direct_io_enabled():
+    """Whether large reads may use O_DIRECT (LORA_COLAB_DIRECT_IO=0 turns it off)."""
+    return hasattr(os, "O_DIRECT") and _HAS_PREAD and os.environ.get("LORA_COLAB_DIRECT_IO", "1") != "0"
 
 
 class LocalFile(ByteSource):
@@ -28,6 +36,8 @@ class LocalFile(ByteSource):
         self._previous_start = 0
         stat = os.fstat(self.fd)
         self.identity = f"{self.size}:{stat.st_mtime_ns}"
+        self._direct = self._open_direct()  # an O_DIRECT descriptor, or -1 where the file system refuses one
+        self._use_direct = self._direct >= 0
 
     def readinto(self, view, offset, tensor=None):
         """Fill the writable memoryview `view` from `offset`; raise CheckpointError on a short file."""
@@ -44,6 +54,54 @@ class LocalFile(ByteSource):
                                       tensor)
             done += got
         self.bytes_read += total
+
+    def read_staged(self, buf, offset, nbytes, tensor=None):
+        """As ByteSource.read_staged; a large read goes around the page cache: the block-aligned span
+        around the bytes is read with O_DIRECT into `buf` where its address lines up with the file offset,
+        so the disk's DMA lands in `buf` without the page cache's copy (which cost this process a core
+        at 0.7 GB/s: half the CPU of a 2-core runtime). Falls back to a buffered read where refused."""
+        if not (self._use_direct and nbytes >= DIRECT_MIN_BYTES):
+            return super().read_staged(buf, offset, nbytes, tensor)
+        from .buffers import byte_view
+        lead = offset % ALIGN
+        span = -(-(lead + nbytes) // ALIGN) * ALIGN
+        shift = -buf.data_ptr() % ALIGN
+        window = buf[shift:shift + span]
+        view = byte_view(window)
+        start, done, want = offset - lead, 0, lead + nbytes
+        while done < want:
+            try:
+                got = os.preadv(self._direct, [view[done:span]], start + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or done:
+                    raise CheckpointError(self.path, f"read failed: {exc.strerror or exc}", tensor) from None
+                self._use_direct = False  # this file system takes no direct I/O: read buffered from now on
+                return super().read_staged(buf, offset, nbytes, tensor)
+            if got == 0:
+                raise CheckpointError(self.path, f"file ended {want - done} bytes early (changed while reading?)",
+                                      tensor)
+            done += got
+            if done % ALIGN and done < want:  # a short, unaligned read: the rest through the page cache
+                self._read_buffered(view[done:want], start + done, tensor)
+                break
+        self.bytes_read += nbytes  # the bytes asked for (the aligned span adds under 8 KiB the disk reads)
+        return window[lead:lead + nbytes]
+
+    def _open_direct(self):
+        if not direct_io_enabled():
+            return -1
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            return -1
+
+    def _read_buffered(self, view, offset, tensor):
+        done = 0
+        while done < len(view):
+            got = self._read_some(view[done:done + _CHUNK], offset + done)
+            if got == 0:
+                raise CheckpointError(self.path, "file ended early (changed while reading?)", tensor)
+            done += got
 
     def _read_some(self, chunk, offset):
         if self._lock is None:
@@ -70,4 +128,8 @@ class LocalFile(ByteSource):
         self._previous_start = offset
 
     def close(self):
+        if self._direct >= 0:
+            os.close(self._direct)
+            self._direct = -1
+        self._use_direct = False
         self._f.close()
