@@ -223,7 +223,7 @@ def recipe_cost(base, tuned, out, args):
 
 
 def cold_read(*paths):
-    """Seconds to read files cold (evicted from the page cache), as `cat` does: the physical floor."""
+    """Seconds to read files cold (evicted from the page cache), as `cat` does: through the page cache."""
     for path in paths:
         evict(path)
     start = time.perf_counter()
@@ -231,29 +231,45 @@ def cold_read(*paths):
     return time.perf_counter() - start
 
 
+def direct_read(*paths):
+    """Seconds to read files with O_DIRECT in 64 MiB requests (`dd iflag=direct`): the disk's own limit,
+    without the page cache's copy (on this VM `cat` spends a whole core in the kernel at 0.7 GB/s)."""
+    start = time.perf_counter()
+    for path in paths:
+        subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=64M", "iflag=direct", "status=none"], check=True)
+    return time.perf_counter() - start
+
+
 def full_pair(root, out, args):
-    """The whole 2 x 12.3 GB Z-Image pair: ours against the cold read of both files (`cat`), interleaved, each
-    run cold; --old adds the float32 path (LORA_COLAB_BF16_SKETCH=0)."""
+    """The whole 2 x 12.3 GB Z-Image pair: ours against the cold read of both files (`cat`, and `dd` with
+    O_DIRECT) and against ours reading through the page cache (LORA_COLAB_DIRECT_IO=0, the reader before
+    issue 20's last step), interleaved, each run cold; --old adds the float32 path (LORA_COLAB_BF16_SKETCH=0)."""
     fbase, ftuned = build(root / "full", FULL, spectra=False)
-    reads, walls, fp32 = [], [], []
+    reads, directs, walls, buffered, fp32 = [], [], [], [], []
     for _ in range(args.full_repeats):
         reads.append(cold_read(fbase, ftuned))
+        directs.append(direct_read(fbase, ftuned))
         full = run("ours", fbase, ftuned, out=out, rank=args.rank)
         walls.append(full["wall"])
+        buffered.append(run("ours", fbase, ftuned, {"LORA_COLAB_DIRECT_IO": "0"}, out=out, rank=args.rank)["wall"])
         if args.old:
             fp32.append(run("ours", fbase, ftuned, {"LORA_COLAB_BF16_SKETCH": "0"}, out=out, rank=args.rank)["wall"])
 
-    read, wall = sorted(reads)[len(reads) // 2], sorted(walls)[len(walls) // 2]
+    def median(values):
+        return sorted(values)[len(values) // 2]
+    read, direct, wall = median(reads), median(directs), median(walls)
     size = (Path(fbase).stat().st_size + Path(ftuned).stat().st_size) / 1e9
-    print(f"FULL pair 2 x {size / 2:.1f} GB: cold read (cat) {read:.1f} s ({size / read:.2f} GB/s); ours {wall:.1f} s; "
+    print(f"FULL pair 2 x {size / 2:.1f} GB: cold read (cat) {read:.1f} s ({size / read:.2f} GB/s), direct read (dd) "
+          f"{direct:.1f} s ({size / direct:.2f} GB/s); ours {wall:.1f} s; "
           f"peak RSS (VmHWM) {mib(full['peak'])} (goal <= 1.0 GB), page cache +{mib(full['cache_growth'])}, "
           f"{full['layers']} layers, LoRA {full['bytes'] / 1e6:.0f} MB, waited on reads {full['read_wait']:.1f} s")
-    print(f"RATIO ours/cold read: {wall / read:.2f}x (goal <= 1.1)  [runs: {', '.join(f'{w:.1f}' for w in walls)} s; "
-          f"reads {', '.join(f'{r:.1f}' for r in reads)} s]")
+    print(f"RATIO ours/cold read: {wall / read:.2f}x (goal <= 1.1); ours/direct read: {wall / direct:.2f}x; "
+          f"page-cache reader/ours: {median(buffered) / wall:.2f}x  [runs: {', '.join(f'{w:.1f}' for w in walls)} s; "
+          f"page-cache reader {', '.join(f'{w:.1f}' for w in buffered)} s; cat {', '.join(f'{r:.1f}' for r in reads)} s; "
+          f"dd {', '.join(f'{r:.1f}' for r in directs)} s]")
     if fp32:
-        print(f"RATIO float32 path/ours: {sorted(fp32)[len(fp32) // 2] / wall:.2f}x  [float32 path runs: "
+        print(f"RATIO float32 path/ours: {median(fp32) / wall:.2f}x  [float32 path runs: "
               f"{', '.join(f'{w:.1f}' for w in fp32)} s]")
-
 
 
 def main():
