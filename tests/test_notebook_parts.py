@@ -170,3 +170,27 @@ def test_a_file_outside_the_folder_jupyter_serves_gets_a_plain_line_not_a_dead_l
     line = capsys.readouterr().out
     assert f"Jupyter serves only {served.parent.resolve()}" in line and str(outside.parent) in line
     assert line.count("\n") == 1 and "href" not in line
+
+
+def test_save_names_drive_folders_as_the_sources_do(tmp_path, monkeypatch, capsys):
+    """The save step's Drive folder is read like a Drive source: `drive:MyDrive/x`, `MyDrive/x`, `x` and
+    `Shareddrives/team/x` under the mounted Drive, an absolute path as it is; outside Colab an unmounted
+    Drive is one line, and nothing is written."""
+    from lora_colab.io import downloads
+    from lora_colab.notebook.cells import save_result, save_results
+    result = tmp_path / "lora.safetensors"
+    result.write_bytes(b"x" * 100)
+    assert save_result(result, str(tmp_path / "out")) == [str(tmp_path / "out" / "lora.safetensors")]
+    assert (tmp_path / "out" / "lora.safetensors").read_bytes() == b"x" * 100
+    drive = tmp_path / "drive"
+    (drive / "MyDrive").mkdir(parents=True)
+    monkeypatch.setattr(downloads, "DRIVE_ROOT", str(drive))
+    for given, where in (("drive:MyDrive/a", "MyDrive/a"), ("MyDrive/b", "MyDrive/b"), ("c", "MyDrive/c"),
+                         ("Shareddrives/team/d", "Shareddrives/team/d")):
+        assert save_result(result, given) == [str(drive / where / "lora.safetensors")], given
+    monkeypatch.setattr(downloads, "DRIVE_ROOT", str(tmp_path / "unmounted"))
+    capsys.readouterr()
+    save_results(result, "drive:MyDrive/e")
+    out = capsys.readouterr()
+    assert "Google Drive can only be mounted inside Colab" in out.out + out.err
+    assert not (tmp_path / "unmounted").exists()

@@ -333,22 +333,19 @@ def save_results(paths, drive_folder="", hub_repo="", token=None):
 
 def save_result(path, drive_folder="", hub_repo="", token=None):
     """Copy a result to Drive, upload it to a Hub repo, and/or offer a download; returns where it went."""
-    from ..io.downloads import DRIVE_ROOT, SourceError, hf_token
+    from ..io import downloads
 
     path = Path(path)
     places = []
     if drive_folder:
-        target = Path(drive_folder if os.path.isabs(drive_folder) else os.path.join(DRIVE_ROOT, "MyDrive",
-                                                                                     drive_folder))
-        if str(target).startswith(DRIVE_ROOT) and not os.path.isdir(os.path.join(DRIVE_ROOT, "MyDrive")):
-            raise SourceError(f"{target}: Google Drive is not mounted (lora_colab.io.downloads.mount_drive())")
+        target = downloads.drive_folder(drive_folder)  # the folder as sources name it; Drive mounted in Colab
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / path.name)
         places.append(str(target / path.name))
         print(f"saved to {target / path.name}")
     if hub_repo:
         from huggingface_hub import HfApi
-        api = HfApi(token=token or hf_token())
+        api = HfApi(token=token or downloads.hf_token())
         api.create_repo(hub_repo, exist_ok=True)
         api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=hub_repo)
         places.append(f"https://huggingface.co/{hub_repo}/blob/main/{path.name}")
