@@ -7,6 +7,7 @@ from .table import Rule, TableArchitecture, fused
 
 _D, _S = "double_blocks.{i}", "single_blocks.{i}"
 _TD, _TS = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
+_FINAL_MOD = "final_layer.adaLN_modulation.1"
 
 
 class Flux2(TableArchitecture):
@@ -20,6 +21,7 @@ class Flux2(TableArchitecture):
     lora_hint = re.compile(r"to_qkv_mlp_proj|double_stream_modulation|ff_linear_in")
     native_probes = ("double_blocks.0.img_attn.qkv.weight", "double_stream_modulation_img.lin.weight")
     diffusers_probes = ("single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",)
+    swapped_in_diffusers = (_FINAL_MOD,)  # (shift; scale) -> diffusers' norm_out.linear (scale; shift)
     rules = tuple(
         fused(f"{_D}.img_attn.qkv", [f"{_TD}.attn.to_q", f"{_TD}.attn.to_k", f"{_TD}.attn.to_v"])
         + fused(f"{_D}.txt_attn.qkv", [f"{_TD}.attn.add_q_proj", f"{_TD}.attn.add_k_proj", f"{_TD}.attn.add_v_proj"])
@@ -36,7 +38,7 @@ class Flux2(TableArchitecture):
            Rule("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2"),
            Rule("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1"),
            Rule("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2"),
-           Rule("final_layer.linear", "proj_out")])
+           Rule("final_layer.linear", "proj_out"), Rule(_FINAL_MOD, "norm_out.linear")])
     default_targets = tuple([f"{_D}.{s}_{m}" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0",
                                                                                 "mlp.2")]
                             + [f"{_S}.linear1", f"{_S}.linear2"])
@@ -47,7 +49,7 @@ class Flux2(TableArchitecture):
         "embedders": ("img_in, txt_in, time and guidance embedders",
                       ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
                        "guidance_in.out_layer"]),
-        "final": ("final_layer.linear", ["final_layer.linear"]),
+        "final": ("final_layer.linear and its adaLN modulation", ["final_layer.linear", _FINAL_MOD]),
     }
 
     def format_notes(self, fmt, groups):

@@ -19,6 +19,7 @@ _EMBEDDERS = {"emb_in.image": "x_embedders.image", "emb_in.image_cond": "x_embed
               "time_in.out_layer": "timestep_embedder.linear_2",
               "ref_time_in.in_layer": "target_timestep_embedder.linear_1",  # the distilled (flow-map) variant
               "ref_time_in.out_layer": "target_timestep_embedder.linear_2"}
+_FINAL_MOD = "final_layer.image.adaLN_modulation.1"
 
 
 class Flux3(TableArchitecture):
@@ -36,17 +37,18 @@ class Flux3(TableArchitecture):
     comfy_peft = True
     native_probes = ("content_mode_blocks.image.0.q_proj.weight", "early_stream_modulations.image.lin.weight")
     diffusers_probes = ("mode_blocks.image.0.attn.to_q.weight", "early_stream_modulations.image.linear.weight")
+    swapped_in_diffusers = (_FINAL_MOD,)  # (shift; scale) -> diffusers' norm_out.linear (scale; shift)
     rules = tuple([Rule(f"{n}.{a}", f"{d}.{b}") for n, d in _STREAMS for a, b in _BLOCK.items()]
                   + [Rule(f"{m}.lin", f"{m}.linear") for m in _MODULATIONS]
                   + [Rule(n, d) for n, d in _EMBEDDERS.items()]
-                  + [Rule("final_layer.image.linear", "proj_out")])
+                  + [Rule("final_layer.image.linear", "proj_out"), Rule(_FINAL_MOD, "norm_out.linear")])
     default_targets = tuple(f"{n}.{a}" for n, _ in _STREAMS for a in _BLOCK)
     optional = {
         "modulation": ("the early and single stream modulation linears of each mode",
                        [f"{m}.lin" for m in _MODULATIONS]),
         "embedders": ("emb_in, txt_in, the time embedders (ref_time_in too, on the distilled model)",
                       list(_EMBEDDERS)),
-        "final": ("final_layer.image.linear", ["final_layer.image.linear"]),
+        "final": ("final_layer.image.linear and its adaLN modulation", ["final_layer.image.linear", _FINAL_MOD]),
     }
 
     def format_notes(self, fmt, groups):
