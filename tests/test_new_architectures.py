@@ -30,7 +30,7 @@ FULL = {
     "flux2": ("flux2-dev-native", "flux2-dev-diffusers", 160, 11),
     "chroma": ("chroma1-hd-native", "chroma1-hd-diffusers", 228, 12),
     "krea2": ("krea2-native", "krea2-diffusers", 256, 7),
-    "ltx2": ("ltx2-native", "ltx2-diffusers", 1344, 14),
+    "ltx2": ("ltx2-native", "ltx2-diffusers", 1344, 26),
     "flux3": ("flux3-native", "flux3-diffusers", 258, 13),
     "sd3": ("sd3.5-large-native", "sd3.5-large-diffusers", 301, 44),
     "hidream": ("hidream-i1-native", None, 1024, 104),
@@ -262,9 +262,6 @@ UNTARGETED = {
     "krea2": {"text_fusion.projector"},
     "sd3": {"transformer_blocks.0.norm1_context.linear", "transformer_blocks.1.norm1_context.linear",
             "norm_out.linear"},
-    "ltx2": {f"{e}.emb.timestep_embedder.linear_{i}" for i in (1, 2) for e in (
-        "time_embed", "audio_time_embed", "av_cross_attn_video_scale_shift", "av_cross_attn_audio_scale_shift",
-        "av_cross_attn_video_a2v_gate", "av_cross_attn_audio_v2a_gate")},
 }
 
 

@@ -12,6 +12,8 @@ _ADALN = {"adaln_single": "time_embed", "audio_adaln_single": "audio_time_embed"
           "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
           "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
           "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate"}
+_TIME = ("emb.timestep_embedder.linear_1", "emb.timestep_embedder.linear_2")  # each adaln_single's time MLP
+_ADALN_LINEARS = ("linear",) + _TIME
 
 
 class LTX2(TableArchitecture):
@@ -30,14 +32,14 @@ class LTX2(TableArchitecture):
     diffusers_probes = ("transformer_blocks.0.audio_attn1.to_q.weight", "transformer_blocks.0.attn1.norm_q.weight")
     rules = tuple([Rule("patchify_proj", "proj_in"), Rule("audio_patchify_proj", "audio_proj_in")]
                   + [Rule(f"{_B}.{a}.{n}_norm", f"{_B}.{a}.norm_{n}") for a in _ATTENTIONS for n in "qk"]
-                  + [Rule(f"{n}.linear", f"{d}.linear") for n, d in _ADALN.items()])
+                  + [Rule(f"{n}.{m}", f"{d}.{m}") for n, d in _ADALN.items() for m in _ADALN_LINEARS])
     default_targets = tuple([f"{_B}.{a}.{p}" for a in _ATTENTIONS for p in ("to_q", "to_k", "to_v", "to_out.0")]
                             + [f"{_B}.{f}.{p}" for f in ("ff", "audio_ff") for p in ("net.0.proj", "net.2")])
     optional = {
         "modulation": ("the adaln_single linears (video, audio and cross-modal)", [f"{n}.linear" for n in _ADALN]),
-        "embedders": ("patchify and caption projections",
+        "embedders": ("patchify and caption projections, the time embedders of each adaln_single",
                       ["patchify_proj", "audio_patchify_proj", "caption_projection.linear_1",
                        "caption_projection.linear_2", "audio_caption_projection.linear_1",
-                       "audio_caption_projection.linear_2"]),
+                       "audio_caption_projection.linear_2"] + [f"{n}.{m}" for n in _ADALN for m in _TIME]),
         "final": ("proj_out and audio_proj_out", ["proj_out", "audio_proj_out"]),
     }
