@@ -414,6 +414,24 @@ def test_large_reads_bypass_the_page_cache_and_return_exactly_the_bytes(tmp_path
         assert torch.equal(src.read_new(7, 1000), data[7:1007]) and calls[-1] == src.fd  # small: buffered
 
 
+def test_a_direct_read_fits_the_slack_at_the_worst_alignment(tmp_path):
+    """A buffer at an address one past a block boundary, bytes starting one before a block boundary and ending
+    two past one: the aligned span and the shift to an aligned address still fit nbytes + SLACK."""
+    from lora_colab.io.byte_source import ALIGN, SLACK
+    from lora_colab.io.local_file import LocalFile
+    path, data = _direct_file(tmp_path)
+    nbytes = (2 << 20) + 2
+    room = torch.empty(nbytes + SLACK + 2 * ALIGN, dtype=torch.uint8)
+    at = (1 - room.data_ptr()) % ALIGN
+    buf = room[at:at + nbytes + SLACK]
+    assert buf.data_ptr() % ALIGN == 1
+    with LocalFile(path) as src:
+        if not src._use_direct:
+            pytest.skip("no O_DIRECT on this file system")
+        got = src.read_staged(buf, ALIGN - 1, nbytes)
+        assert torch.equal(got, data[ALIGN - 1:ALIGN - 1 + nbytes])
+
+
 def test_direct_reads_fall_back_when_refused_or_short(tmp_path, monkeypatch):
     """A file system that refuses direct reads (EINVAL) is read buffered from then on; a short unaligned
     direct read is finished through the page cache; either way the bytes are exact."""

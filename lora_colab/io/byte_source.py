@@ -3,7 +3,8 @@
 from ..closeable import Closeable
 
 ALIGN = 4096  # block alignment direct I/O needs (of the buffer's address, the offset and the length)
-SLACK = 2 * ALIGN  # bytes a buffer given to `read_staged` holds beyond those wanted
+SLACK = 3 * ALIGN  # bytes a buffer given to `read_staged` holds beyond those wanted: up to ALIGN - 1 to
+#                    reach an aligned address, then a span rounded out to whole blocks on both sides
 
 
 class ByteSource(Closeable):

@@ -67,6 +67,8 @@ class LocalFile(ByteSource):
         span = -(-(lead + nbytes) // ALIGN) * ALIGN
         shift = -buf.data_ptr() % ALIGN
         window = buf[shift:shift + span]
+        if window.numel() < span:  # a buffer without the slack read_staged asks for
+            raise ValueError(f"read_staged needs a buffer of nbytes + SLACK bytes, got {buf.numel()} for {nbytes}")
         view = byte_view(window)
         start, done, want = offset - lead, 0, lead + nbytes
         while done < want:
