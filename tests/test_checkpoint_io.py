@@ -398,8 +398,8 @@ def _recording_preadv(monkeypatch, fail=None):
     return calls
 
 
-@pytest.mark.parametrize("offset,nbytes", [(0, 1 << 20), (5, (1 << 20) + 3), (4095, 2 << 20), (12345, (3 << 20)),
-                                           (100, (3 << 20) + 12245)])  # the last ends at the end of the file
+@pytest.mark.parametrize("offset,nbytes", [(0, 1 << 20), (8, (1 << 20) + 3), (4088, 2 << 20), (12344, (3 << 20)),
+                                           (104, (3 << 20) + 12241)])  # the last ends at the end of the file
 def test_large_reads_bypass_the_page_cache_and_return_exactly_the_bytes(tmp_path, monkeypatch, offset, nbytes):
     from lora_colab.io.local_file import LocalFile, direct_io_enabled
     path, data = _direct_file(tmp_path)
@@ -412,15 +412,16 @@ def test_large_reads_bypass_the_page_cache_and_return_exactly_the_bytes(tmp_path
         assert src.bytes_read == nbytes
         assert calls and set(calls) == {src._direct}  # the direct descriptor only: no page-cache read
         assert torch.equal(src.read_new(7, 1000), data[7:1007]) and calls[-1] == src.fd  # small: buffered
+        assert torch.equal(src.read_new(5, 2 << 20), data[5:5 + (2 << 20)]) and calls[-1] == src.fd  # odd offset
 
 
 def test_a_direct_read_fits_the_slack_at_the_worst_alignment(tmp_path):
-    """A buffer at an address one past a block boundary, bytes starting one before a block boundary and ending
-    two past one: the aligned span and the shift to an aligned address still fit nbytes + SLACK."""
+    """A buffer at an address one past a block boundary, bytes starting 8 before a block boundary and ending
+    nine past one: the aligned span and the shift to an aligned address still fit nbytes + SLACK."""
     from lora_colab.io.byte_source import ALIGN, SLACK
     from lora_colab.io.local_file import LocalFile
     path, data = _direct_file(tmp_path)
-    nbytes = (2 << 20) + 2
+    nbytes = (2 << 20) + 9
     room = torch.empty(nbytes + SLACK + 2 * ALIGN, dtype=torch.uint8)
     at = (1 - room.data_ptr()) % ALIGN
     buf = room[at:at + nbytes + SLACK]
@@ -428,8 +429,8 @@ def test_a_direct_read_fits_the_slack_at_the_worst_alignment(tmp_path):
     with LocalFile(path) as src:
         if not src._use_direct:
             pytest.skip("no O_DIRECT on this file system")
-        got = src.read_staged(buf, ALIGN - 1, nbytes)
-        assert torch.equal(got, data[ALIGN - 1:ALIGN - 1 + nbytes])
+        got = src.read_staged(buf, ALIGN - 8, nbytes)
+        assert torch.equal(got, data[ALIGN - 8:ALIGN - 8 + nbytes])
 
 
 def test_direct_reads_fall_back_when_refused_or_short(tmp_path, monkeypatch):
@@ -452,7 +453,7 @@ def test_direct_reads_fall_back_when_refused_or_short(tmp_path, monkeypatch):
                 return len(got)
             return None
         calls = _recording_preadv(monkeypatch, short_once)
-        assert torch.equal(src.read_new(333, 2 << 20), data[333:333 + (2 << 20)])
+        assert torch.equal(src.read_new(336, 2 << 20), data[336:336 + (2 << 20)])
         assert calls[0] == src._direct and src.fd in calls[1:] and src._use_direct
 
         def refuse(fd, buffers, offset):
