@@ -8,6 +8,7 @@ from .table import Rule, TableArchitecture, fused
 
 _J, _T = "joint_blocks.{i}", "transformer_blocks.{i}"
 _X, _C = f"{_J}.x_block", f"{_J}.context_block"
+_FINAL_MOD = "final_layer.adaLN_modulation.1"
 
 
 class SD3(TableArchitecture):
@@ -24,6 +25,7 @@ class SD3(TableArchitecture):
     auto_format = "diffusers"
     native_probes = ("joint_blocks.0.x_block.attn.qkv.weight", "joint_blocks.0.context_block.attn.qkv.weight")
     diffusers_probes = ("transformer_blocks.0.attn.add_q_proj.weight", "transformer_blocks.0.norm1_context.linear.weight")
+    swapped_in_diffusers = (_FINAL_MOD,)  # (shift; scale) -> diffusers' norm_out.linear (scale; shift)
     rules = tuple(
         fused(f"{_X}.attn.qkv", [f"{_T}.attn.to_q", f"{_T}.attn.to_k", f"{_T}.attn.to_v"])
         + fused(f"{_C}.attn.qkv", [f"{_T}.attn.add_q_proj", f"{_T}.attn.add_k_proj", f"{_T}.attn.add_v_proj"])
@@ -43,7 +45,7 @@ class SD3(TableArchitecture):
            Rule("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
            Rule("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
            Rule("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-           Rule("final_layer.linear", "proj_out")])
+           Rule("final_layer.linear", "proj_out"), Rule(_FINAL_MOD, "norm_out.linear")])
     default_targets = (f"{_X}.attn.qkv", f"{_C}.attn.qkv", f"{_X}.attn2.qkv", f"{_X}.attn.proj", f"{_C}.attn.proj",
                        f"{_X}.attn2.proj", f"{_X}.mlp.fc1", f"{_X}.mlp.fc2", f"{_C}.mlp.fc1", f"{_C}.mlp.fc2")
     optional = {
@@ -52,7 +54,7 @@ class SD3(TableArchitecture):
         "embedders": ("t_embedder, y_embedder and context_embedder",
                       ["t_embedder.mlp.0", "t_embedder.mlp.2", "y_embedder.mlp.0", "y_embedder.mlp.2",
                        "context_embedder"]),
-        "final": ("final_layer.linear", ["final_layer.linear"]),
+        "final": ("final_layer.linear and its adaLN modulation", ["final_layer.linear", _FINAL_MOD]),
     }
 
     def format_notes(self, fmt, groups):
