@@ -30,11 +30,13 @@ class Krea2(TableArchitecture):
                   + [Rule("first", "img_in"), Rule("tmlp.0", "time_embed.linear_1"),
                      Rule("tmlp.2", "time_embed.linear_2"), Rule("tproj.1", "time_mod_proj"),
                      Rule("txtmlp.1", "txt_in.linear_1"), Rule("txtmlp.3", "txt_in.linear_2"),
+                     Rule("txtfusion.projector", "text_fusion.projector"),
                      Rule("last.linear", "final_layer.linear")])
     default_targets = tuple([f"{n}.attn.{a}" for n, _ in _STREAMS for a in _ATTN]
                             + [f"{n}.mlp.{m}" for n, _ in _STREAMS for m in _MLP])
     optional = {
         "modulation": ("tproj.1, the time-modulation projection", ["tproj.1"]),
-        "embedders": ("first (image input), tmlp and txtmlp", ["first", "tmlp.0", "tmlp.2", "txtmlp.1", "txtmlp.3"]),
+        "embedders": ("first (image input), tmlp, txtmlp and the text fusion's projector",
+                      ["first", "tmlp.0", "tmlp.2", "txtmlp.1", "txtmlp.3", "txtfusion.projector"]),
         "final": ("last.linear", ["last.linear"]),
     }
