@@ -12,6 +12,16 @@ FLUX_DOUBLE_PLAIN = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_a
                      "ff_context.net.2": "txt_mlp.2", "norm1.linear": "img_mod.lin",
                      "norm1_context.linear": "txt_mod.lin"}
 FLUX_SINGLE_PLAIN = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+# flux_to_diffusers' MAP_BASIC (weights): norm_out.linear comes with swap_scale_shift, which ComfyUI applies to the
+# patch, so a LoRA holding diffusers' (scale; shift) rows patches the native (shift; scale) weight rightly
+FLUX_BASIC = {"img_in": "x_embedder", "txt_in": "context_embedder",
+              "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+              "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+              "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+              "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+              "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+              "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+              "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
 # ComfyUI utils.mmdit_to_diffusers (SD3), per block: fused q/k/v as row thirds, then the plain renames
 SD3_QKV = re.compile(r"joint_blocks\.(\d+)\.(x_block\.attn|context_block\.attn|x_block\.attn2)\.qkv\.weight")
 SD3_QKV_NAMES = {"x_block.attn": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -75,6 +85,8 @@ def unet_key_map(arch, model_shapes):
                 for diff, bfl in FLUX_SINGLE_PLAIN.items():
                     _flux_alias(key_map, f"single_transformer_blocks.{hit.group(1)}.{diff}",
                                 (f"single_blocks.{hit.group(1)}.{bfl}.weight", None))
+            if key.endswith(".weight") and key[: -len(".weight")] in FLUX_BASIC:
+                _flux_alias(key_map, FLUX_BASIC[key[: -len(".weight")]], (key, None))
     if arch == "sd3":
         _sd3_aliases(key_map, model_shapes)
     return key_map

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from lora_colab.arch.common import row_index
 from lora_colab import arch, save_file
 from lora_colab.lora.formats import module_tensors
 from lora_colab.notebook.synthetic import ZImageConfig, zimage_specs
@@ -64,10 +65,10 @@ def write_lora(tmp_path, architecture, fmt, targets, seed=0):
         up = torch.randn(out_features, RANK, generator=gen) / RANK ** 0.5
         tensors.update(module_tensors(architecture, fmt, target, down, up, ALPHA, torch.float32))
         for module in architecture.lora_modules(target, "diffusers"):
-            rows = module.rows or (0, out_features)
+            index = row_index(module.located_rows, out_features)  # its rows, in its own order
             component, _, name = module.name.partition(".")
-            expected[(component, name)] = LowRank(up[rows[0]:rows[1]], down, ALPHA / RANK,
-                                                  (rows[1] - rows[0],) + tuple(target.shape[1:]))
+            expected[(component, name)] = LowRank(up[index], down, ALPHA / RANK,
+                                                  (index.numel(),) + tuple(target.shape[1:]))
     path = tmp_path / f"lora_{fmt}.safetensors"
     save_file(tensors, path)
     return path, expected
@@ -252,6 +253,31 @@ def test_flux_lora_loads_fully_in_diffusers(tmp_path, fmt, flux_one_block, diffu
     diffusers.FluxPipeline.load_lora_into_transformer(state_dict, None, transformer=model, adapter_name=adapter)
     assert_deltas(model, adapter, {name: d for (component, name), d in expected.items()})
     assert not [m for m in diffusers_warnings if "unexpected" in m.lower() or "missing" in m.lower()]
+
+
+def test_flux_embedders_and_final_layer_load_fully_in_diffusers(tmp_path, flux_one_block, diffusers_warnings):
+    """The embedders and final groups on top of the blocks, in the diffusers spelling: every module loads, each
+    delta as written (the final adaLN modulation in diffusers' (scale; shift) order). diffusers' kohya converter
+    drops these groups without a word, so the report says so for that spelling."""
+    flux = arch.get("flux")
+    model = flux_one_block
+    stored = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    cmap = flux.canonical_map(stored, "diffusers", "")
+    shapes = {k: (sum(stored[s][0] for s in src),) + stored[src[0]][1:] for k, src in cmap.sources.items()
+              if None not in src}
+    targets = flux.targets(shapes, groups={"embedders", "final"})
+    assert {t.module for t in targets if t.group} == {
+        "img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
+        "guidance_in.in_layer", "guidance_in.out_layer", "final_layer.linear", "final_layer.adaLN_modulation.1"}
+    path, expected = write_lora(tmp_path, flux, "diffusers", targets, seed=3)
+    state_dict = diffusers.FluxPipeline.lora_state_dict(str(tmp_path), weight_name=path.name)
+    if isinstance(state_dict, tuple):
+        state_dict = state_dict[0]
+    diffusers.FluxPipeline.load_lora_into_transformer(state_dict, None, transformer=model, adapter_name="groups")
+    assert ("transformer", "norm_out.linear") in expected
+    assert_deltas(model, "groups", {name: d for (component, name), d in expected.items()})
+    assert not [m for m in diffusers_warnings if "unexpected" in m.lower() or "missing" in m.lower()]
+    assert flux.format_notes("kohya", ["final"]) and not flux.format_notes("diffusers", ["final", "embedders"])
 
 
 # --- SD1.5 (kohya names SD1 UNet modules diffusers-style) --------------------------------------

@@ -213,3 +213,47 @@ def test_stable_diffusion_base_plus_lora_is_the_fine_tune_in_unet_and_text_encod
     assert all(g <= GAP for per in results.values() for g in per.values()), results
     assert len(report.extracted) == sum(len(pieces(a, fmt, t)) for t in targets)
     assert max(layer.rel_error for layer in report.extracted) < 1e-3
+
+
+# final adaLN modulations whose halves diffusers holds the other way round: (shift; scale) -> (scale; shift)
+SWAPPED_FINAL = {"flux": "final_layer.adaLN_modulation.1", "flux2": "final_layer.adaLN_modulation.1",
+                 "flux3": "final_layer.image.adaLN_modulation.1", "sd3": "final_layer.adaLN_modulation.1",
+                 "hunyuan_video15": "final_layer.adaLN_modulation.1"}
+
+
+@pytest.mark.parametrize("name", sorted(SWAPPED_FINAL))
+def test_a_fine_tuned_final_modulation_comes_back_through_diffusers_and_comfyui(tmp_path, name):
+    """A fine-tune of the final adaLN modulation alone (`--include final`, a diffusers folder base and a native
+    file): only that module is extracted, and the model each client loads (the pipeline's load_lora_weights,
+    ComfyUI's rules) reproduces the fine-tune in a full forward pass. (Its row order, which diffusers swaps, is
+    checked against diffusers' own converters in test_new_architectures: here both sides go through our map.)"""
+    model = make_transformer(name)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    detected = arch.detect(set(state))
+    a = detected.arch
+    base = canonical_of(a, state, detected.layout, detected.prefix)
+    targets = [t for t in a.targets({k: tuple(v.shape) for k, v in base.items()}, groups={"final"})
+               if t.module == SWAPPED_FINAL[name]]
+    assert len(targets) == 1
+    tuned = plant(targets, base, torch.Generator().manual_seed(9), scale=0.5)
+    (tmp_path / "base" / "transformer").mkdir(parents=True)
+    st_save_file(state, str(tmp_path / "base" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    st_save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp_path / "tuned.safetensors"))
+    tuned_state = with_canonical(a, state, detected.layout, tuned, detected.prefix)
+    want, was = run_forward(name, tuned_state), run_forward(name, state)
+    for fmt in ("diffusers", "comfy"):
+        out = tmp_path / f"{fmt}.safetensors"
+        report = extract(tmp_path / "base", tmp_path / "tuned.safetensors", out, rank=PLANTED_RANK, format=fmt,
+                         groups=["final"], clamp_quantile=None, bias_diff=False, progress=False, device="cpu")
+        assert [layer.name for layer in report.extracted] == [targets[0].module]  # the unchanged others skipped
+        if fmt == "diffusers":
+            loaded = make_transformer(name)
+            pipe = make_pipeline(transformer_spec(name)[1], transformer=loaded)
+            with LoaderWarnings() as caught:
+                pipe.load_lora_weights(str(tmp_path), weight_name=out.name, adapter_name="x")
+            assert not caught.bad, caught.bad[:3]
+            got = forward(loaded, transformer_inputs(name))
+        else:
+            patched = comfy_apply(out, unet_key_map(a.name, {k: tuple(v.shape) for k, v in base.items()}), base)
+            got = run_forward(name, with_canonical(a, state, detected.layout, patched, detected.prefix))
+        assert gap(got, want, was) <= GAP, (fmt, gap(got, want, was))

@@ -20,7 +20,8 @@ class Chroma(Flux):
     implementation = "https://huggingface.co/lodestones/Chroma1-HD"
     metadata_tags = ("chroma",)
     lora_hint = re.compile(r"distilled_guidance_layer")
-    optional_groups = {"approximator": "distilled_guidance_layer (in_proj, its layers, out_proj)"}
+    optional_groups = {"approximator": "distilled_guidance_layer (in_proj, its layers, out_proj)",
+                       "embedders": "img_in and txt_in", "final": "final_layer.linear"}
 
     def detect(self, keys):
         prefix = find_prefix(keys, ["double_blocks.0.img_attn.qkv.weight", "distilled_guidance_layer.in_proj.weight"])

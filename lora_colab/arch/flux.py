@@ -3,10 +3,17 @@
 import re
 
 from .common import PEFT_SUFFIXES, LoraModule, NativeArchitecture, Target, find_prefix
+from .table import swapped_halves
 
 _DOUBLE = re.compile(r"double_blocks\.(\d+)\.(img|txt)_(attn\.qkv|attn\.proj|mlp\.0|mlp\.2|mod\.lin)\.weight")
 _SINGLE = re.compile(r"single_blocks\.(\d+)\.(linear1|linear2|modulation\.lin)\.weight")
 _MODULATION = ("mod.lin", "modulation.lin")
+_FINAL_MOD = "final_layer.adaLN_modulation.1"  # (shift; scale); diffusers' norm_out.linear holds (scale; shift)
+# optional targets outside the blocks: BFL module -> group
+_GLOBAL_GROUPS = {**{m: "embedders" for m in ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer",
+                                               "vector_in.in_layer", "vector_in.out_layer", "guidance_in.in_layer",
+                                               "guidance_in.out_layer")},
+                  "final_layer.linear": "final", _FINAL_MOD: "final"}
 
 # diffusers name (after the block index) -> BFL name, per block kind
 _DIFF_DOUBLE = {
@@ -31,12 +38,13 @@ _DIFF_GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in",
                 "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
                 "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
                 "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-                "proj_out": "final_layer.linear"}
+                "proj_out": "final_layer.linear", "norm_out.linear": _FINAL_MOD}
 _DIFF_KEY = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.(weight|bias|scale)")
 
 # BFL module (after the block index) -> diffusers module, for writing diffusers-format LoRAs
 _TO_DIFF_DOUBLE = {bfl: diff for diff, bfl in _DIFF_DOUBLE.items()}
 _TO_DIFF_SINGLE = {"linear2": "proj_out", "modulation.lin": "norm.linear"}
+_TO_DIFF_GLOBAL = {bfl: diff for diff, bfl in _DIFF_GLOBAL.items()}
 
 
 def _diffusers_to_bfl(native):
@@ -70,7 +78,9 @@ class Flux(NativeArchitecture):
     implementation = "https://github.com/black-forest-labs/flux"
     lora_hint = re.compile(r"(?:^|_)(?:double_blocks_\d+_(?:img|txt)_|single_blocks_\d+_linear)|single_transformer_blocks_\d+_(?:proj_mlp|attn_to_q)")
     metadata_tags = ("flux-1", "flux1", "flux.1")
-    optional_groups = {"modulation": "img_mod/txt_mod/modulation linears"}
+    optional_groups = {"modulation": "img_mod/txt_mod/modulation linears",
+                       "embedders": "img_in, txt_in and the time, vector and guidance embedders",
+                       "final": "final_layer.linear and its adaLN modulation"}
 
     def detect(self, keys):
         prefix = find_prefix(keys, ["double_blocks.0.img_attn.qkv.weight"])
@@ -85,8 +95,15 @@ class Flux(NativeArchitecture):
     def from_layout(self, native, layout):
         return _diffusers_to_bfl(native) if layout == "diffusers" else (native, 0, 1)
 
+    def row_order(self, key, layout, shape_of):
+        if layout == "diffusers" and key in (f"{_FINAL_MOD}.weight", f"{_FINAL_MOD}.bias"):
+            return swapped_halves(shape_of(key)[0])
+        return None
+
     def targets(self, shapes, groups=frozenset(), conv=False, text_encoders=True):
-        found = []
+        found = [Target(key, key[: -len(".weight")], tuple(shape), group=_GLOBAL_GROUPS[key[: -len(".weight")]])
+                 for key, shape in shapes.items() if key.endswith(".weight") and len(shape) == 2
+                 and _GLOBAL_GROUPS.get(key[: -len(".weight")]) in groups]
         for key, shape in shapes.items():
             hit = _DOUBLE.fullmatch(key) or _SINGLE.fullmatch(key)
             if not hit or len(shape) != 2:
@@ -105,8 +122,17 @@ class Flux(NativeArchitecture):
             found.append(Target(key, module, tuple(shape), splits=splits, group=group))
         return found
 
+    def format_notes(self, fmt, groups):
+        if fmt == "kohya" and set(groups) & {"embedders", "final"} and self.name == "flux":
+            return ["diffusers' kohya converter for Flux.1 drops the embedders and the final layer without a word: "
+                    "those load in ComfyUI; for diffusers extract with --format diffusers"]
+        return []
+
     def diffusers_modules(self, target):
         peft = PEFT_SUFFIXES
+        if target.module in _GLOBAL_GROUPS:
+            order = swapped_halves(target.shape[0]) if target.module == _FINAL_MOD else None
+            return [LoraModule(f"transformer.{_TO_DIFF_GLOBAL[target.module]}", None, peft, False, order=order)]
         kind, index, rest = target.module.split(".", 2)
         if kind == "double_blocks":
             block = f"transformer.transformer_blocks.{index}"
