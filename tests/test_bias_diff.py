@@ -151,7 +151,7 @@ def test_cli_and_notebook_switches():
 def test_wan_block_biases_load_through_diffusers(tmp_path):
     """diffusers turns Wan's `.diff_b` of LoRA'd block modules into PEFT lora_B biases: the layers' outputs
     match the fine-tune's."""
-    from test_new_architectures import canonical, linear_outputs, load_into, planted_pair, tiny, to_diffusers
+    from test_new_architectures import linear_outputs, load_into, planted_pair, tiny, to_diffusers
 
     gen = torch.Generator().manual_seed(4)
     base_model = tiny("wan")

@@ -134,7 +134,7 @@ def format_summary(summary, max_meta_chars=200):
             f"spelling:  {summary['spelling']}",
             f"ranks:     {_counts(summary['ranks'])}",
             f"alphas:    {_counts(summary['alphas'])}",
-            f"base:      " + (", ".join(f"{k}={v}" for k, v in summary["base_model"].items()) or "not named in metadata"),
+            "base:      " + (", ".join(f"{k}={v}" for k, v in summary["base_model"].items()) or "not named in metadata"),
             f"tensors:   {summary['tensors']}" + (f" ({summary['other_tensors']} not LoRA layers)"
                                                   if summary["other_tensors"] else ""),
             f"dtypes:    {dtypes or '-'}",
