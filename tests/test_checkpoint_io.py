@@ -434,7 +434,8 @@ def test_a_direct_read_fits_the_slack_at_the_worst_alignment(tmp_path):
 
 
 def test_direct_reads_fall_back_when_refused_or_short(tmp_path, monkeypatch):
-    """A file system that refuses direct reads (EINVAL) is read buffered from then on; a short unaligned
+    """A file system that refuses direct reads (EINVAL, or a FUSE mount's EOPNOTSUPP) is read buffered from then
+    on; a short unaligned
     direct read is finished through the page cache; either way the bytes are exact."""
     import errno
     from lora_colab.io.local_file import LocalFile
@@ -456,12 +457,15 @@ def test_direct_reads_fall_back_when_refused_or_short(tmp_path, monkeypatch):
         assert torch.equal(src.read_new(336, 2 << 20), data[336:336 + (2 << 20)])
         assert calls[0] == src._direct and src.fd in calls[1:] and src._use_direct
 
-        def refuse(fd, buffers, offset):
-            if fd == src._direct:
-                raise OSError(errno.EINVAL, "Invalid argument")
-        calls = _recording_preadv(monkeypatch, refuse)
-        assert torch.equal(src.read_new(4096, 2 << 20), data[4096:4096 + (2 << 20)])
-        assert not src._use_direct and calls[-1] == src.fd
+        for code in (errno.EINVAL, errno.EOPNOTSUPP):
+            src._use_direct = True
+
+            def refuse(fd, buffers, offset, code=code):
+                if fd == src._direct:
+                    raise OSError(code, os.strerror(code))
+            calls = _recording_preadv(monkeypatch, refuse)
+            assert torch.equal(src.read_new(4096, 2 << 20), data[4096:4096 + (2 << 20)])
+            assert not src._use_direct and calls[-1] == src.fd
 
 
 def test_direct_io_can_be_turned_off(tmp_path, monkeypatch):

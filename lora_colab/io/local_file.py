@@ -1,7 +1,6 @@
 """A local file read with positional reads into caller buffers (no mmap), releasing its page cache; large
 reads bypass the page cache (O_DIRECT) where the file system allows."""
 
-import errno
 import os
 import threading
 
@@ -76,9 +75,11 @@ class LocalFile(ByteSource):
             try:
                 got = os.preadv(self._direct, [view[done:span]], start + done)
             except OSError as exc:
-                if exc.errno != errno.EINVAL or done:
+                if done:
                     raise CheckpointError(self.path, f"read failed: {exc.strerror or exc}", tensor) from None
-                self._use_direct = False  # this file system takes no direct I/O: read buffered from now on
+                # this file system takes no direct reads (EINVAL; a FUSE mount may say EOPNOTSUPP or EIO): read
+                # through the page cache from now on, which reports its own error if the file is at fault
+                self._use_direct = False
                 return super().read_staged(buf, offset, nbytes, tensor)
             if got == 0:
                 raise CheckpointError(self.path, f"file ended {want - done} bytes early (changed while reading?)",
