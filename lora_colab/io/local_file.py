@@ -41,18 +41,8 @@ class LocalFile(ByteSource):
     def readinto(self, view, offset, tensor=None):
         """Fill the writable memoryview `view` from `offset`; raise CheckpointError on a short file."""
         view = view.cast("B")
-        done, total = 0, len(view)
-        while done < total:
-            chunk = view[done:done + _CHUNK]
-            try:
-                got = self._read_some(chunk, offset + done)
-            except OSError as exc:
-                raise CheckpointError(self.path, f"read failed: {exc.strerror or exc}", tensor) from None
-            if got == 0:
-                raise CheckpointError(self.path, f"file ended {total - done} bytes early (changed while reading?)",
-                                      tensor)
-            done += got
-        self.bytes_read += total
+        self._read_buffered(view, offset, tensor)
+        self.bytes_read += len(view)
 
     def read_staged(self, buf, offset, nbytes, tensor=None):
         """As ByteSource.read_staged; a large read goes around the page cache: the block-aligned span
@@ -100,11 +90,16 @@ class LocalFile(ByteSource):
             return -1
 
     def _read_buffered(self, view, offset, tensor):
-        done = 0
-        while done < len(view):
-            got = self._read_some(view[done:done + _CHUNK], offset + done)
+        """Fill `view` from `offset` through the page cache; one CheckpointError line on a failed or short read."""
+        done, total = 0, len(view)
+        while done < total:
+            try:
+                got = self._read_some(view[done:done + _CHUNK], offset + done)
+            except OSError as exc:
+                raise CheckpointError(self.path, f"read failed: {exc.strerror or exc}", tensor) from None
             if got == 0:
-                raise CheckpointError(self.path, "file ended early (changed while reading?)", tensor)
+                raise CheckpointError(self.path, f"file ended {total - done} bytes early (changed while reading?)",
+                                      tensor)
             done += got
 
     def _read_some(self, chunk, offset):
