@@ -28,13 +28,13 @@ class CanonicalCheckpoint(Closeable):
             problem = loader_problem(info)
             if problem:
                 raise CheckpointError(ckpt.path, problem)
-            detected = arch_registry.Detected(DiffusersModel(info), "diffusers", detected.prefix)
-            others = together(info)
-            if others:  # a pipeline's folder: its other components that load with the model, in one file
+            others = together(info)  # in a pipeline's folder: its components that load with the model, one file
+            detected = arch_registry.Detected(DiffusersModel(info, others), "diffusers",
+                                              "" if others else detected.prefix)
+            if others:  # every key then carries its component's name
                 self.ckpt = open_components(info, (info.component,) + tuple(others))
                 ckpt.close()
                 keys = [k for k in self.ckpt.keys() if not is_auxiliary(k)]
-                detected = arch_registry.Detected(DiffusersModel(info, others), "diffusers", "")
         try:
             self._start(keys, detected, arch)
         except BaseException:

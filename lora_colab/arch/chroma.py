@@ -22,6 +22,7 @@ class Chroma(Flux):
     lora_hint = re.compile(r"distilled_guidance_layer")
     optional_groups = {"approximator": "distilled_guidance_layer (in_proj, its layers, out_proj)",
                        "embedders": "img_in and txt_in", "final": "final_layer.linear"}
+    kohya_dropped_groups = set()  # (not measured for Chroma's converter: the report claims nothing)
 
     def detect(self, keys):
         prefix = find_prefix(keys, ["double_blocks.0.img_attn.qkv.weight", "distilled_guidance_layer.in_proj.weight"])

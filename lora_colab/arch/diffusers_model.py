@@ -12,6 +12,7 @@ report, to extract from its folder."""
 
 import inspect
 from dataclasses import replace
+from functools import lru_cache
 
 from .common import PEFT_SUFFIXES, LoraModule
 from .generic import Generic
@@ -119,6 +120,7 @@ def _diffusers_class(name):
         return None
 
 
+@lru_cache(maxsize=None)  # (it may read the loader's source: once per pipeline class and component)
 def loader_prefix(pipeline_class, component):
     """The prefix under which a pipeline's `load_lora_weights` takes `component`'s layers from one file (the
     loader's `<component>_name`, else the component's own name), or None where it loads that component only

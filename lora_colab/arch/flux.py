@@ -81,6 +81,7 @@ class Flux(NativeArchitecture):
     optional_groups = {"modulation": "img_mod/txt_mod/modulation linears",
                        "embedders": "img_in, txt_in and the time, vector and guidance embedders",
                        "final": "final_layer.linear and its adaLN modulation"}
+    kohya_dropped_groups = {"embedders", "final"}  # what diffusers' kohya converter skips silently (measured)
 
     def detect(self, keys):
         prefix = find_prefix(keys, ["double_blocks.0.img_attn.qkv.weight"])
@@ -123,9 +124,9 @@ class Flux(NativeArchitecture):
         return found
 
     def format_notes(self, fmt, groups):
-        if fmt == "kohya" and set(groups) & {"embedders", "final"} and self.name == "flux":
-            return ["diffusers' kohya converter for Flux.1 drops the embedders and the final layer without a word: "
-                    "those load in ComfyUI; for diffusers extract with --format diffusers"]
+        if fmt == "kohya" and set(groups) & self.kohya_dropped_groups:
+            return [f"diffusers' kohya converter for {self.title} drops the embedders and the final layer without "
+                    "a word: those load in ComfyUI; for diffusers extract with --format diffusers"]
         return []
 
     def diffusers_modules(self, target):
