@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..arch import guess_lora_arch
-from ..arch.common import row_index, row_segments
+from ..arch.common import row_segments
 from .base_refs import BaseReferences
 from ..dtypes import parse_dtype
 from ..errors import CheckpointError, Interrupted, LoraColabError, OptionError
@@ -25,7 +25,8 @@ from ..memory import fmt_bytes
 from ..progress import progress_bar
 from ..lowrank.recipes import CHECKPOINT_KEYS, parse_recipes
 from ..lora.journal import show, worth_keeping
-from .spectrum import Spectrum, decompose, qr_core  # noqa: F401 (qr_core: part of the resizer API)
+from .merge import merge_spectra, reweight
+from .spectrum import decompose, qr_core  # noqa: F401 (qr_core: part of the resizer API)
 from .journal import decomposed, keep_decomposed, keep_references, open_journal, references
 from ..lowrank.selection import Selection, kohya_rank, subspace_reference  # noqa: F401 (kohya_rank: resizer API)
 from ..lora.writer import SpillWriter
@@ -234,114 +235,12 @@ def _decompose_all(lora_arg, device, base=None, token=None, tick=None, journal_o
     if len(loaded) == 1:
         weight, spectra = loaded[0]
         for sp in spectra.values():
-            _reweight(sp, weight)
+            reweight(sp, weight)
         return list(spectra.values()), passthrough, metadata, warnings, journal
     merged, note = merge_spectra(loaded, base)
     if note:
         warnings.append(note)
     return merged, passthrough, metadata, warnings, journal
-
-
-def _reweight(sp, weight):
-    """Scale a spectrum by a merge weight (a negative weight flips the left vectors)."""
-    if weight != 1.0:
-        sp.s = sp.s * abs(weight)
-        if weight < 0:
-            sp.u = -sp.u
-
-
-def _spelling_key(name):
-    """A module name with kohya's and ComfyUI's spellings made equal (used when no base is given)."""
-    if name.startswith("diffusion_model."):
-        name = "lora_unet_" + name[len("diffusion_model."):]
-    return name.replace(".", "_")
-
-
-def merge_spectra(loaded, base):
-    """Σ weight·ΔW over LoRAs [(weight, {name: Spectrum})], layer by canonical module.
-
-    With a base checkpoint every module name (kohya, ComfyUI, PEFT, musubi; fused or split) is mapped to
-    the base weight and rows it patches, so one module spelled three ways is one layer; the result is
-    spelled as the first LoRA is. Without a base, layers are matched by name (kohya = ComfyUI spelling).
-    Returns (spectra, a note or None).
-    """
-    if base is None:
-        return _merge_by_name(loaded)
-    fmt = base.format_of(loaded[0][1])
-    groups, unplaced = {}, []
-    for weight, spectra in loaded:
-        for name, sp in spectra.items():
-            found = base.locate(name)
-            if found is None:
-                unplaced.append((weight, sp))
-                continue
-            groups.setdefault(found[0], []).append((weight, sp, found[1]))
-    merged = []
-    for key, parts in groups.items():
-        target = base.targets[key]
-        rows_total = target.shape[0]
-        ups, downs, old_rank = [], [], 0
-        scale = _top((weight, sp) for weight, sp, _ in parts)
-        for weight, sp, rows in parts:
-            up = torch.zeros(rows_total, sp.s.numel(), dtype=sp.u.dtype)
-            up[row_index(rows, rows_total)] = sp.u * (weight * sp.s)
-            ups.append(up)
-            downs.append(sp.v.T)
-            old_rank += sp.old_rank or sp.s.numel()
-        up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
-        for module in base.arch.lora_modules(target, fmt):
-            index = row_index(module.located_rows, rows_total)
-            sp = _refactor(module.name, up[index], down, (index.numel(),) + tuple(target.shape[1:]), old_rank,
-                           module.alpha, module.factor_suffixes, scale)
-            if sp is not None:
-                merged.append(sp)
-    if not unplaced:
-        return merged, None
-    rest, _ = _merge_by_name([(weight, {sp.name: sp}) for weight, sp in unplaced])
-    return merged + rest, (f"{len(unplaced)} layers of the merged LoRAs patch no weight of the base "
-                           f"{base.describe()} (first: {unplaced[0][1].name}); they were matched by name only")
-
-
-def _merge_by_name(loaded):
-    groups, order = {}, []
-    for weight, spectra in loaded:
-        for name, sp in spectra.items():
-            key = _spelling_key(name)
-            if key not in groups:
-                order.append(key)
-            groups.setdefault(key, []).append((weight, sp))
-    merged = []
-    for key in order:
-        parts = groups[key]
-        first = parts[0][1]
-        up = torch.cat([sp.u * (weight * sp.s) for weight, sp in parts], dim=1)
-        down = torch.cat([sp.v.T for _, sp in parts], dim=0)
-        old_rank = sum(sp.old_rank or sp.s.numel() for _, sp in parts)
-        sp = _refactor(first.name, up, down, first.out_shape, old_rank, True, first.suffixes, _top(parts))
-        if sp is not None:
-            sp.dora_key = first.dora_key
-            merged.append(sp)
-    partial = sum(len(parts) < len(loaded) for parts in groups.values())
-    note = (f"{partial} layers are in only some of the merged LoRAs; without the base checkpoint layers are "
-            f"matched by name, so LoRAs spelled differently (ComfyUI/kohya vs diffusers) are not combined: give "
-            f"the base checkpoint" if partial and len(loaded) > 1 else None)
-    return merged, note
-
-
-def _top(parts):
-    """The largest weighted σ among merge contributions [(weight, Spectrum)]."""
-    return max((abs(weight) * float(sp.s[:1].sum()) for weight, sp in parts), default=0.0)
-
-
-def _refactor(name, up, down, out_shape, old_rank, has_alpha, suffixes, scale):
-    """A Spectrum of up @ down (QR core) without the directions below float32 rounding of `scale` (the
-    largest σ that went in), or None when nothing is left (contributions that cancel)."""
-    u, s, v = qr_core(up, down)
-    keep = s > scale * 1e-5
-    if not bool(keep.any()):
-        return None
-    return Spectrum(name, "lora", u[:, keep], s[keep], v[:, keep], tuple(out_shape), old_rank, has_alpha, 1.0,
-                    tuple(suffixes))
 
 
 def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2", dtype=None, device="auto",
