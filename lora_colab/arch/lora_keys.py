@@ -11,14 +11,19 @@ FACTOR_SUFFIXES = (
     (".lora_A.weight", ".lora_B.weight"),
     (".lora.down.weight", ".lora.up.weight"),
     ("_lora.down.weight", "_lora.up.weight"),
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
 )
 _LYCORIS = re.compile(r"(.+?)\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2|lora_mid\.weight|diff|"
-                      r"alpha|dora_scale)$")
+                      r"alpha|dora_scale|lora_magnitude_vector(?:\.weight)?|magnitude)$")
+ATTACHED = ("alpha", "dora_scale", "magnitude")  # roles that belong to a layer found by its other tensors
 
 
 @dataclass
 class LoraLayer:
-    """One module of a LoRA file: its kind ("lora", "tucker", "loha", "lokr", "diff") and raw tensors."""
+    """One module of a LoRA file: its kind ("lora", "tucker", "loha", "lokr", "diff") and raw tensors by role
+    (`down`, `up`, `lora_mid`, `hada_w1_a`..., `alpha`; a DoRA magnitude as `dora_scale` (kohya, LyCORIS,
+    OneTrainer: its shape tells the axis) or `magnitude` (PEFT's `lora_magnitude_vector`, ai-toolkit's
+    `magnitude`: one per output row))."""
 
     name: str
     kind: str
@@ -59,18 +64,18 @@ def scan_layers(keys):
         if not hit:
             continue
         name, role = hit.groups()
-        role = role.replace(".weight", "")
+        role = _role(role)
         layer = layers.get(name)
         if layer is None:
-            if role in ("alpha", "dora_scale"):
+            if role in ATTACHED:
                 continue  # attached below, once the layer is known
             layer = layers[name] = LoraLayer(name, "unknown")
         layer.tensors[role] = key
         used.add(key)
-    for key in keys:  # alpha / dora_scale of layers found above
+    for key in keys:  # alpha / DoRA magnitude of layers found above
         hit = _LYCORIS.fullmatch(key)
-        if hit and hit.group(1) in layers and hit.group(2) in ("alpha", "dora_scale"):
-            layers[hit.group(1)].tensors[hit.group(2)] = key
+        if hit and hit.group(1) in layers and _role(hit.group(2)) in ATTACHED:
+            layers[hit.group(1)].tensors[_role(hit.group(2))] = key
             used.add(key)
     for layer in layers.values():
         roles = set(layer.tensors)
@@ -84,6 +89,12 @@ def scan_layers(keys):
     unknown = [k for k in keys if k not in used]
     return {n: l for n, l in layers.items() if l.kind != "unknown"}, unknown + [
         k for l in layers.values() if l.kind == "unknown" for k in l.tensors.values()]
+
+
+def _role(suffix):
+    if suffix.startswith(("lora_magnitude_vector", "magnitude")):
+        return "magnitude"
+    return suffix.replace(".weight", "")
 
 
 def _complete(kind, roles):

@@ -135,7 +135,7 @@ class DiffusersFolder:
         """The config.json of another component of the pipeline folder given (None where there is none)."""
         if self.pipeline_folder is None:
             return None
-        return _small_json(self.pipeline_folder.child(component).child("config.json"))
+        return small_json(self.pipeline_folder.child(component).child("config.json"))
 
     def has_weights(self, component):
         """Whether the pipeline folder given holds weights for `component` (a folder of them)."""
@@ -152,12 +152,12 @@ class DiffusersFolder:
 def diffusers_folder(folder, weights):
     """The DiffusersFolder of a folder opened through `weights` (its resolved file), or None when no
     `config.json` beside the weights names a class."""
-    config = _small_json(weights.sibling("config.json"))
+    config = small_json(weights.sibling("config.json"))
     model_class = config.get("_class_name") if isinstance(config, dict) else None
     if not isinstance(model_class, str):
         return None
     component = posixpath.basename(posixpath.dirname(weights.display.replace("\\", "/").rstrip("/")))
-    index = _small_json(weights.sibling("../model_index.json"))
+    index = small_json(weights.sibling("../model_index.json"))
     pipeline = index.get("_class_name") if isinstance(index, dict) else None
     if not isinstance(pipeline, str) or component not in index:
         return DiffusersFolder(model_class, config=config)
@@ -170,7 +170,7 @@ def open_components(info, components):
     return PipelineCheckpoint(info.pipeline_folder, components)
 
 
-def _small_json(location, limit=1 << 20):
+def small_json(location, limit=1 << 20):
     """A small JSON file's content, or None when it is missing, too large or not JSON."""
     try:
         if not location.exists():
