@@ -6,6 +6,7 @@ Quick start::
     report = lora_colab.extract("base.safetensors", "tuned.safetensors", "lora.safetensors", rank=32)
     print(report)                      # per-layer ranks, errors, the file written
     lora_colab.resize("base.safetensors", ["lora.safetensors"], "out/", "spn_ckpt=1,thr=-1.2")
+    lora_colab.convert("base.safetensors", ["lora.safetensors"], "diffusers")  # the spelling a client loads
 
 Sources may be paths, URLs or Hub files (`owner/repo:file`), read in place; `lora-colab --help` and the
 README list the rest. The public names are imported on first use, so `lora-colab --help` and
@@ -29,7 +30,7 @@ _EXPORTS = {
     "open_canonical": "arch.canonical",
     "extract": "extraction.extractor",
     "ExtractReport": "extraction.report", "LayerReport": "extraction.report",
-    "ResizeReport": "resizing.resizer", "resize": "resizing.resizer",
+    "ResizeReport": "resizing.resizer", "resize": "resizing.resizer", "convert": "resizing.convert",
 }
 
 __all__ = ["__version__"] + sorted(_EXPORTS)

@@ -138,7 +138,22 @@ def _cmd_resize(args):
                       for path, weight in _split_merge(lora)) for lora in args.loras] if args.download else args.loras
     reports = resize(checkpoint, loras, args.output_folder, args.recipes, dtype=args.dtype,
                      device=args.device, verbose=0, token=args.token, progress=not args.quiet and not args.json,
-                     resume=args.resume, restart=args.restart)
+                     resume=args.resume, restart=args.restart, to=args.to)
+    return _print_reports(reports, args)
+
+
+def _cmd_convert(args):
+    from .resizing.convert import convert
+
+    checkpoint = None if args.checkpoint.lower() == "none" else _local_or_remote(args.checkpoint, args)
+    loras = [str(_local_or_remote(path, args)) for path in args.loras]
+    reports = convert(checkpoint, loras, args.to, args.output_folder, dtype=args.dtype, device=args.device,
+                      token=args.token, progress=not args.quiet and not args.json, resume=args.resume,
+                      restart=args.restart)
+    return _print_reports(reports, args)
+
+
+def _print_reports(reports, args):
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2, default=str))
     else:
@@ -253,6 +268,7 @@ def build_parser():
     res.add_argument("-r", "--recipes", default="spn_ckpt=1,thr=-1.2", help="default: %(default)s")
     res.add_argument("-t", "--dtype", type=_dtype_value, default=None,
                      help="output precision: bf16, fp16 (or 16) or fp32 (or 32) (default: the input's)")
+    _add_spelling_option(res, required=False)
     res.add_argument("-d", "--device", default="auto", help="cpu, cuda or auto (default)")
     res.add_argument("-v", "--verbose", action="count", default=0,
                      help="-v: totals, threshold, size and score quantiles; -vv: every layer's old -> new rank")
@@ -261,7 +277,43 @@ def build_parser():
     _add_resume_options(res, "STEM.resize.journal beside the outputs")
     _add_source_options(res)
     res.set_defaults(func=_cmd_resize)
+
+    conv = commands.add_parser(
+        "convert", help="rewrite LoRAs in the spelling a client loads (kohya, ComfyUI, diffusers, PEFT)",
+        description="Read each LoRA as its trainer wrote it (kohya, LyCORIS, musubi-tuner, OneTrainer, ComfyUI, "
+                    "ai-toolkit, DiffSynth-Studio, diffusers, PEFT folders: each with its own alpha rule) and write "
+                    "it whole in the spelling a client loads. Module paths that differ between spellings change "
+                    "through the base checkpoint's map (only its header is read); what the target cannot load is "
+                    "named in one line and left out.")
+    conv.add_argument("checkpoint", metavar="CHECKPOINT",
+                      help="the base model the LoRAs were trained on, or 'none' where the module paths stay as "
+                           "they are (e.g. PEFT folder <-> diffusers file); takes " + _SOURCES)
+    conv.add_argument("loras", nargs="+", metavar="LORA")
+    _add_spelling_option(conv, required=True)
+    conv.add_argument("-o", "--output-folder", default=None, metavar="FOLDER",
+                      help="the folder to write into (STEM_SPELLING.safetensors, a folder for peft); default: "
+                           "each local LoRA's own folder, else the current one")
+    conv.add_argument("-t", "--dtype", type=_dtype_value, default=None,
+                      help="output precision: bf16, fp16 (or 16) or fp32 (or 32) (default: the input's)")
+    conv.add_argument("-d", "--device", default="auto", help="cpu, cuda or auto (default)")
+    conv.add_argument("-v", "--verbose", action="count", default=0, help="-vv: every layer")
+    conv.add_argument("--json", action="store_true", help="print the reports as JSON")
+    conv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_resume_options(conv, "STEM.resize.journal beside the outputs")
+    _add_source_options(conv)
+    conv.set_defaults(func=_cmd_convert)
     return parser
+
+
+_SPELLINGS = ("kohya", "comfy", "diffusers", "peft")
+
+
+def _add_spelling_option(p, required):
+    p.add_argument("--to", choices=_SPELLINGS, required=required, default=None,
+                   help="the output's spelling: kohya (lora_unet_: kohya, A1111/Forge, ComfyUI), comfy "
+                        "(diffusion_model.: ComfyUI), diffusers (transformer./unet. + lora_A/B with its adapter "
+                        "metadata: load_lora_weights), peft (a save_pretrained folder: PeftModel.from_pretrained)"
+                        + ("" if required else "; default: the input's own"))
 
 
 def main(argv=None):

@@ -119,7 +119,7 @@ def test_inspect_recognises_lora_files(demo, capsys):
     assert main(["inspect", str(lora)]) == 0
     out = capsys.readouterr().out
     assert "kind:      LoRA for Z-Image, 20 modules (lora x20)" in out
-    assert "spelling:  kohya (lora_unet_/lora_te_)" in out
+    assert "spelling:  kohya (sd-scripts): loads in kohya's networks/lora.py, A1111/Forge, ComfyUI" in out
     assert "ranks:     4 x20" in out and "alphas:    4 x20" in out
     assert "ss_base_model_version=zimage" in out
     assert main(["inspect", "--json", str(lora)]) == 0

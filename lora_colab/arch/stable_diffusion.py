@@ -260,7 +260,8 @@ class SD15(_StableDiffusion):
     implementation = "diffusers"
     te_prefixes = {"te": "cond_stage_model.transformer."}
     resolution = "512x512"
-    lora_hint = re.compile(r"^lora_te_text_model|^lora_unet_(?:down|up|mid)_blocks?_")
+    lora_hint = re.compile(r"^lora_te_text_model|(?:^|_)(?:down|up)_blocks_\d+_(?:attentions|resnets)_\d+|"
+                           r"(?:^|_)mid_block_(?:attentions|resnets)_")
     metadata_tags = ("sd_v1", "stable-diffusion-v1")
 
     def detect(self, keys):
@@ -276,3 +277,20 @@ class SD15(_StableDiffusion):
 
     def unet_kohya_path(self, module):
         return sgm_to_diffusers(module)  # sd-scripts' SD1 UNet uses diffusers module names
+
+
+_CONV3X3 = re.compile(r"(in_layers_2|out_layers_3|_op|_conv|conv1|conv2|conv_in|conv_out)$")
+_CONV1X1 = re.compile(r"(skip_connection|conv_shortcut)$")
+
+
+def lora_conv_shape(name, shape):
+    """The weight shape of a UNet convolution that a LoRA module `name` patches, from its flattened 2-D change
+    `shape` (LoHa keeps a convolution's factors flat): 3×3 for the ResNet, down- and upsampling convs, 1×1
+    for the skip connections; `shape` for any other name."""
+    flat = name.replace(".", "_")
+    out, cols = shape
+    if _CONV3X3.search(flat) and cols % 9 == 0:
+        return (out, cols // 9, 3, 3)
+    if _CONV1X1.search(flat):
+        return (out, cols, 1, 1)
+    return tuple(shape)

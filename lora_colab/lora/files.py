@@ -135,7 +135,7 @@ class LoraFile(Closeable):
                 w2 = torch.einsum("i j k l, j r, i p -> p r k l", self.read(t["lokr_t2"], device), b, a)
             else:
                 w2 = (a @ b.flatten(1)).reshape((-1,) + tuple(b.shape[1:]))
-        w = torch.kron(w1.reshape(w1.shape + (1,) * (w2.dim() - w1.dim())), w2)
+        w = torch.kron(w1.reshape(w1.shape + (1,) * (w2.dim() - w1.dim())), w2.contiguous())
         scale = self.scale(layer, rank) if rank else 1.0
         return w.reshape(w.shape[0], -1) * scale, tuple(w.shape)
 

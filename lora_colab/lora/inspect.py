@@ -5,6 +5,8 @@ from collections import Counter
 from ..io.checkpoint import ShardedCheckpoint
 from ..arch.canonical import CanonicalCheckpoint
 from ..memory import fmt_bytes
+from .spellings import detect
+from .spellings.adapter_config import read_metadata
 
 
 def _target_counts(ckpt):
@@ -19,21 +21,27 @@ def _target_counts(ckpt):
     return view.detected.describe(), counts
 
 
-def lora_spelling(names):
-    """How a LoRA names its modules: kohya, ComfyUI, diffusers (PEFT), musubi-tuner or mixed."""
-    kinds = Counter()
-    for name in names:
-        if name.startswith(("lora_unet_", "lora_te")):
-            kinds["kohya (lora_unet_/lora_te_)"] += 1
-        elif name.startswith("diffusion_model."):
-            kinds["ComfyUI (diffusion_model.)"] += 1
-        elif name.startswith(("transformer.", "unet.", "text_encoder")):
-            kinds["diffusers/PEFT (transformer./unet./text_encoder.)"] += 1
-        elif name.startswith("lycoris_"):
-            kinds["LyCORIS (lycoris_)"] += 1
-        else:
-            kinds["bare module names"] += 1
-    return " + ".join(kind for kind, _ in kinds.most_common()) or "-"
+def lora_spelling(layers, metadata=None):
+    """Who wrote a LoRA, as its names and metadata tell (kohya, musubi-tuner, LyCORIS, OneTrainer, ComfyUI,
+    ai-toolkit, DiffSynth-Studio, diffusers, PEFT), and which clients load it as it is."""
+    spelling = detect(layers, metadata or {})
+    return f"{spelling.title}: loads in {', '.join(spelling.clients)}"
+
+
+def _alphas(layers, ckpt, meta):
+    """{alpha: count} from the `X.alpha` tensors, else what PEFT's adapter config says."""
+    alphas = Counter()
+    for layer in layers.values():
+        if "alpha" in layer.tensors:
+            alphas[f"{float(ckpt.read(layer.tensors['alpha']).float().reshape(-1)[0]):g}"] += 1
+    if alphas:
+        return dict(alphas.most_common())
+    configs = read_metadata(meta)
+    if configs:
+        return {f"{(prefix + ': ') if prefix else ''}r={c.r:g}, lora_alpha={c.lora_alpha:g}"
+                f"{' (rslora)' if c.use_rslora else ''}{' + patterns' if c.rank_pattern or c.alpha_pattern else ''}"
+                f" (adapter metadata)": 1 for prefix, c in configs.items()}
+    return {"none (scale 1)": len(layers)}
 
 
 def summarize_lora(ckpt):
@@ -42,14 +50,12 @@ def summarize_lora(ckpt):
     from ..arch.lora_keys import scan_layers
 
     layers, other = scan_layers(ckpt.keys())
-    ranks, alphas = Counter(), Counter()
+    ranks = Counter()
     for layer in layers.values():
         for role in ("down", "hada_w1_b", "lokr_w2_b"):
             if role in layer.tensors and ckpt.shape(layer.tensors[role]):
                 ranks[ckpt.shape(layer.tensors[role])[0]] += 1
                 break
-        if "alpha" in layer.tensors:
-            alphas[f"{float(ckpt.read(layer.tensors['alpha']).float().reshape(-1)[0]):g}"] += 1
     meta = ckpt.metadata
     named = {k: meta[k] for k in ("ss_base_model_version", "modelspec.architecture", "ss_sd_model_name",
                                   "ss_output_name", "modelspec.title") if meta.get(k)}
@@ -62,11 +68,11 @@ def summarize_lora(ckpt):
         "dtypes": dict(Counter(ckpt.st_dtype(k) for k in ckpt.keys()).most_common()),
         "total_bytes": ckpt.total_bytes,
         "file_bytes": sum(source.size for source in ckpt.sources),
-        "spelling": lora_spelling(layers),
+        "spelling": lora_spelling(layers, meta),
         "modules": len(layers),
         "layer_kinds": dict(Counter(layer.kind for layer in layers.values()).most_common()),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
-        "alphas": dict(alphas.most_common()) if alphas else {"none (scale 1, PEFT)": len(layers)},
+        "alphas": _alphas(layers, ckpt, meta),
         "other_tensors": len(other),
         "architecture": guess_lora_arch(list(layers), meta),
         "base_model": named,

@@ -57,6 +57,11 @@ class Recipe:
                 "rescale": self.rescale, "rank": self.rank, "method": self.method, "param": self.param}
 
 
+def keep_all():
+    """The recipe that keeps every direction (a conversion: the change as it is, in another spelling)."""
+    return Recipe("all")
+
+
 def _num(value):
     return f"{value:g}"
 

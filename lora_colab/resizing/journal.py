@@ -10,13 +10,14 @@ import torch
 from ..lora.journal import Journal, identity_of
 from .spectrum import Spectrum
 
-_SPECTRUM_FIELDS = ("name", "kind", "out_shape", "old_rank", "has_alpha", "in_scale", "suffixes", "dora_key")
+_SPECTRUM_FIELDS = ("name", "kind", "out_shape", "old_rank", "has_alpha", "in_scale", "suffixes", "magnitude_axis",
+                    "magnitude_suffix", "magnitude_shape")
 
 
 def open_journal(folder, lora_arg, loras, base, stem, restart=False):
     """The journal of one LoRA argument (`loras`: its open LoraFiles with their merge weights) resized
     against `base` (BaseReferences or None), at `folder/STEM.resize.journal`."""
-    identity = {"run": "resize", "version": 1,
+    identity = {"run": "resize", "version": 2,
                 "loras": [[identity_of(lora.ckpt.sources), weight] for lora, weight in loras],
                 "base": base.identity if base is not None else None}
     if "," in str(lora_arg):
@@ -32,6 +33,9 @@ def decomposed(journal, part, name):
         return None
     fields = {k: info[k] for k in _SPECTRUM_FIELDS}
     fields["out_shape"], fields["suffixes"] = tuple(fields["out_shape"]), tuple(fields["suffixes"])
+    if fields["magnitude_shape"] is not None:
+        fields["magnitude_shape"] = tuple(fields["magnitude_shape"])
+        fields["magnitude"] = journal.read_scratch(key + ".m")
     return Spectrum(u=journal.read_scratch(key + ".u"), s=journal.read_scratch(key + ".s"),
                     v=journal.read_scratch(key + ".v"), **fields)
 
@@ -42,6 +46,8 @@ def keep_decomposed(journal, part, sp):
     key = f"d{part}:{sp.name}"
     for what in ("u", "s", "v"):
         journal.add_scratch(f"{key}.{what}", getattr(sp, what).contiguous())
+    if sp.magnitude is not None:
+        journal.add_scratch(f"{key}.m", sp.magnitude.contiguous())
     journal.commit(key, {k: getattr(sp, k) for k in _SPECTRUM_FIELDS})
 
 

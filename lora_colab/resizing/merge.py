@@ -22,17 +22,18 @@ def _spelling_key(name):
     return name.replace(".", "_")
 
 
-def merge_spectra(loaded, base):
+def merge_spectra(loaded, base, fmt=None):
     """Σ weight·ΔW over LoRAs [(weight, {name: Spectrum})], layer by canonical module.
 
     With a base checkpoint every module name (kohya, ComfyUI, PEFT, musubi; fused or split) is mapped to
     the base weight and rows it patches, so one module spelled three ways is one layer; the result is
-    spelled as the first LoRA is. Without a base, layers are matched by name (kohya = ComfyUI spelling).
-    Returns (spectra, a note or None).
+    spelled as the first LoRA is (or in `fmt`: "kohya", "comfy", "diffusers"). Without a base, layers are
+    matched by name (kohya = ComfyUI spelling). A DoRA magnitude goes with a layer that is its module's
+    only part and is written whole. Returns (spectra, a note or None).
     """
     if base is None:
         return _merge_by_name(loaded)
-    fmt = base.format_of(loaded[0][1])
+    fmt = fmt or base.format_of(loaded[0][1])
     groups, unplaced = {}, []
     for weight, spectra in loaded:
         for name, sp in spectra.items():
@@ -59,6 +60,8 @@ def merge_spectra(loaded, base):
             sp = _refactor(module.name, up[index], down, (index.numel(),) + tuple(target.shape[1:]), old_rank,
                            module.alpha, module.factor_suffixes, scale)
             if sp is not None:
+                if len(parts) == 1 and parts[0][2] is None and index.numel() == rows_total:
+                    _carry_magnitude(parts[0][1], sp)
                 merged.append(sp)
     if not unplaced:
         return merged, None
@@ -84,13 +87,20 @@ def _merge_by_name(loaded):
         old_rank = sum(sp.old_rank or sp.s.numel() for _, sp in parts)
         sp = _refactor(first.name, up, down, first.out_shape, old_rank, True, first.suffixes, _top(parts))
         if sp is not None:
-            sp.dora_key = first.dora_key
+            if len(parts) == 1:
+                _carry_magnitude(first, sp)
             merged.append(sp)
     partial = sum(len(parts) < len(loaded) for parts in groups.values())
     note = (f"{partial} layers are in only some of the merged LoRAs; without the base checkpoint layers are "
             f"matched by name, so LoRAs spelled differently (ComfyUI/kohya vs diffusers) are not combined: give "
             f"the base checkpoint" if partial and len(loaded) > 1 else None)
     return merged, note
+
+
+def _carry_magnitude(source, sp):
+    """Give a refactored layer the DoRA magnitude of the one layer it was made from."""
+    for name in ("magnitude", "magnitude_axis", "magnitude_suffix", "magnitude_shape"):
+        setattr(sp, name, getattr(source, name))
 
 
 def _top(parts):

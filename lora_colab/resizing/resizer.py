@@ -29,7 +29,9 @@ from .merge import merge_spectra, reweight
 from .spectrum import decompose, qr_core  # noqa: F401 (qr_core: part of the resizer API)
 from .journal import decomposed, keep_decomposed, keep_references, open_journal, references
 from ..lowrank.selection import Selection, kohya_rank, subspace_reference  # noqa: F401 (kohya_rank: resizer API)
+from ..lora import spellings
 from ..lora.writer import SpillWriter
+from .output import adapter_metadata, layer_specs, layer_tensors, peft_config, respell, write_peft_folder
 
 
 def attach_references(spectrum, base):
@@ -45,37 +47,9 @@ def attach_references(spectrum, base):
         raise CheckpointError(base.view.path, f"base weight is {rows_n}x{cols} but LoRA layer {spectrum.name} "
                                               f"patches {spectrum.u.shape[0]}x{spectrum.v.shape[0]}", key)
     spectrum.base = (key, rows)
+    if len(shape) > 2 and len(spectrum.out_shape) == 2:  # a convolution LoHa kept flat: its kernel's shape
+        spectrum.out_shape = (rows_n,) + tuple(shape[1:])
     spectrum.refs["spn_ckpt"], spectrum.refs["fro_ckpt"] = base.norms(key, rows)
-
-
-# --- writing -------------------------------------------------------------------------------------
-
-def layer_tensors(spectrum, keep, recipe, dtype):
-    """{name: tensor} of one resized layer keeping directions `keep` (a LongTensor)."""
-    k = keep.numel()
-    sigma = recipe.rescale * spectrum.s[keep]
-    scale = spectrum.in_scale if spectrum.has_alpha else 1.0
-    root = (sigma / scale).clamp_min(0).sqrt()
-    factors = (root[:, None] * spectrum.v[:, keep].T, spectrum.u[:, keep] * root)  # down, up
-    tensors = {name: factor.reshape(shape).to(dtype).contiguous()
-               for (name, _, shape), factor in zip(layer_specs(spectrum, k, dtype), factors)}
-    if spectrum.has_alpha:
-        tensors[spectrum.name + ".alpha"] = torch.tensor(scale * k, dtype=torch.float32)
-    return tensors
-
-
-def layer_specs(spectrum, k, dtype):
-    """[(name, dtype, shape)] of one resized layer at rank k: down, up, then alpha when it has one."""
-    down_s, up_s = spectrum.suffixes
-    out = spectrum.out_shape
-    if len(out) == 4:
-        down_shape, up_shape = (k,) + tuple(out[1:]), (out[0], k, 1, 1)
-    else:
-        down_shape, up_shape = (k, spectrum.v.shape[0]), (spectrum.u.shape[0], k)
-    specs = [(spectrum.name + down_s, dtype, down_shape), (spectrum.name + up_s, dtype, up_shape)]
-    if spectrum.has_alpha:
-        specs.append((spectrum.name + ".alpha", torch.float32, ()))
-    return specs
 
 
 # --- reports -------------------------------------------------------------------------------------
@@ -161,9 +135,12 @@ def _split_merge(text):
     return parts
 
 
-def _output_name(lora_path, recipe):
+def _output_name(lora_path, recipe, spelling, to=None):
+    """`STEM_RECIPE[_SPELLING].safetensors` (the spelling's name where `to` changed it), or a folder of that
+    name for a PEFT folder."""
     stem = _stem(lora_path) if "," not in str(lora_path) else "merged"
-    return f"{stem}_{recipe.tag()}.safetensors"
+    name = "_".join(part for part in (stem, recipe.tag(), to.name if to is not None else "") if part)
+    return name if spelling.folder else name + ".safetensors"
 
 
 def _label(lora_arg, full=False):
@@ -194,64 +171,110 @@ def _add_patch(patches, lora, key, weight):
     patches[key] = (dtype, total + tensor.float() * weight)
 
 
+@dataclass
+class Decomposed:
+    """One LoRA argument read and decomposed: its spectra, the tensors written as they are (whole-tensor
+    patches, unknown tensors), the first file's metadata, spelling and PEFT adapter configs, the notes."""
+
+    spectra: list
+    passthrough: dict
+    metadata: dict
+    spelling: object
+    adapters: dict
+    warnings: list
+    journal: object = None
+
+
 def _decompose_all(lora_arg, device, base=None, token=None, tick=None, journal_of=None):
-    """Spectra of a LoRA argument (one file, or a weighted merge), its pass-through tensors, metadata,
-    warnings and journal (`journal_of([(LoraFile, weight)])` makes it; None: no journal)."""
+    """The Decomposed of a LoRA argument (one file, or a weighted merge); `journal_of([(LoraFile, weight)])`
+    makes its journal (None: no journal)."""
     parts = _split_merge(lora_arg)
-    loaded, passthrough, metadata, warnings = [], {}, {}, []
+    loaded, passthrough, warnings = [], {}, []
     patches = {}  # key -> (stored dtype, Σ weight · tensor) of whole-tensor patches (.diff_b, 1-D .diff)
     with ExitStack() as files:
         opened = [(files.enter_context(LoraFile(path, token)), weight) for path, weight in parts]
         journal = journal_of(opened) if journal_of is not None else None
+        first = opened[0][0]
         for part, (lora, weight) in enumerate(opened):
-            metadata = metadata or dict(lora.metadata)
-            for key in lora.other_keys:
-                if key.endswith(".diff_b"):
-                    _add_patch(patches, lora, key, weight)
-                    continue
-                passthrough[key] = lora.ckpt.read(key)
-                warnings.append(f"{key}: not a LoRA layer this tool understands; copied unchanged")
-            spectra = {}
-            if tick is not None:
-                tick(total=len(lora.layers))
-            for layer in lora.layers.values():
-                if tick is not None:
-                    tick()
-                if layer.kind == "diff" and len(lora.ckpt.shape(layer.tensors["diff"])) == 1:
-                    _add_patch(patches, lora, layer.tensors["diff"], weight)  # a norm scale: no rank to cut
-                    continue
-                sp = decomposed(journal, part, layer.name)
-                if sp is None:
-                    sp = decompose(lora, layer, device)
-                    keep_decomposed(journal, part, sp)
-                if sp.dora_key:
-                    passthrough[sp.dora_key] = lora.ckpt.read(sp.dora_key)
-                    warnings.append(f"{layer.name}: DoRA magnitude kept; the resized layer is approximate")
-                if layer.kind != "lora":
-                    warnings.append(f"{layer.name}: {layer.kind} layer rebuilt and written as a plain LoRA")
-                spectra[layer.name] = sp
-            loaded.append((weight, spectra))
+            loaded.append((weight, _decompose_file(lora, part, weight, device, journal, tick, patches,
+                                                   passthrough, warnings)))
     passthrough.update({key: total.to(dtype) for key, (dtype, total) in patches.items()})
     if len(loaded) == 1:
         weight, spectra = loaded[0]
         for sp in spectra.values():
             reweight(sp, weight)
-        return list(spectra.values()), passthrough, metadata, warnings, journal
-    merged, note = merge_spectra(loaded, base)
-    if note:
-        warnings.append(note)
-    return merged, passthrough, metadata, warnings, journal
+        merged = list(spectra.values())
+    else:
+        merged, note = merge_spectra(loaded, base)
+        if note:
+            warnings.append(note)
+    return Decomposed(merged, passthrough, dict(first.metadata), first.spelling, dict(first.adapters), warnings,
+                      journal)
+
+
+def _decompose_file(lora, part, weight, device, journal, tick, patches, passthrough, warnings):
+    """{layer name: Spectrum} of one LoRA file (from the journal where an interrupted run made them);
+    its whole-tensor patches go to `patches`, tensors it does not understand to `passthrough`."""
+    for key in lora.other_keys:
+        if key.endswith(".diff_b"):
+            _add_patch(patches, lora, key, weight)
+            continue
+        passthrough[key] = lora.ckpt.read(key)
+        warnings.append(f"{key}: not a LoRA layer this tool understands; copied unchanged")
+    spectra = {}
+    if tick is not None:
+        tick(total=len(lora.layers))
+    dora = rebuilt = 0
+    for layer in lora.layers.values():
+        if tick is not None:
+            tick()
+        if layer.kind == "diff" and len(lora.ckpt.shape(layer.tensors["diff"])) == 1:
+            _add_patch(patches, lora, layer.tensors["diff"], weight)  # a norm scale: no rank to cut
+            continue
+        sp = decomposed(journal, part, layer.name)
+        if sp is None:
+            sp = decompose(lora, layer, device)
+            keep_decomposed(journal, part, sp)
+        dora += sp.magnitude is not None
+        if layer.kind != "lora":
+            rebuilt += 1
+            warnings.append(f"{layer.name}: {layer.kind} layer rebuilt and written as a plain LoRA")
+        spectra[layer.name] = sp
+    if dora:
+        warnings.append(f"{dora} DoRA layers: each keeps its magnitude; the change of direction is resized")
+    return spectra
+
+
+@dataclass(frozen=True)
+class ResizeOptions:
+    """What a resize run was asked, checked once: where outputs go, their dtype (None: the input's) and
+    spelling (None: the input's), the device, the reporting and resuming choices."""
+
+    output_folder: object = None
+    dtype: object = None
+    to: object = None            # an output Spelling, or None
+    device: object = "cpu"
+    verbose: int = 0
+    token: str = None
+    progress: object = False
+    on_layer: object = None
+    resume: bool = False
+    restart: bool = False
 
 
 def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2", dtype=None, device="auto",
-           verbose=0, progress=True, token=None, on_layer=None, resume=True, restart=False):
+           verbose=0, progress=True, token=None, on_layer=None, resume=True, restart=False, to=None):
     """Resize each LoRA with each recipe; returns one ResizeReport per (LoRA, recipe).
 
     checkpoint: the base model (any layout or source `open_checkpoint` reads: remote files are read in
     place), or None when no recipe needs it. `token` is sent to plain URLs' own hosts.
-    loras: sources, or "a.safetensors:0.7,b.safetensors:0.3" to merge with weights before resizing;
+    loras: files or PEFT `save_pretrained` folders, or "a.safetensors:0.7,b.safetensors:0.3" to merge with
+    weights before resizing; each is read with its trainer's own scale (`X.alpha`, PEFT's adapter config in
+    diffusers' metadata or adapter_config.json, rslora and rank/alpha patterns included);
     outputs go to `output_folder`, else next to a local LoRA, else the working directory.
     recipes: `:`-separated recipes (see README); dtype: "16", "32", "bf16" (default: the input's).
+    to: the output's spelling, one of lora.spellings.OUTPUTS ("kohya", "comfy", "diffusers", "peft": a
+    save_pretrained folder); None (default): the input's own, with its metadata rewritten to describe it.
     progress: a bar per LoRA over its layers (True, the default, as extract: tqdm's; False: none; or a
     tqdm-like factory); on_layer(): called
     after each layer is decomposed and scored (e.g. a memory monitor's update).
@@ -266,16 +289,15 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
             if weight == 0:
                 raise OptionError(f"{file_name(path)}:0: a merge weight of 0 adds nothing; leave that LoRA out")
     recipe_list = parse_recipes(recipes) if isinstance(recipes, str) else list(recipes)
-    dtype = parse_dtype(dtype)
     if output_folder is not None and Path(output_folder).exists() and not Path(output_folder).is_dir():
         raise OptionError(f"{output_folder}: is a file; the resize output is a folder (one file per LoRA and "
                           f"recipe is written into it)")
-    device = resolve_device(device)
+    options = ResizeOptions(output_folder, parse_dtype(dtype), None if to in (None, "input") else spellings.get(to),
+                            resolve_device(device), verbose, token, progress, on_layer, resume, restart)
     if checkpoint is None and any(r.needs_checkpoint for r in recipe_list):
         raise LoraColabError("a recipe uses spn_ckpt/fro_ckpt/subspace: give the base checkpoint")
     with pinned_run():
-        return _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token,
-                           progress, on_layer, resume, restart)
+        return _resize_all(checkpoint, loras, recipe_list, options)
 
 
 def _ticker(progress, on_layer, lora_arg):
@@ -300,57 +322,54 @@ def _ticker(progress, on_layer, lora_arg):
     return tick
 
 
-def _resize_all(checkpoint, loras, recipe_list, output_folder, dtype, device, verbose, token, progress=False,
-                on_layer=None, resume=False, restart=False):
-    base = BaseReferences(checkpoint, device, token) if checkpoint is not None else None
+def _resize_all(checkpoint, loras, recipe_list, options):
+    base = BaseReferences(checkpoint, options.device, options.token) if checkpoint is not None else None
     reports = ResizeReports()
     try:
         for lora_arg in loras:
-            reports.extend(_resize_one(lora_arg, base, recipe_list, output_folder, dtype, device, verbose, token,
-                                       progress, on_layer, resume, restart))
+            reports.extend(_resize_one(lora_arg, base, recipe_list, options))
     finally:
         if base is not None:
             base.close()
     return reports
 
 
-def _resize_one(lora_arg, base, recipe_list, output_folder, dtype, device, verbose, token, progress, on_layer,
-                resume, restart):
+def _resize_one(lora_arg, base, recipe_list, options):
     """Every recipe's report for one LoRA argument; its journal is kept on an interruption, removed after."""
     started = time.perf_counter()
-    tick = _ticker(progress, on_layer, lora_arg)
+    tick = _ticker(options.progress, options.on_layer, lora_arg)
     first = _split_merge(lora_arg)[0][0]
     held = []
 
     def journal_of(opened):
-        if not resume:
+        if not options.resume:
             return None
-        held.append(open_journal(_output_folder(output_folder, first), lora_arg, opened, base, _stem(first),
-                                 restart))
+        held.append(open_journal(_output_folder(options.output_folder, first), lora_arg, opened, base,
+                                 _stem(first), options.restart))
         return held[0]
     reports = []
     try:
         try:
-            spectra, passthrough, metadata, warnings, journal = _decompose_all(lora_arg, device, base, token, tick,
-                                                                               journal_of)
-            warnings = _say_resumed(journal, progress) + warnings
+            job = _decompose_all(lora_arg, options.device, base, options.token, tick, journal_of)
+            job.warnings = _say_resumed(job.journal, options.progress) + job.warnings
             if base is not None:
-                _references(spectra, base, journal, recipe_list, on_layer)
+                _references(job.spectra, base, job.journal, recipe_list, options.on_layer)
         finally:
             tick.close()
         if base is not None:
-            note = base_coverage(lora_arg, spectra, base, recipe_list, metadata)
+            note = base_coverage(lora_arg, job.spectra, base, recipe_list, job.metadata)
             if note:
-                warnings.append(note)
-        out_dtype = dtype or _input_dtype(first, token)
+                job.warnings.append(note)
+        _spell_output(job, options.to, base)
+        out_dtype = options.dtype or _input_dtype(first, options.token)
         for recipe in recipe_list:
-            report = _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder)
-            report.warnings = warnings + report.warnings
+            report = _apply(lora_arg, job, recipe, base, out_dtype, options)
+            report.warnings = job.warnings + report.warnings
             report.seconds = time.perf_counter() - started
             started = time.perf_counter()
             reports.append(report)
-            if verbose:
-                print(report.summary(verbose))
+            if options.verbose:
+                print(report.summary(options.verbose))
     except BaseException as exc:
         for journal in held:
             journal.abort() if worth_keeping(exc) else journal.discard()  # kept: the same call resumes from it
@@ -362,6 +381,21 @@ def _resize_one(lora_arg, base, recipe_list, output_folder, dtype, device, verbo
     for journal in held:
         journal.discard()
     return reports
+
+
+def _spell_output(job, to, base):
+    """Name the job's layers in the output spelling `to` (None: the input's); whole-tensor patches and
+    tensors the target's clients refuse are left out with a note."""
+    job.spectra, note = respell(job.spectra, job.spelling, to, base)
+    if note:
+        job.warnings.append(note)
+    if to is None or to == job.spelling:
+        return
+    if not to.whole and job.passthrough:
+        job.warnings.append(f"{len(job.passthrough)} tensors that are no LoRA factors ({', '.join(list(job.passthrough)[:2])}"
+                            f"{', ...' if len(job.passthrough) > 2 else ''}) left out: {to.title} refuses them")
+        job.passthrough = {}
+    job.spelling = to
 
 
 def _references(spectra, base, journal, recipes, on_layer):
@@ -394,21 +428,63 @@ def base_coverage(lora_arg, spectra, base, recipes, metadata):
             f"{missing[0]}): {', '.join(terms)} could not be computed for them; they are kept unchanged")
 
 
-def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, output_folder):
+def _apply(lora_arg, job, recipe, base, out_dtype, options):
+    spectra = job.spectra
     inputs = [p for p, _ in _split_merge(lora_arg)]
     first_path = inputs[0]
-    folder = _output_folder(output_folder, first_path)
-    out = folder / _output_name(lora_arg if "," in str(lora_arg) else first_path, recipe)
-    pass_specs = [(k, t.dtype, tuple(t.shape)) for k, t in passthrough.items()]
+    folder = _output_folder(options.output_folder, first_path)
+    out = folder / _output_name(lora_arg if "," in str(lora_arg) else first_path, recipe, job.spelling, options.to)
+    pass_specs = [(k, t.dtype, tuple(t.shape)) for k, t in job.passthrough.items()]
     report = ResizeReport(_label(lora_arg, full=True), recipe.to_dict(), str(out))
 
     def metadata_for(keep):
         ranks = [idx.numel() for idx in keep if idx is not None and idx.numel()]
-        return {**_metadata(metadata, recipe, spectra, keep, ranks), **merge_metadata(lora_arg)}
+        meta = adapter_metadata(job.metadata, spectra, keep, job.spelling, job.adapters)
+        return {**_metadata(meta, recipe, spectra, keep, ranks), **merge_metadata(lora_arg)}
 
     selection = Selection(spectra, recipe, base, pass_specs, lambda i, k: layer_specs(spectra[i], k, out_dtype),
                           metadata_for)
     keep = selection.choose()
+    _report_selection(report, selection, recipe)
+    if not any(idx.numel() for idx in keep):
+        report.output, report.nothing_kept = None, True
+        report.layers = [LayerChange(sp.name, sp.old_rank or sp.s.numel(), 0, 0.0) for sp in spectra]
+        return report
+    if out.exists():
+        report.warnings.append(f"replaced the existing {out.name} (an earlier run's output of this LoRA and recipe)")
+    report.layers = [LayerChange(sp.name, sp.old_rank or sp.s.numel(), idx.numel(),
+                                 float(sp.s[idx].double().pow(2).sum()) / (float(sp.s.double().pow(2).sum()) or 1.0))
+                     for sp, idx in zip(spectra, keep)]
+    tensors = _tensors(job, keep, recipe, out_dtype)
+    if job.spelling.folder:
+        report.size_bytes = write_peft_folder(out, tensors, metadata_for(keep), peft_config(spectra, keep, job.adapters),
+                                              protect=inputs)
+    else:
+        report.size_bytes = _write_file(out, tensors, metadata_for(keep), inputs)
+    return report
+
+
+def _tensors(job, keep, recipe, out_dtype):
+    """The output's tensors, one at a time: the pass-through ones, then each kept layer's."""
+    yield from job.passthrough.items()
+    for sp, idx in zip(job.spectra, keep):
+        if idx.numel():
+            yield from layer_tensors(sp, idx, recipe.rescale, out_dtype).items()
+
+
+def _write_file(out, tensors, metadata, inputs):
+    writer = SpillWriter(out, protect=inputs)
+    try:
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        writer.finish(metadata, kohya_hashes=True)
+    finally:
+        writer.abort()
+    return out.stat().st_size
+
+
+def _report_selection(report, selection, recipe):
+    """The selection's threshold, score quantiles and size target, in the report."""
     if len(selection.all_scores):
         ordered = selection.all_scores.sort().values
         last = ordered.numel() - 1
@@ -418,36 +494,15 @@ def _apply(lora_arg, spectra, passthrough, metadata, recipe, base, out_dtype, ou
     report.threshold = selection.threshold
     if recipe.size is not None:
         report.size_target = int(recipe.size * 2**20)
-    if not any(idx.numel() for idx in keep):
-        report.output, report.nothing_kept = None, True
-        report.layers = [LayerChange(sp.name, sp.old_rank or sp.s.numel(), 0, 0.0) for sp in spectra]
-        return report
-    if out.exists():
-        report.warnings.append(f"replaced the existing {out.name} (an earlier run's output of this LoRA and recipe)")
-    writer = SpillWriter(out, protect=inputs)
-    try:
-        for key, tensor in passthrough.items():
-            writer.add(key, tensor)
-        for sp, idx in zip(spectra, keep):
-            total = float(sp.s.double().pow(2).sum()) or 1.0
-            kept = idx.numel()
-            report.layers.append(LayerChange(sp.name, sp.old_rank or sp.s.numel(), kept,
-                                             float(sp.s[idx].double().pow(2).sum()) / total))
-            if kept:
-                for name, tensor in layer_tensors(sp, idx, recipe, out_dtype).items():
-                    writer.add(name, tensor)
-        writer.finish(metadata_for(keep), kohya_hashes=True)
-    finally:
-        writer.abort()
-    report.size_bytes = out.stat().st_size
-    return report
 
 
 def _input_dtype(path, token=None):
+    """The dtype of the input's factors (any LoRA tensor but alpha), float16 when none is a float type."""
+    from ..arch.lora_keys import is_lora_key
     from ..io.opener import open_checkpoint
     with open_checkpoint(path, token) as ckpt:
         for key in ckpt.keys():
-            if key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight")):
+            if is_lora_key(key) and not key.endswith(".alpha") and len(ckpt.shape(key)) >= 2:
                 dtype = ckpt.dtype(key)
                 if dtype in (torch.float16, torch.bfloat16, torch.float32):
                     return dtype
