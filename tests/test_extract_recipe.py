@@ -83,7 +83,8 @@ def test_a_threshold_keeps_the_directions_scoring_above_it_against_exact_base_no
         kept_total += want
         if want:  # the kept directions are those of the plain extraction, factors included
             name = kohya(layer.name)
-            got = out[name + ".lora_up.weight"] @ out[name + ".lora_down.weight"]
+            scale = float(out[name + ".alpha"]) / want  # one alpha per file: the factors carry the rest
+            got = scale * out[name + ".lora_up.weight"] @ out[name + ".lora_down.weight"]
             ref = factors[name + ".lora_up.weight"][:, mask] @ factors[name + ".lora_down.weight"][mask]
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
     assert 0 < kept_total < CAP * len(report.layers)

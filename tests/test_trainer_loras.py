@@ -506,3 +506,22 @@ def diffusers_sdxl_file(root):
                "text_encoder.b.lora_A.weight": torch.ones(1, 4), "text_encoder.b.lora_B.weight": torch.ones(4, 1)},
               root / "two.safetensors")
     return root / "two.safetensors"
+
+
+def test_resize_to_kohya_through_the_base_scores_against_the_base_and_loads_at_the_optimum(diffusers_sdxl, tmp_path):
+    """diffusers' spelling in, kohya's out (SGM names, X.alpha) through the base's map: the base-aware recipe
+    scores every re-spelled layer (the same ranks as in the input's spelling), and diffusers' kohya converter
+    loads the file at the optimum."""
+    path, base, truth, plain = diffusers_sdxl
+    same = resize(base, [path], tmp_path / "same", "spn_ckpt=1,thr=-1.2", progress=False)[0]
+    kohya = resize(base, [path], tmp_path / "kohya", "spn_ckpt=1,thr=-1.2", progress=False, to="kohya")[0]
+    assert not [w for w in kohya.warnings if "could not be computed" in w]
+    written = load_file(kohya.output)
+    assert all(k.startswith(("lora_unet_", "lora_te1_")) for k in written) and any(k.endswith(".alpha") for k in written)
+    assert sorted(ranks_in(written).values()) == sorted(ranks_in(load_file(same.output)).values())
+    models = load_sdxl_lora(kohya.output)
+    same_ranks = ranks_in(load_file(same.output))
+    for component, deltas in truth.items():
+        got = changes(models[component], deltas, plain[component])
+        kept = {module: same_ranks.get(f"{component}.{module}", 0) for module in deltas}
+        assert not within_optimum(got, deltas, kept), (component, within_optimum(got, deltas, kept))

@@ -6,6 +6,7 @@ ComfyUI's key rules and patch arithmetic), then a full forward pass against the 
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
 from lora_colab import arch, extract
@@ -257,3 +258,46 @@ def test_a_fine_tuned_final_modulation_comes_back_through_diffusers_and_comfyui(
             patched = comfy_apply(out, unet_key_map(a.name, {k: tuple(v.shape) for k, v in base.items()}), base)
             got = run_forward(name, with_canonical(a, state, detected.layout, patched, detected.prefix))
         assert gap(got, want, was) <= GAP, (fmt, gap(got, want, was))
+
+
+def test_sdxl_kohya_lora_with_a_rank_per_layer_loads_in_diffusers_at_full_strength(tmp_path):
+    """A recipe gives each layer its own rank; diffusers (0.42) drops the per-module alphas of such a kohya
+    SDXL file (its alpha_pattern keys match nothing), so every module carries one alpha and the factors the
+    rest: loaded by the pipeline, the UNet and both text encoders are the fine-tune."""
+    from test_sd_pipelines import write_pipeline, write_single_file
+    a = arch.get("sdxl")
+    state = sd_state("sdxl")
+    base = canonical_of(a, state, "diffusers")
+    targets = a.targets({k: tuple(v.shape) for k, v in base.items()})
+    gen = torch.Generator().manual_seed(4)
+    tuned = dict(base)
+    for i, target in enumerate(targets):  # a change of rank 1, 2 or 3 in each written module
+        flat = base[target.key].reshape(target.shape[0], -1)
+        change = torch.zeros_like(flat)
+        for _, lo, hi in target.splits or (("", 0, flat.shape[0]),):
+            r = 1 + i % 3
+            d = torch.randn(hi - lo, r, generator=gen) @ torch.randn(r, flat.shape[1], generator=gen)
+            change[lo:hi] = d * (0.1 * float(flat.std()) / float(d.std()))
+        tuned[target.key] = (flat + change).reshape(base[target.key].shape)
+    tuned_state = with_canonical(a, state, "diffusers", tuned)
+
+    def components(flat):
+        return {c: {k[len(c) + 1:]: v.contiguous() for k, v in flat.items() if k.startswith(c + ".")}
+                for c in ("unet", "text_encoder", "text_encoder_2")}
+    write_pipeline(tmp_path / "base", components(state))
+    write_single_file(tmp_path / "tuned.safetensors", "sdxl", components(tuned_state))
+    out = tmp_path / "lora.safetensors"
+    report = extract(tmp_path / "base", tmp_path / "tuned.safetensors", out, rank=4, recipe="sv_fro=0.99999",
+                     format="kohya", clamp_quantile=None, progress=False, device="cpu")
+    assert {layer.rank for layer in report.extracted} == {1, 2, 3}
+    written = load_file(out)
+    assert {float(v) for k, v in written.items() if k.endswith(".alpha")} == {4.0}
+    models = sd_models("sdxl", state)
+    pipe = make_pipeline("StableDiffusionXLPipeline", **models)
+    with LoaderWarnings() as caught:
+        pipe.load_lora_weights(str(tmp_path), weight_name=out.name)
+    assert not caught.bad, caught.bad[:3]
+    want, was = sd_forward("sdxl", sd_models("sdxl", tuned_state)), sd_forward("sdxl", sd_models("sdxl", state))
+    got = sd_forward("sdxl", models)
+    gaps = {c: gap(got[c], want[c], was[c]) for c in want}
+    assert all(g <= GAP for g in gaps.values()), gaps

@@ -246,8 +246,10 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                                   comment=f"extracted by lora_colab from {file_name(b.path)} and {file_name(t.path)}")
 
         def alpha_of(target, r):
+            """The alpha given, else one value for the whole file (the rank cap): diffusers drops per-module
+            alphas of kohya SD/SDXL files whose ranks differ (see resizing.output.common_alpha)."""
             given = (conv_alpha if target.kind == "conv" else alpha) or None
-            return float(given if given is not None else r)
+            return float(given if given is not None else (rank or r))
 
         selecting = None
         if recipe_obj is not None:

@@ -40,6 +40,8 @@ def lora_name_map(arch, targets):
                     names.setdefault(bare, entry)
                     names.setdefault("lora_unet_" + bare.replace(".", "_"), entry)  # musubi-style
                     by_format[fmt].add(bare)
+                elif fmt == "diffusers" and ".text_model." in module.name:  # transformers 5's CLIP: no text_model.
+                    names.setdefault(module.name.replace(".text_model.", ".", 1), entry)
     return names, by_format
 
 

@@ -3,6 +3,7 @@ each layer's tensors (factors in their kernel's shape, `X.alpha` or the scale fo
 DoRA magnitude in the spelling's own shape), and the metadata that describes the file as written (kohya's
 `ss_*`, diffusers' `lora_adapter_metadata`, a PEFT folder's `adapter_config.json`)."""
 
+import collections
 import json
 import os
 import shutil
@@ -52,19 +53,33 @@ def layer_specs(sp, k, dtype):
     return specs
 
 
-def layer_tensors(sp, keep, rescale, dtype):
+def common_alpha(spectra, keep):
+    """The one alpha every `X.alpha` of a file holds: the most common input alpha/rank × kept rank (kohya's
+    convention where ranks are equal), the factors of each module scaled to match. One value, because
+    diffusers (0.42) drops the per-module alphas of a kohya SDXL file with mixed ranks (its alpha_pattern keys
+    keep the old `processor.to_v_lora` spelling and match nothing: a rank-16 module of a file whose most common
+    alpha is 8 comes out at half strength); alpha/rank per module stays right in every client."""
+    values = collections.Counter(round(sp.in_scale * idx.numel(), 6) for sp, idx in zip(spectra, keep)
+                                 if sp.has_alpha and idx is not None and idx.numel())
+    return values.most_common(1)[0][0] if values else None
+
+
+def layer_tensors(sp, keep, rescale, dtype, alpha=None):
     """{name: tensor} of one layer keeping directions `keep` (a LongTensor): σ split √ to each factor; with an
-    `X.alpha` the input's alpha/rank is kept (alpha = in_scale · k), without one the factors carry it all."""
+    `X.alpha` tensor it holds `alpha` (default: the input's alpha/rank × k) and the factors carry the rest,
+    without one the factors carry it all."""
     k = keep.numel()
     sigma = rescale * sp.s[keep]
-    scale = sp.in_scale if sp.has_alpha else 1.0
+    if sp.has_alpha and alpha is None:
+        alpha = sp.in_scale * k
+    scale = alpha / k if sp.has_alpha else 1.0
     root = (sigma / scale).clamp_min(0).sqrt()
     factors = (root[:, None] * sp.v[:, keep].T, sp.u[:, keep] * root)  # down, up
     specs = layer_specs(sp, k, dtype)
     tensors = {name: factor.reshape(shape).to(dtype).contiguous()
                for (name, _, shape), factor in zip(specs, factors)}
     if sp.has_alpha:
-        tensors[sp.name + ".alpha"] = torch.tensor(scale * k, dtype=torch.float32)
+        tensors[sp.name + ".alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     if sp.magnitude is not None:
         tensors[sp.name + sp.magnitude_suffix] = sp.magnitude.reshape(sp.magnitude_shape).to(dtype).contiguous()
     return tensors

@@ -31,7 +31,8 @@ from .journal import decomposed, keep_decomposed, keep_references, open_journal,
 from ..lowrank.selection import Selection, kohya_rank, subspace_reference  # noqa: F401 (kohya_rank: resizer API)
 from ..lora import spellings
 from ..lora.writer import SpillWriter
-from .output import adapter_metadata, layer_specs, layer_tensors, peft_config, respell, write_peft_folder
+from .output import (adapter_metadata, common_alpha, layer_specs, layer_tensors, peft_config, respell,
+                     write_peft_folder)
 
 
 def attach_references(spectrum, base):
@@ -352,6 +353,7 @@ def _resize_one(lora_arg, base, recipe_list, options):
         try:
             job = _decompose_all(lora_arg, options.device, base, options.token, tick, journal_of)
             job.warnings = _say_resumed(job.journal, options.progress) + job.warnings
+            _spell_output(job, options.to, base)  # before the references: re-spelled layers are new ones
             if base is not None:
                 _references(job.spectra, base, job.journal, recipe_list, options.on_layer)
         finally:
@@ -360,7 +362,6 @@ def _resize_one(lora_arg, base, recipe_list, options):
             note = base_coverage(lora_arg, job.spectra, base, recipe_list, job.metadata)
             if note:
                 job.warnings.append(note)
-        _spell_output(job, options.to, base)
         out_dtype = options.dtype or _input_dtype(first, options.token)
         for recipe in recipe_list:
             report = _apply(lora_arg, job, recipe, base, out_dtype, options)
@@ -455,7 +456,7 @@ def _apply(lora_arg, job, recipe, base, out_dtype, options):
     report.layers = [LayerChange(sp.name, sp.old_rank or sp.s.numel(), idx.numel(),
                                  float(sp.s[idx].double().pow(2).sum()) / (float(sp.s.double().pow(2).sum()) or 1.0))
                      for sp, idx in zip(spectra, keep)]
-    tensors = _tensors(job, keep, recipe, out_dtype)
+    tensors = _tensors(job, keep, recipe, out_dtype, common_alpha(spectra, keep))
     if job.spelling.folder:
         report.size_bytes = write_peft_folder(out, tensors, metadata_for(keep), peft_config(spectra, keep, job.adapters),
                                               protect=inputs)
@@ -464,12 +465,13 @@ def _apply(lora_arg, job, recipe, base, out_dtype, options):
     return report
 
 
-def _tensors(job, keep, recipe, out_dtype):
-    """The output's tensors, one at a time: the pass-through ones, then each kept layer's."""
+def _tensors(job, keep, recipe, out_dtype, alpha):
+    """The output's tensors, one at a time: the pass-through ones, then each kept layer's (`alpha`: the one
+    value of its `X.alpha` tensors)."""
     yield from job.passthrough.items()
     for sp, idx in zip(job.spectra, keep):
         if idx.numel():
-            yield from layer_tensors(sp, idx, recipe.rescale, out_dtype).items()
+            yield from layer_tensors(sp, idx, recipe.rescale, out_dtype, alpha).items()
 
 
 def _write_file(out, tensors, metadata, inputs):
@@ -511,10 +513,9 @@ def _input_dtype(path, token=None):
 
 def _metadata(metadata, recipe, spectra, keep, ranks):
     meta = {k: v for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
-    alphas = {round(sp.in_scale * idx.numel(), 6) for sp, idx in zip(spectra, keep) if idx.numel()}
-    same = len(set(ranks)) == 1 and len(alphas) == 1
-    meta["ss_network_dim"] = str(ranks[0]) if same else "Dynamic"
-    meta["ss_network_alpha"] = f"{next(iter(alphas)):g}" if same else "Dynamic"
+    alpha = common_alpha(spectra, keep)
+    meta["ss_network_dim"] = str(ranks[0]) if len(set(ranks)) == 1 else "Dynamic"
+    meta["ss_network_alpha"] = f"{alpha:g}" if alpha is not None else "Dynamic"
     if "ss_network_args" in meta:
         try:
             args = json.loads(meta["ss_network_args"])
