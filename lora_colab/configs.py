@@ -81,12 +81,15 @@ class ResizeConfig:
     dtype: str = "auto"
     device: str = "auto"
     verbose: int = 1
+    to: str = "input"  # the output's spelling: "input" (the LoRA's own), kohya, comfy, diffusers or peft
 
     def describe(self):
-        return f"recipes {self.recipes}, dtype {self.dtype}, device {self.device}"
+        spelling = "" if self.to == "input" else f", written for {self.to}"
+        return f"recipes {self.recipes}, dtype {self.dtype}, device {self.device}{spelling}"
 
     def resize_kwargs(self):
-        return dict(recipes=self.recipes, dtype=None if self.dtype == "auto" else self.dtype, device=self.device)
+        return dict(recipes=self.recipes, dtype=None if self.dtype == "auto" else self.dtype, device=self.device,
+                    to=None if self.to == "input" else self.to)
 
 
 def build_recipe(weights, selection="thr", value=-1.2, rescale=1.0):

@@ -194,3 +194,15 @@ def test_save_names_drive_folders_as_the_sources_do(tmp_path, monkeypatch, capsy
     out = capsys.readouterr()
     assert "Google Drive can only be mounted inside Colab" in out.out + out.err
     assert not (tmp_path / "unmounted").exists()
+
+
+def test_the_resize_form_chooses_the_spelling_the_output_is_written_in():
+    """The form's "write for" choice reaches resize() as `to` (None: the LoRA's own spelling)."""
+    pytest.importorskip("ipywidgets")
+    from lora_colab.configs import ResizeConfig
+    from lora_colab.notebook.widgets import ResizeForm
+    assert ResizeConfig().resize_kwargs()["to"] is None
+    form = ResizeForm(ResizeConfig(to="comfy"))
+    assert form.config().to == "comfy" and form.config().resize_kwargs()["to"] == "comfy"
+    form.to.value = "peft"
+    assert form.config().resize_kwargs()["to"] == "peft" and "written for peft" in form.config().describe()

@@ -159,6 +159,9 @@ class ResizeForm:
         self.recipes.layout.height = "6em"
         self.dtype = _control(w.Dropdown, "dtype", options=["auto", "16", "32", "bf16"], value=c.dtype)
         self.device = _control(w.Dropdown, "device", options=["auto", "cuda", "cpu"], value=c.device)
+        self.to = _control(w.Dropdown, "write for", value=c.to,
+                           options=[("the LoRA's own spelling", "input"), ("kohya / A1111 / Forge", "kohya"),
+                                    ("ComfyUI", "comfy"), ("diffusers", "diffusers"), ("PEFT folder", "peft")])
         self.add.on_click(lambda _: self.add_recipe())
         self.preset.observe(self._apply_preset, names="value")
         self.selection.observe(self._relabel, names="value")
@@ -168,7 +171,7 @@ class ResizeForm:
             + list(self.weights.values())
             + [_note("each direction's score is log10(σ) minus, for each weight above, weight × log10 of what it "
                      f"is compared with:<table>{help_rows}</table>"),
-               self.selection, self.value, self.add, self.recipes, self.dtype, self.device])
+               self.selection, self.value, self.add, self.recipes, self.dtype, self.device, self.to])
 
     def _apply_preset(self, change):
         recipe = RESIZE_PRESETS.get(change["new"])
@@ -190,7 +193,7 @@ class ResizeForm:
     def config(self):
         text = ":".join(line.strip() for line in self.recipes.value.replace(":", "\n").splitlines() if line.strip())
         parse_recipes(text)  # a bad recipe is reported here, quoting it
-        return ResizeConfig(recipes=text, dtype=self.dtype.value, device=self.device.value)
+        return ResizeConfig(recipes=text, dtype=self.dtype.value, device=self.device.value, to=self.to.value)
 
     def show(self):
         from IPython.display import display
