@@ -1,5 +1,6 @@
 """Exceptions with one-line messages that name the file and the tensor."""
 
+import errno
 import os
 
 
@@ -18,6 +19,23 @@ class CheckpointError(LoraColabError, ValueError):
         if tensor is not None:
             where += f" [{tensor}]"
         super().__init__(f"{where}: {message}")
+
+
+class WriteFault(CheckpointError):
+    """The disk or the mount refused a write (full, over quota, an I/O error, a dropped or read-only mount):
+    not bad input. A run stopped by it keeps its journal as far as it was written; the same command resumes."""
+
+
+_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EIO: "an I/O error (a dropped mount such as Drive's?)",
+           errno.ENOTCONN: "the mount is gone (Drive disconnected?)", errno.EROFS: "the file system is read-only",
+           errno.ESTALE: "the mount went stale (Drive reconnected?)"}
+
+
+def write_fault(path, exc, tensor=None, what="write"):
+    """A WriteFault naming the file, the cause of OSError `exc` in plain words, and the tensor if any."""
+    cause = _CAUSES.get(exc.errno, exc.strerror or str(exc))
+    return WriteFault(path, f"{what} failed: {cause}", tensor)
 
 
 class OptionError(LoraColabError, ValueError):

@@ -43,7 +43,7 @@ def test_disk_full_is_a_clean_error_with_no_partial_file(pair, tmp_path, monkeyp
     monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(CheckpointError, match=r"lora\.safetensors.*write failed: No space left on device"):
+    with pytest.raises(CheckpointError, match=r"lora\.safetensors.*write failed: the disk is full"):
         extract(*pair, out / "lora.safetensors", rank=8, progress=False)
     assert leftovers(out) == []
 

@@ -11,12 +11,12 @@ import torch
 from ..arch import resolve_format
 from ..arch.canonical import nonfinite_error, open_canonical, pair
 from ..dtypes import parse_dtype
-from ..errors import Interrupted, LoraColabError, OptionError
+from ..errors import Interrupted, LoraColabError, OptionError, WriteFault
 from ..io.hub import pinned_run
 from ..io.locations import file_name
 from ..lora.formats import build_metadata, piece_specs, piece_tensors, pieces
 from ..lora.journal import Journal, identity_of, show, worth_keeping
-from ..lora.writer import SpillWriter, planned_size
+from ..lora.writer import SpillWriter, planned_size, require_space
 from ..lowrank.device import resolve_device
 from ..lowrank.factor import (BlockedDelta, clamp_outliers, clamped_residual_sq, low_rank, max_abs, norm_sq,
                               product_change)
@@ -272,6 +272,15 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                 math.prod(shape) for _, _, shape in specs_of(piece, 1) if len(shape) >= 2),
                 journal=writer if resume else None)
         written = []  # ((rank, alpha), target) of every piece written
+        try:
+            _check_space(out, parts, rank, conv_rank, specs_of, recipe_obj is not None,
+                         writer._size if resume and not writer.shared else 0)
+        except WriteFault:
+            if resume and not writer.done:
+                writer.discard()  # a journal that holds nothing
+            else:
+                writer.abort()
+            raise
         remaining = _resume(writer, targets, parts, report, written, selecting) if resume else targets
         total_pieces = sum(len(p) for p in parts.values())
         if resume:
@@ -351,6 +360,15 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                                   f"{len(targets)}: the same command resumes from there (--restart starts over)") \
                     from None
             raise
+        except WriteFault as exc:
+            if resume and not writer.shared and writer.done:
+                raise WriteFault(exc.path, f"{exc.reason}; {out.name}.journal keeps {len(writer.done)} finished "
+                                           f"layers of {len(targets)}: run the same command again once there is "
+                                           f"room (or the mount is back) and it resumes from there",
+                                 exc.tensor) from None
+            if resume and not writer.shared:
+                writer.discard()  # it holds no finished layer
+            raise
         except BaseException as exc:
             if resume and not worth_keeping(exc):
                 writer.discard()  # bad input: a rerun would meet it again
@@ -370,6 +388,24 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
     report.peak_vram = vram_bytes()[1]
     report.wall_seconds = time.perf_counter() - started
     return report
+
+
+def _check_space(out, parts, rank, conv_rank, specs_of, recipe, held):
+    """Refuse before reading a layer a run whose journal and output cannot fit on the output's disk: the
+    journal holds every factor at its cap (and, with a recipe, each piece's float32 directions), the output
+    the same factors again while it is assembled from the journal; `held`: what the journal holds already."""
+    output = scratch = 0
+    for target_parts in parts.values():
+        for piece in target_parts:
+            cap = conv_rank if piece.target.kind == "conv" else rank
+            k = min(cap, piece.shape[0], math.prod(piece.shape[1:]))
+            output += sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                          for _, dtype, shape in specs_of(piece, k))
+            if recipe:
+                scratch += (piece.shape[0] + math.prod(piece.shape[1:]) + 1) * k * 4
+    journal = output + scratch
+    require_space(out, max(0, journal - held) + output,
+                  [("journal", journal - min(held, journal)), ("output while it is assembled", output)])
 
 
 def _write_piece(writer, piece, up, down, alpha, scale, dtype):

@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 
 from ..dtypes import from_torch
-from ..errors import CheckpointError, LoraColabError, SourceError
+from ..errors import CheckpointError, LoraColabError, SourceError, WriteFault, write_fault
 from ..io.buffers import byte_view
 from .writer import SpillWriter, _pwrite_all, remove_orphans
 
@@ -263,7 +263,7 @@ class Journal(SpillWriter):
                 position += len(data)
             self._sync()
         except OSError as exc:
-            raise CheckpointError(self.spill_path, f"journal write failed: {exc.strerror or exc}") from None
+            raise write_fault(self.spill_path, exc, what="journal write") from None
         self._pending = []
         self._size = position
         self._restore(meta, at + len(head) + len(meta_raw))
@@ -310,8 +310,9 @@ def show(lines, progress):
 
 def worth_keeping(exc):
     """Whether a run stopped by `exc` keeps its journal: yes for interruptions (Ctrl-C, a lost connection,
-    a full disk, running out of memory), no for bad input or options, which a rerun would meet again."""
-    return not isinstance(exc, LoraColabError) or isinstance(exc, SourceError)
+    a write the disk or the mount refused, running out of memory), no for bad input or options, which a
+    rerun would meet again."""
+    return not isinstance(exc, LoraColabError) or isinstance(exc, (SourceError, WriteFault))
 
 
 def _lock(spill):

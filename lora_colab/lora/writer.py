@@ -1,7 +1,9 @@
 """Atomic streaming safetensors writer: header first, then one tensor at a time, then rename."""
 
+import errno
 import hashlib
 import json
+import shutil
 import math
 import os
 import secrets
@@ -10,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import ITEMSIZE, from_torch
-from ..errors import CheckpointError
+from ..errors import CheckpointError, WriteFault, write_fault
 from ..io.buffers import byte_view
 
 _HAS_PWRITE = hasattr(os, "pwrite")
@@ -144,7 +146,7 @@ class SafetensorsWriter:
 
     def _fail(self, exc, tensor=None):
         self.abort()
-        raise CheckpointError(self.path, f"write failed: {exc.strerror or exc}", tensor) from None
+        raise write_fault(self.path, exc, tensor) from None
 
     def _pwrite(self, data, offset):
         _pwrite_all(self._file, data, offset)
@@ -243,7 +245,9 @@ class SpillWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._spill = self._open_spill()
         except OSError as exc:
-            raise CheckpointError(self.path, f"cannot write here: {exc.strerror or exc}") from None
+            if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG):
+                raise CheckpointError(self.path, f"cannot write here: {exc.strerror or exc}") from None
+            raise write_fault(self.path, exc) from None
 
     def _spill_name(self):
         return temporary_name(self.path, "parts.tmp")
@@ -260,7 +264,7 @@ class SpillWriter:
             _pwrite_all(self._spill, data, self._size)
         except OSError as exc:
             self.abort()
-            raise CheckpointError(self.path, f"write failed: {exc.strerror or exc}", name) from None
+            raise write_fault(self.path, exc, name) from None
         self._entries[name] = (from_torch(tensor.dtype), tuple(tensor.shape), self._size, len(data))
         self._size += len(data)
 
@@ -299,7 +303,11 @@ class SpillWriter:
         done = 0
         while done < nbytes:
             n = min(_COPY_CHUNK, nbytes - done)
-            sink(os.pread(self._spill.fileno(), n, offset + done), done)
+            try:
+                chunk = os.pread(self._spill.fileno(), n, offset + done)
+            except OSError as exc:
+                raise write_fault(self.spill_path, exc, name, what="reading back") from None
+            sink(chunk, done)
             done += n
 
     def _hashes(self, specs, metadata):
@@ -365,3 +373,26 @@ def planned_size(specs, metadata=None, kohya_hashes=False):
         if lo >= 0 and data >= lo + _LEGACY_LEN:
             metadata["sshs_legacy_hash"] = "0" * 8
     return 8 + len(_header_bytes(layout, metadata, "<planned>")) + data
+
+
+def free_bytes(path):
+    """Free bytes on the file system that holds `path` (its nearest existing folder); None where unknown."""
+    folder = Path(os.fspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def require_space(path, needed, parts):
+    """Refuse, before any work, a run whose files cannot fit: a WriteFault naming what it will write
+    (`parts`: [(what, bytes)], adding up to `needed`) and what the disk holds free."""
+    from ..memory import fmt_bytes
+    free = free_bytes(path)
+    if free is None or needed <= free:
+        return
+    detail = " + ".join(f"{what} {fmt_bytes(n)}" for what, n in parts if n)
+    raise WriteFault(path, f"needs about {fmt_bytes(needed)} free ({detail}) but its disk has {fmt_bytes(free)}: "
+                           f"free space or write elsewhere (-o)")

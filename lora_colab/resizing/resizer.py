@@ -16,7 +16,7 @@ from ..arch import guess_lora_arch
 from ..arch.common import row_segments
 from .base_refs import BaseReferences
 from ..dtypes import parse_dtype
-from ..errors import CheckpointError, Interrupted, LoraColabError, OptionError
+from ..errors import CheckpointError, Interrupted, LoraColabError, OptionError, WriteFault
 from ..io.hub import pinned_run
 from ..io.locations import describe, file_name
 from ..lora.files import LoraFile
@@ -26,11 +26,11 @@ from ..progress import progress_bar
 from ..lowrank.recipes import CHECKPOINT_KEYS, parse_recipes
 from ..lora.journal import show, worth_keeping
 from .merge import merge_spectra, reweight
-from .spectrum import decompose, qr_core  # noqa: F401 (qr_core: part of the resizer API)
+from .spectrum import MAX_REBUILT_RANK, decompose, qr_core  # noqa: F401 (qr_core: part of the resizer API)
 from .journal import decomposed, keep_decomposed, keep_references, open_journal, references
 from ..lowrank.selection import Selection, kohya_rank, subspace_reference  # noqa: F401 (kohya_rank: resizer API)
 from ..lora import spellings
-from ..lora.writer import SpillWriter
+from ..lora.writer import SpillWriter, require_space
 from .output import (adapter_metadata, common_alpha, layer_specs, layer_tensors, peft_config, respell,
                      write_peft_folder)
 
@@ -343,11 +343,12 @@ def _resize_one(lora_arg, base, recipe_list, options):
     held = []
 
     def journal_of(opened):
-        if not options.resume:
-            return None
-        held.append(open_journal(_output_folder(options.output_folder, first), lora_arg, opened, base,
-                                 _stem(first), options.restart))
-        return held[0]
+        folder = _output_folder(options.output_folder, first)
+        if options.resume:
+            held.append(open_journal(folder, lora_arg, opened, base, _stem(first), options.restart))
+        kept = held[0]._size if held and not held[0].shared else 0
+        _check_space(opened, recipe_list, folder / _stem(first), kept)
+        return held[0] if held else None
     reports = []
     try:
         try:
@@ -372,8 +373,12 @@ def _resize_one(lora_arg, base, recipe_list, options):
             if options.verbose:
                 print(report.summary(options.verbose))
     except BaseException as exc:
-        for journal in held:
-            journal.abort() if worth_keeping(exc) else journal.discard()  # kept: the same call resumes from it
+        for journal in held:  # kept where it holds finished steps: the same call resumes from it
+            journal.abort() if worth_keeping(exc) and journal.done else journal.discard()
+        if isinstance(exc, WriteFault) and held and held[0].done and not held[0].shared:
+            raise WriteFault(exc.path, f"{exc.reason}; {held[0].spill_path.name} keeps {len(held[0].done)} "
+                                       f"finished steps: run the same command again once there is room (or the "
+                                       f"mount is back) and it resumes from there", exc.tensor) from None
         if isinstance(exc, KeyboardInterrupt) and held and held[0].done and not held[0].shared:
             raise Interrupted(f"interrupted; {held[0].spill_path.name} keeps {len(held[0].done)} finished steps "
                               f"(decomposed layers, base references): the same command resumes from there "
@@ -397,6 +402,41 @@ def _spell_output(job, to, base):
                             f"{', ...' if len(job.passthrough) > 2 else ''}) left out: {to.title} refuses them")
         job.passthrough = {}
     job.spelling = to
+
+
+def _check_space(opened, recipes, where, held):
+    """Refuse before decomposing a layer a resize whose journal (each layer's float32 directions) and outputs
+    (one per recipe, at most the input's size or the recipe's `size=`; the largest twice while it is
+    assembled) cannot fit on the output's disk; `held`: what the journal holds already."""
+    journal, inputs = 0, 0
+    for lora, _ in opened:
+        inputs += lora.ckpt.total_bytes
+        for layer in lora.layers.values():
+            rows, cols, rank = _layer_dims(lora, layer)
+            journal += (rows + cols + 1) * rank * 4
+    outputs = [min(inputs, int(recipe.size * 2**20)) if recipe.size else inputs for recipe in recipes]
+    require_space(where, max(0, journal - held) + sum(outputs) + max(outputs),
+                  [("journal", max(0, journal - held)), ("outputs", sum(outputs)),
+                   ("the largest again while it is assembled", max(outputs))])
+
+
+def _layer_dims(lora, layer):
+    """(rows, columns, rank) of a layer's decomposition, from the shapes in the file's header."""
+    shape = lora.ckpt.shape
+    t = layer.tensors
+    if layer.kind in ("lora", "tucker"):
+        down, up = shape(t["down"]), shape(t["up"])
+        return up[0], math.prod(down[1:]), down[0]
+    if layer.kind == "loha":
+        rows, cols = shape(t["hada_w1_a"])[0], math.prod(shape(t["hada_w1_b"])[1:])
+    elif layer.kind == "diff":
+        full = shape(t["diff"])
+        rows, cols = full[0], math.prod(full[1:])
+    else:  # LoKr: the Kronecker product's rows and columns
+        parts = [shape(t[k]) for k in ("lokr_w1", "lokr_w2") if k in t]
+        return (0, 0, 0) if len(parts) < 2 else (parts[0][0] * parts[1][0], parts[0][1] * math.prod(parts[1][1:]),
+                                                 min(MAX_REBUILT_RANK, parts[0][0] * parts[1][0]))
+    return rows, cols, min(MAX_REBUILT_RANK, rows, cols)
 
 
 def _references(spectra, base, journal, recipes, on_layer):
