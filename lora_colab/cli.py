@@ -91,7 +91,15 @@ def _dtype_value(text):
 
 _POSITIVE_INT = _number(int, lambda v: v >= 1, "a positive integer")
 _COUNT = _number(int, lambda v: v >= 0, "0 or more")
-_POSITIVE = _number(float, lambda v: v > 0 and v != float("inf"), "> 0")
+_POSITIVE = _number(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
+
+
+def _device_value(text):
+    """cpu, cuda, cuda:N or auto (checked here, before torch loads or any file is touched)."""
+    import re
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda (or cuda:N) or auto")
 
 
 def _extract_options(args):
@@ -189,7 +197,7 @@ def _add_extract_options(p, rank_default):
                    help="key naming (default auto: what loads in the most clients for the architecture)")
     p.add_argument("-t", "--dtype", type=_dtype_value, default=None,
                    help="factor dtype: bf16, fp16 (or 16) or fp32 (or 32) (default bf16 for DiTs, fp16 for SD/SDXL)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--device", type=_device_value, default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--niter", type=_COUNT, default=2, help="randomized-SVD power iterations (default %(default)s: within 1%% of the optimal error with the default oversampling; see bench/extract.py)")
     p.add_argument("--oversample", type=_COUNT, default=8, help="randomized-SVD oversampling (default %(default)s)")
     p.add_argument("--bias-diff", action=argparse.BooleanOptionalAction, default=None,
@@ -269,7 +277,7 @@ def build_parser():
     res.add_argument("-t", "--dtype", type=_dtype_value, default=None,
                      help="output precision: bf16, fp16 (or 16) or fp32 (or 32) (default: the input's)")
     _add_spelling_option(res, required=False)
-    res.add_argument("-d", "--device", default="auto", help="cpu, cuda or auto (default)")
+    res.add_argument("-d", "--device", type=_device_value, default="auto", help="cpu, cuda or auto (default)")
     res.add_argument("-v", "--verbose", action="count", default=0,
                      help="-v: totals, threshold, size and score quantiles; -vv: every layer's old -> new rank")
     res.add_argument("--json", action="store_true", help="print the reports as JSON")
@@ -295,7 +303,7 @@ def build_parser():
                            "each local LoRA's own folder, else the current one")
     conv.add_argument("-t", "--dtype", type=_dtype_value, default=None,
                       help="output precision: bf16, fp16 (or 16) or fp32 (or 32) (default: the input's)")
-    conv.add_argument("-d", "--device", default="auto", help="cpu, cuda or auto (default)")
+    conv.add_argument("-d", "--device", type=_device_value, default="auto", help="cpu, cuda or auto (default)")
     conv.add_argument("-v", "--verbose", action="count", default=0, help="-vv: every layer")
     conv.add_argument("--json", action="store_true", help="print the reports as JSON")
     conv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -33,13 +33,16 @@ def one_error_line(capsys):
 
 
 @pytest.mark.parametrize("options,says", [
-    (["--scale", "-1"], "--scale: '-1': must be > 0"),
-    (["--scale", "0"], "--scale: '0': must be > 0"),
+    (["--scale", "-1"], "--scale: '-1': must be a finite number > 0"),
+    (["--scale", "0"], "--scale: '0': must be a finite number > 0"),
+    (["--alpha", "inf"], "--alpha: 'inf': must be a finite number > 0"),
+    (["--device", "tpu"], "--device: 'tpu': use cpu, cuda (or cuda:N) or auto"),
+    (["--device", "mps"], "--device: 'mps': use cpu, cuda (or cuda:N) or auto"),
     (["--dtype", "fp8"], "--dtype: 'fp8': use bf16, fp16"),
     (["--rank", "0"], "--rank: '0': must be a positive integer"),
     (["--rank", "x"], "--rank: 'x' is not a number"),
     (["--clamp-quantile", "2"], "--clamp-quantile: '2': must be in [0.5, 1]"),
-    (["--alpha", "-3"], "--alpha: '-3': must be > 0"),
+    (["--alpha", "-3"], "--alpha: '-3': must be a finite number > 0"),
     (["--energy", "1.5"], "--energy: '1.5': must be in (0, 1]"),
     (["--include", "foo"], "--include foo: not an optional target group of Z-Image; its groups: adaln"),
     (["--include", "modulation"], "--include modulation: not an optional target group of Z-Image"),
@@ -55,7 +58,10 @@ def test_bad_options_are_one_line_and_exit_2(demo, tmp_path, capsys, options, sa
 
 
 @pytest.mark.parametrize("kwargs,says", [
-    (dict(scale=-1), "scale must be > 0"), (dict(scale=0), "scale must be > 0"),
+    (dict(scale=-1), "scale must be a finite number > 0"), (dict(scale=0), "scale must be a finite number > 0"),
+    (dict(alpha=float("inf")), "alpha must be a finite number > 0, got inf"),
+    (dict(device="tpu"), "unknown device 'tpu': use cpu, cuda"), (dict(device="mps"), "device 'mps' is not supported"),
+    (dict(device="meta"), "device 'meta' is not supported"),
     (dict(dtype="fp8"), "unknown dtype 'fp8'"), (dict(rank=2.5), "rank must be a positive integer"),
     (dict(groups=["modulation"]), "not an optional target group of Z-Image"),
 ])
@@ -224,3 +230,32 @@ def test_ctrl_c_while_torch_loads_stops_cleanly(tmp_path, after):
     assert proc.returncode == 130, (proc.returncode, err[-500:])
     assert "interrupted" in err and "terminate called" not in err and "Traceback" not in err
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("device", ["tpu", "xla", "meta", "mps"])
+def test_resize_refuses_an_unusable_device_in_one_line_leaving_nothing(demo, tmp_path, capsys, device):
+    base, tuned, lora = demo
+    out = tmp_path / "out"
+    assert main(["resize", "none", str(lora), "-o", str(out), "-r", "rank=2", "-d", device, "-q"]) == 2
+    assert "use cpu, cuda (or cuda:N) or auto" in one_error_line(capsys)
+    assert not out.exists()
+    from lora_colab import resize
+    with pytest.raises(LoraColabError, match=f"device '{device}'"):
+        resize(None, [lora], out, "rank=2", device=device, progress=False)
+    assert not out.exists()
+
+
+def test_a_min_diff_above_every_difference_says_so_not_that_the_models_are_identical(demo, tmp_path):
+    base, tuned, _ = demo
+    report = extract(base, tuned, tmp_path / "x.safetensors", min_diff=0.5, progress=False)
+    assert report.identical and report.output is None
+    text = str(report)
+    assert "identical" not in text
+    assert "no layer's difference exceeds min_diff (the largest |difference| is " in text and "lower --min-diff" in text
+
+
+def test_a_merge_weight_that_is_no_number_is_named(demo, tmp_path, capsys):
+    _, _, lora = demo
+    assert main(["resize", "none", f"{lora}:x", "-o", str(tmp_path / "o"), "-r", "rank=2", "-q"]) == 2
+    line = one_error_line(capsys)
+    assert f"{lora}:x: 'x' is not a merge weight; write a number after the colon" in line

@@ -111,3 +111,25 @@ def test_hub_token_comes_from_the_environment(monkeypatch, tmp_path):
     assert hub_token() == "hf_secret" and hub_token("explicit") == "explicit"
     monkeypatch.delenv("HF_TOKEN")
     assert hub_token() is None
+
+
+def test_a_refused_connection_fails_at_once_not_after_a_minute_of_retries():
+    """Nothing listens on the port: a refused connection is no passing fault, so it is not retried for long."""
+    import socket
+    import time
+    from lora_colab import open_checkpoint
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=r"127\.0\.0\.1.*refused"):
+        open_checkpoint(f"http://127.0.0.1:{port}/lora.safetensors")
+    assert time.monotonic() - started < 5
+
+
+def test_a_drive_source_outside_colab_says_drive_is_not_mounted(monkeypatch, tmp_path):
+    from lora_colab import open_checkpoint
+    from lora_colab.io import locations
+    monkeypatch.setattr(locations, "DRIVE_ROOT", str(tmp_path / "no_drive"))
+    with pytest.raises(SourceError, match=r"drive:MyDrive/x\.safetensors: Google Drive is not mounted here"):
+        open_checkpoint("drive:MyDrive/x.safetensors")

@@ -465,3 +465,23 @@ def test_a_lora_as_the_base_says_what_resize_needs_and_a_rerun_says_it_replaced_
     assert not [w for w in first.warnings if "replaced" in w]
     again = resize(None, [path], tmp_path / "o", "rank=1", progress=False)[0]
     assert f"replaced the existing {Path(again.output).name}" in str(again)
+
+
+@pytest.mark.parametrize("recipe", ["spn_ckpt=1,thr=99", "fro_lora=1,size=0.000001", "wrong base"])
+def test_a_resize_that_writes_nothing_leaves_no_empty_folder(tmp_path, recipe):
+    """Nothing kept, a size no file fits, a LoRA of another model than the base: the folders the run made
+    for its outputs are gone again."""
+    lora, _ = zimage_lora(tmp_path, {"layers.0.attention.qkv.weight": [1.0, 0.5]})
+    out = tmp_path / "out" / "nested"
+    if recipe == "wrong base":
+        other = tmp_path / "flux.safetensors"
+        st_save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(48, 16),
+                      "double_blocks.0.img_attn.proj.weight": torch.zeros(16, 16)}, str(other))
+        with pytest.raises(LoraColabError):
+            resize(other, [lora], out, "spn_ckpt=1,thr=-1", progress=False)
+    elif "size" in recipe:
+        with pytest.raises(LoraColabError, match="even an empty LoRA"):
+            resize(None, [lora], out, recipe, progress=False)
+    else:
+        assert resize(zimage_base(tmp_path), [lora], out, recipe, progress=False)[0].nothing_kept
+    assert not (tmp_path / "out").exists()

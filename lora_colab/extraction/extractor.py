@@ -120,9 +120,10 @@ def _check_options(rank, alpha, clamp_quantile, energy, on_nonfinite, scale, con
     positive_int("oversample", oversample, zero=True)
     for name, value in (("alpha", alpha), ("conv_alpha", conv_alpha)):
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise OptionError(f"{name} must be > 0, got {value}")
+            raise OptionError(f"{name} must be a finite number > 0, got {value}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise OptionError(f"scale must be > 0 (1 = the full difference, 0.5 = half strength), got {scale}")
+        raise OptionError(f"scale must be a finite number > 0 (1 = the full difference, 0.5 = half strength), "
+                          f"got {scale}")
     if clamp_quantile is not None and not 0.5 <= clamp_quantile <= 1.0:
         raise OptionError(f"clamp_quantile must be in [0.5, 1.0] (or None), got {clamp_quantile}")
     if on_nonfinite not in ("stop", "skip"):

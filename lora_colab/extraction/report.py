@@ -117,7 +117,10 @@ class ExtractReport:
         elif self.nothing_selected:
             lines.append(f"the recipe {self.recipe} selects no direction of any layer: no LoRA written")
         elif self.identical:
-            lines.append("the models are identical on every target layer: no LoRA written")
+            largest = max((layer.max_abs_diff for layer in self.layers), default=0.0)
+            lines.append("the models are identical on every target layer: no LoRA written" if not largest else
+                         f"no layer's difference exceeds min_diff (the largest |difference| is {largest:.3g}): "
+                         f"no LoRA written; lower --min-diff")
         if self.network_bytes:
             rate = self.network_bytes / max(self.wall_seconds, 1e-9) / 1e6
             lines.append(f"read {fmt_bytes(self.network_bytes)} over the network in place ({rate:.0f} MB/s "

@@ -6,6 +6,7 @@ without range support, many runs over the same files, or a pickle.
 
 import http.client
 import os
+import sys
 import re
 import shutil
 import time
@@ -170,7 +171,10 @@ def is_drive(source):
 
 
 def fetch(source, folder, token=None, allow_patterns=None, progress=True):
-    """Make `source` (see io.locations.locate) a local path in `folder`, downloading it if remote."""
+    """Make `source` (see io.locations.locate) a local path in `folder`, downloading it if remote (a Drive
+    source inside Colab mounts Drive first)."""
+    if is_drive(source) and "google.colab" in sys.modules and not os.path.isdir(os.path.join(DRIVE_ROOT, "MyDrive")):
+        mount_drive()
     location = locate(source, token)
     folder = Path(folder)
     if isinstance(location, LocalLocation):

@@ -170,7 +170,8 @@ class Client:
                 response, final = self._follow(url, credential, headers or {}, name)
             except (OSError, http.client.HTTPException) as exc:
                 attempt += 1
-                if attempt > self.policy.retries:
+                refused = isinstance(exc, ConnectionRefusedError)  # nothing listens there: not a passing fault
+                if attempt > (1 if refused else self.policy.retries):
                     raise SourceError(f"{name}: {describe_failure(exc, self.policy)} "
                                       f"({attempt} tries)") from None
                 time.sleep(self.policy.wait(attempt))

@@ -227,6 +227,9 @@ def locate(source, token=None, hf_token=None):
         repo, revision = _split_revision("/".join(parts[:2]))
         return HubLocation(HubRepo(repo, revision, hf_token), parts[2] if len(parts) == 3 else "")
     if text.startswith("drive:"):
+        if not os.path.isdir(DRIVE_ROOT):
+            raise SourceError(f"{text}: Google Drive is not mounted here ({DRIVE_ROOT} does not exist): in Colab, run "
+                              f"the cell that mounts Drive first; elsewhere, give the file's own path")
         return LocalLocation(os.path.join(DRIVE_ROOT, text[len("drive:"):].lstrip("/")))
     hit = re.fullmatch(rf"({_REPO}(?:@[\w./-]+)?):(.+)", text)
     if hit and not os.path.exists(text):

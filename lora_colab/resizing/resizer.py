@@ -124,14 +124,23 @@ class ResizeReports(list):
 
 # --- the API -------------------------------------------------------------------------------------
 
+_LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
+
+
 def _split_merge(text):
-    """'a.safetensors:0.7,b.safetensors:0.3' -> [(path, weight)] (drive letters like C:\\ are kept)."""
+    """'a.safetensors:0.7,b.safetensors:0.3' -> [(path, weight)] (drive letters like C:\\ and Hub files
+    `owner/repo:file` are kept); a LoRA file followed by `:` and no number is one line naming the weight."""
     parts = []
     for item in str(text).split(","):
         path, weight = item, 1.0
         hit = re.fullmatch(r"(.+):([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)", item.strip())
         if hit:
             path, weight = hit.group(1), float(hit.group(2))
+        else:
+            head, colon, tail = item.strip().rpartition(":")
+            if colon and head.lower().endswith(_LORA_SUFFIXES) and not os.path.exists(item.strip()):
+                raise OptionError(f"{item.strip()}: {tail!r} is not a merge weight; write a number after the "
+                                  f"colon ({file_name(head)}:0.7) or leave it out")
         parts.append((path.strip(), weight))
     return parts
 
@@ -297,8 +306,32 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
                             resolve_device(device), verbose, token, progress, on_layer, resume, restart)
     if checkpoint is None and any(r.needs_checkpoint for r in recipe_list):
         raise LoraColabError("a recipe uses spn_ckpt/fro_ckpt/subspace: give the base checkpoint")
-    with pinned_run():
-        return _resize_all(checkpoint, loras, recipe_list, options)
+    made = _folders_to_make(output_folder, loras)
+    try:
+        with pinned_run():
+            return _resize_all(checkpoint, loras, recipe_list, options)
+    finally:
+        for folder in made:  # a run that wrote nothing leaves no empty folder behind
+            _remove_if_empty(folder)
+
+
+def _folders_to_make(output_folder, loras):
+    """The output folders this run will create, each with the folders above it that do not exist yet, deepest
+    first: removed again if nothing lands in them."""
+    made = []
+    for lora in loras:
+        folder = _output_folder(output_folder, _split_merge(lora)[0][0])
+        while not folder.exists() and folder not in made:
+            made.append(folder)
+            folder = folder.parent
+    return sorted(made, key=lambda f: -len(f.parts))
+
+
+def _remove_if_empty(folder):
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (or already gone)
+        pass
 
 
 def _ticker(progress, on_layer, lora_arg):
