@@ -206,3 +206,25 @@ def test_the_resize_form_chooses_the_spelling_the_output_is_written_in():
     assert form.config().to == "comfy" and form.config().resize_kwargs()["to"] == "comfy"
     form.to.value = "peft"
     assert form.config().resize_kwargs()["to"] == "peft" and "written for peft" in form.config().describe()
+
+
+def test_the_default_work_folder_is_one_jupyter_serves(tmp_path, monkeypatch):
+    """Local JupyterLab: results land under the folder it serves (so a download link reaches them); a remote
+    Jupyter (RunPod, Vast) without a known root: /workspace; neither: the home folder."""
+    from lora_colab.notebook import cells
+    served = tmp_path / "served"
+    (served / "notebooks").mkdir(parents=True)
+    monkeypatch.delenv("LORA_COLAB_WORKDIR", raising=False)
+    monkeypatch.setattr(cells, "IN_COLAB", False)
+    monkeypatch.setattr(cells, "jupyter_roots", lambda: [served.resolve()])
+    monkeypatch.chdir(served / "notebooks")
+    assert cells.workdir() == served.resolve() / "lora_colab_work"
+    assert cells.unreachable_root(cells.workdir() / "lora.safetensors") is None  # a link reaches it
+    monkeypatch.setattr(cells, "jupyter_roots", lambda: [])
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    monkeypatch.setattr(cells, "REMOTE_WORKSPACE", workspace)
+    assert cells.workdir() == workspace / "lora_colab_work"
+    monkeypatch.setattr(cells, "REMOTE_WORKSPACE", tmp_path / "none")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cells.workdir() == tmp_path / "home" / "lora_colab_work"

@@ -70,15 +70,34 @@ def _not_ready(*values, needed_by):
     return None
 
 
+REMOTE_WORKSPACE = Path("/workspace")  # the persistent folder RunPod and Vast.ai serve
+
+
 def workdir():
-    """Working folder for downloads and results: $LORA_COLAB_WORKDIR, else /content/lora_colab in Colab,
-    else ~/lora_colab_work (never inside the repository the notebook sits in)."""
+    """Working folder for downloads and results: $LORA_COLAB_WORKDIR; else /content/lora_colab in Colab;
+    else `lora_colab_work` in the folder the running Jupyter serves the notebook from, so its download links
+    reach the results (a local JupyterLab's folder, a remote one's /workspace or /notebooks); else
+    /workspace/lora_colab_work where that folder exists; else ~/lora_colab_work."""
     if os.environ.get("LORA_COLAB_WORKDIR"):
         folder = Path(os.environ["LORA_COLAB_WORKDIR"])
+    elif IN_COLAB:
+        folder = Path("/content/lora_colab")
     else:
-        folder = Path("/content/lora_colab") if IN_COLAB else Path.home() / "lora_colab_work"
+        folder = _served_workdir() or Path.home() / "lora_colab_work"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _served_workdir():
+    """`lora_colab_work` under the Jupyter root that serves the kernel's folder, or under a writable
+    /workspace; None when neither is known."""
+    cwd = Path(os.getcwd()).resolve()
+    serving = [root for root in jupyter_roots() if cwd == root or root in cwd.parents]
+    if serving:
+        return max(serving, key=lambda r: len(r.parts)) / "lora_colab_work"
+    if REMOTE_WORKSPACE.is_dir() and os.access(REMOTE_WORKSPACE, os.W_OK):
+        return REMOTE_WORKSPACE / "lora_colab_work"
+    return None
 
 
 def prepare_models(base="", tuned="", folder=None, download=False, token=None):
