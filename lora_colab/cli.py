@@ -17,13 +17,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"lora-colab: error: {command}{message} (see {self.prog} --help)\n")
 
 
-def _optional_groups():
-    from .arch import ARCHITECTURES
-
-    return "; ".join(f"{arch.title}: {', '.join(arch.optional_groups)}" for arch in ARCHITECTURES.values()
-                     if arch.optional_groups)
-
-
 _SOURCES = ("a .safetensors file, a *.index.json or a diffusers folder: a local path, an http(s) URL, a Hub "
             "file (owner/repo:file, hf://owner/repo/file or its huggingface.co URL) or a Hub folder "
             "(hf://owner/repo[/subfolder]); remote files are read in place, by HTTP range")
@@ -188,7 +181,9 @@ def _add_extract_options(p, rank_default):
     p.add_argument("--conv-alpha", type=_POSITIVE, default=None, help="alpha for conv layers (default: = conv rank)")
     p.add_argument("--no-text-encoders", action="store_true", help="UNet/transformer only (SD1.5/SDXL)")
     p.add_argument("--include", action="append", default=[], metavar="GROUP",
-                   help=f"optional targets, repeatable: {_optional_groups()}")
+                   help="optional target groups, repeatable (e.g. --include adaln for Z-Image's modulation): "
+                        "`lora-colab inspect BASE` lists a model's groups and their layers; every family's: "
+                        "docs/models.md")
     p.add_argument("--energy", type=_number(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=None, metavar="F",
                    help="adaptive rank: per layer the smallest rank <= --rank keeping this fraction of ‖ΔW‖²")
     p.add_argument("--min-diff", type=_number(float, lambda v: v >= 0, ">= 0"), default=0.0,

@@ -259,3 +259,57 @@ def test_a_merge_weight_that_is_no_number_is_named(demo, tmp_path, capsys):
     assert main(["resize", "none", f"{lora}:x", "-o", str(tmp_path / "o"), "-r", "rank=2", "-q"]) == 2
     line = one_error_line(capsys)
     assert f"{lora}:x: 'x' is not a merge weight; write a number after the colon" in line
+
+
+def test_a_rank_above_every_layer_is_said_before_the_first_layer_not_after_the_run(demo, tmp_path, capsys):
+    base, tuned, _ = demo
+    seen = []
+
+    def first(layer):
+        if not seen:
+            seen.append(capsys.readouterr().err)
+    extract(base, tuned, tmp_path / "a.safetensors", rank=100000, progress=True, on_layer=first)
+    assert "rank 100000 is above every layer's full rank" in seen[0]
+
+
+def test_an_output_name_without_the_suffix_gets_it_and_says_so(demo, tmp_path):
+    base, tuned, _ = demo
+    report = extract(base, tuned, tmp_path / "my_lora", progress=False)
+    assert report.output == str(tmp_path / "my_lora.safetensors") and (tmp_path / "my_lora.safetensors").exists()
+    assert not (tmp_path / "my_lora").exists()
+    assert any("my_lora has no .safetensors suffix" in w and "writing my_lora.safetensors" in w
+               for w in report.warnings)
+
+
+def test_a_second_resize_of_the_same_lora_says_at_the_start_that_another_run_holds_the_journal(demo, tmp_path, capsys):
+    import fcntl
+    from lora_colab import resize
+    _, _, lora = demo
+    out = tmp_path / "out"
+    out.mkdir()
+    journal = out / (lora.name[: -len(".safetensors")] + ".resize.journal")
+    seen = []
+
+    def first():
+        if not seen:
+            seen.append(capsys.readouterr().err)
+    with open(journal, "wb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first run, still going
+        resize(None, [lora], out, "rank=2", progress=True, on_layer=first)
+    assert "another run is writing" in seen[0]
+
+
+def test_the_include_help_is_a_few_lines_not_a_wall(capsys):
+    assert main(["extract", "--help"]) == 0
+    text = capsys.readouterr().out
+    start = text.index("  --include GROUP  ")
+    block = text[start:text.index("\n  --", start + 1)]
+    assert len(block.splitlines()) <= 4 and "lora-colab inspect BASE" in " ".join(block.split())
+
+
+def test_the_readme_shows_an_extract_example_before_any_long_table():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    first = next(i for i, line in enumerate(readme) if line.startswith("lora-colab extract "))
+    assert sum(line.startswith("| ") for line in readme[:first]) <= 4  # the notebooks' small table only
+    assert "docs/models.md" in "\n".join(readme)

@@ -146,6 +146,15 @@ def check_output_file(out, what="output"):
     return out
 
 
+def _with_suffix(out):
+    """(`out` ending in .safetensors, a note when the suffix was added): ComfyUI, A1111/Forge and diffusers
+    list and load only .safetensors files."""
+    if out.suffix.lower() == ".safetensors":
+        return out, None
+    named = out.with_name(out.name + ".safetensors")
+    return named, f"{out.name} has no .safetensors suffix, which the clients look for: writing {named.name}"
+
+
 def _check_groups(arch, groups):
     for group in groups:
         if group not in arch.optional_groups:
@@ -204,7 +213,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
     _check_options(rank, alpha, clamp_quantile, energy, on_nonfinite, scale, conv_rank, conv_alpha, min_diff,
                    niter, oversample)
     out_dtype = parse_dtype(dtype)
-    out = check_output_file(out)
+    out, renamed = _with_suffix(check_output_file(out))
     device = resolve_device(device)
     bound_heap()
     with pinned_run(), open_canonical(base, token=token) as b, open_canonical(tuned, b.arch.name, token) as t:
@@ -226,7 +235,9 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                                + (f" / {t.detected.layout}" if t.detected.layout != b.detected.layout else ""),
                                format=fmt, dtype=str(out_dtype).replace("torch.", ""), device=str(device),
                                scale=scale)
-        report.warnings.extend(_notices(b.arch, targets, rank, conv_rank))
+        notices = _notices(b.arch, targets, rank, conv_rank) + ([renamed] if renamed else [])
+        report.warnings.extend(notices)
+        show(notices, progress)  # at once, not only in the report at the end
         report.warnings.extend(b.notes + t.notes + b.arch.format_notes(fmt, groups))
         if diff_note:
             report.warnings.append(diff_note)

@@ -375,10 +375,13 @@ def _resize_one(lora_arg, base, recipe_list, options):
     first = _split_merge(lora_arg)[0][0]
     held = []
 
+    said = []
+
     def journal_of(opened):
         folder = _output_folder(options.output_folder, first)
         if options.resume:
             held.append(open_journal(folder, lora_arg, opened, base, _stem(first), options.restart))
+            said.extend(_say_resumed(held[0], options.progress))  # at once: resuming, or another run holds it
         kept = held[0]._size if held and not held[0].shared else 0
         _check_space(opened, recipe_list, folder / _stem(first), kept)
         return held[0] if held else None
@@ -386,7 +389,7 @@ def _resize_one(lora_arg, base, recipe_list, options):
     try:
         try:
             job = _decompose_all(lora_arg, options.device, base, options.token, tick, journal_of)
-            job.warnings = _say_resumed(job.journal, options.progress) + job.warnings
+            job.warnings = said + job.warnings
             _spell_output(job, options.to, base)  # before the references: re-spelled layers are new ones
             if base is not None:
                 _references(job.spectra, base, job.journal, recipe_list, options.on_layer)
