@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -390,3 +391,51 @@ def test_the_notebook_resize_cell_resumes_and_says_so(resize_inputs, tmp_path, c
     reports = notebook.run_resize(str(base), [str(lora)], config, folder=str(tmp_path / "out"), plot=False)
     assert f"resuming: {len(deltas)} decomposed layers and 6 base references taken" in capsys.readouterr().out
     assert len(reads) == len(deltas) - 6 and reports[0].output
+
+
+_RUNTIME = textwrap.dedent("""
+    import os, signal, sys
+    from lora_colab.io import downloads
+    from lora_colab.notebook import cells as nb
+    from lora_colab.notebook.monitor import LiveMonitor
+    from lora_colab.configs import ExtractConfig
+    drive, base, tuned = sys.argv[1:4]
+    downloads.DRIVE_ROOT = drive   # Drive mounted at a folder standing in for /content/drive
+    seen = []
+    def lost_runtime(self, layer):  # the runtime is recycled mid-run: no Ctrl-C, no cleanup
+        seen.append(layer)
+        if len(seen) == 9:
+            os.kill(os.getpid(), signal.SIGKILL)
+    LiveMonitor.update = lost_runtime
+    nb.run_extract(base, tuned, ExtractConfig(rank=8, clamp_quantile=1.0, device="cpu"),
+                   folder="drive:MyDrive/lora_colab")
+""")
+
+
+def test_a_run_on_drive_resumes_in_a_new_runtime_after_remounting(pair, tmp_path, capsys, monkeypatch):
+    """As the notebook says: with RESULTS_FOLDER on Drive, a runtime lost mid-run (killed, its local disk
+    gone) is resumed by running the cells again in a new runtime: the models fetched again to new local
+    paths, Drive mounted again, the run cell says "resuming from layer 9" and writes the uninterrupted file."""
+    from lora_colab.configs import ExtractConfig
+    from lora_colab.io import downloads
+    from lora_colab.notebook import cells as nb
+    drive = tmp_path / "drive"
+    (drive / "MyDrive").mkdir(parents=True)
+    first = tmp_path / "runtime1"
+    first.mkdir()
+    inputs = [shutil.copytree(p, first / p.name) if p.is_dir() else shutil.copy(p, first / p.name) for p in pair]
+    done = subprocess.run([sys.executable, "-c", _RUNTIME, str(drive), *map(str, inputs)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    shutil.rmtree(first)  # the old runtime's local disk is gone with it
+    assert list((drive / "MyDrive" / "lora_colab").glob("*.journal"))
+    second = tmp_path / "runtime2"
+    second.mkdir()
+    again = [shutil.copytree(p, second / p.name) if p.is_dir() else shutil.copy(p, second / p.name) for p in pair]
+    monkeypatch.setattr(downloads, "DRIVE_ROOT", str(drive))  # mounted again
+    config = ExtractConfig(rank=8, clamp_quantile=1.0, device="cpu")
+    report = nb.run_extract(*map(Path, again), config, folder="drive:MyDrive/lora_colab")
+    assert "resuming from layer 9 of 20: 8 finished layers taken from" in capsys.readouterr().out
+    extract(*pair, tmp_path / "whole.safetensors", progress=False, **config.extract_kwargs())
+    want, got = load_file(str(tmp_path / "whole.safetensors")), load_file(report.output)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -208,3 +208,13 @@ def test_a_resize_that_cannot_fit_is_refused_before_decomposing(pair, lora, tmp_
                                          r"is assembled .*\) but its disk has 9\.77 KiB"):
         resize(None, [lora], tmp_path / "out", "rank=2:sv_fro=0.9", progress=False)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_the_notebook_run_cell_says_the_disk_is_too_small_before_its_progress_bar(pair, tmp_path, monkeypatch, capsys):
+    from lora_colab.configs import ExtractConfig
+    from lora_colab.notebook import cells as nb
+    monkeypatch.setattr(writer_module, "free_bytes", lambda path: 20_000)
+    result = nb.run_extract(*pair, ExtractConfig(rank=8, device="cpu"), folder=str(tmp_path / "out"))
+    out = capsys.readouterr().out
+    assert not result and "needs about" in out and "but its disk has 19.53 KiB" in out
+    assert "extract:" not in out  # no progress bar was started
