@@ -11,6 +11,9 @@ Extraction (the width-true Z-Image subset pair of bench/extract.py, bf16, 30 lay
   uninterrupted run's, and whether its output equals the uninterrupted run's tensor for tensor.
 Resize (a rank-`rank` LoRA of that pair against its base, recipe spn_ckpt=1,thr=-1.2 + subspace): killed
 after half the base references were read, rerun; the same ratio over the base layers left to read.
+Full disk (root, where the kernel mounts a tmpfs): the extraction writing to a tmpfs that fits it, filled by
+another file at the same share of the layers; the run stops with its journal, the filler is removed, the
+same command resumes: the same ratio, and the file against the uninterrupted run's.
 """
 
 import argparse
@@ -39,6 +42,13 @@ def on_layer(*_):
     calls.append(1)
     if len(calls) == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
+    if len(calls) == -kill_at:  # something else fills the output's disk
+        with open(os.path.join(os.path.dirname(out), "filler"), "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(1 << 20))
+            except OSError:
+                pass
 start = time.perf_counter()
 if job == "extract":
     report = extract(base, other, out, rank=RANK, progress=False, on_layer=on_layer, resume=resume == "1")
@@ -61,9 +71,12 @@ def run(job, base, other, out, rank, kill_at=0, resume=True, cache=None):
     done = subprocess.run([sys.executable, "-c", _RUN.replace("RANK", str(rank)), job, str(base), str(other),
                            str(out), str(kill_at), "1" if resume else "0"], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
-    if kill_at:
+    if kill_at > 0:
         assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
         return {"seconds": wall}
+    if kill_at < 0:  # a full disk: the run stops with one line and keeps its journal
+        assert done.returncode != 0 and "the disk is full" in done.stderr, done.stderr[-2000:]
+        return {"seconds": wall, "said": done.stderr.strip().splitlines()[-1][-220:]}
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
     if line is None:
         raise SystemExit(done.stderr[-3000:])
@@ -82,6 +95,31 @@ def layer_bytes(base, tuned):
     from lora_colab.arch.canonical import open_canonical
     with open_canonical(base) as b, open_canonical(tuned) as t:
         return [(x.key, b.nbytes(x.key) + t.nbytes(x.key)) for x in b.arch.targets(b.shapes())]
+
+
+def full_disk(base, tuned, work, rank, fill_at, clean, per_layer):
+    """The extraction on a tmpfs that fits it, filled at layer `fill_at`, then resumed once there is room."""
+    disk = work / "disk"
+    disk.mkdir(exist_ok=True)
+    size = 3 * (work / "clean.safetensors").stat().st_size + (8 << 20)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        print(f"full disk: skipped (no tmpfs: {mounted.stderr.decode().strip()[:80]})", flush=True)
+        return
+    try:
+        out = disk / "lora.safetensors"
+        stopped = run("extract", base, tuned, out, rank, kill_at=-fill_at)
+        (disk / "filler").unlink()
+        resumed = run("extract", base, tuned, out, rank)
+        time_left = sum(per_layer[fill_at:]) / sum(per_layer)
+        rows = {"disk_bytes": size, "filled_after_layers": fill_at, "said": stopped["said"],
+                "stopped_run_s": round(stopped["seconds"], 2), "resumed_s": round(resumed["seconds"], 2),
+                "resumed_layers": resumed["resumed"], "time_left_share": round(time_left, 3),
+                "resumed_over_left_share": round(resumed["seconds"] / (clean["seconds"] * time_left), 3),
+                "identical_to_uninterrupted": same_tensors(out, work / "clean.safetensors")}
+        print("full disk:", json.dumps(rows, indent=1), flush=True)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def main():
@@ -128,6 +166,8 @@ def main():
         "identical_to_uninterrupted": identical,
     }
     print("extract:", json.dumps(rows, indent=1), flush=True)
+
+    full_disk(base, tuned, work, args.rank, kill_at, times["clean"][-1], per_layer)
 
     lora = work / "clean.safetensors"
     clean_r = run("resize", base, lora, work / "r_clean", args.rank, cache=work / "cache_clean")

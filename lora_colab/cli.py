@@ -124,7 +124,7 @@ def _cmd_demo(args):
 
     options = _extract_options(args)
     rank = options.pop("rank")
-    report = run_demo(args.output_dir, rank=rank, **options)
+    report = run_demo(args.output_dir, rank=rank, family=args.family, **options)
     status = _finish(report, args.json)
     if not args.json and report.output:
         print("\n".join(next_steps(report)))
@@ -244,9 +244,12 @@ def build_parser():
     ext.set_defaults(func=_cmd_extract)
 
     demo = commands.add_parser(
-        "demo", help="make a small Z-Image-shaped pair and extract a LoRA from it",
-        description="Writes a base (diffusers layout) and a tuned model (ComfyUI single file) with a planted "
-                    "low-rank change, then runs the extractor on them and prints the report.")
+        "demo", help="make a small pair of a family you use (Z-Image, SDXL, Flux.1) and extract a LoRA from it",
+        description="Writes a small base and fine-tune with a planted low-rank change (Z-Image: a diffusers folder "
+                    "and a ComfyUI single file; SDXL and Flux.1: single files with the real names), then runs the "
+                    "extractor on them and prints the report.")
+    demo.add_argument("--family", choices=("zimage", "sdxl", "flux"), default="zimage",
+                      help="the model family of the pair (default %(default)s)")
     demo.add_argument("-o", "--output-dir", default=None, metavar="DIR",
                       help="where to write the pair and the LoRA (default: lora_colab_demo in the temporary "
                            "folder, replaced by each run)")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_colab import LoraColabError, extract, resize
+from lora_colab import LoraColabError, extract, open_checkpoint, resize
 from lora_colab.cli import main
 from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
 
@@ -313,3 +313,35 @@ def test_the_readme_shows_an_extract_example_before_any_long_table():
     first = next(i for i, line in enumerate(readme) if line.startswith("lora-colab extract "))
     assert sum(line.startswith("| ") for line in readme[:first]) <= 4  # the notebooks' small table only
     assert "docs/models.md" in "\n".join(readme)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_the_demo_of_each_family_writes_a_lora_of_the_planted_change(tmp_path, capsys, family):
+    """`lora-colab demo --family sdxl|flux`: a pair with the real names, detected as that family, and a LoRA
+    whose every module (SDXL's bigG q/k/v rows included) is the change planted in its rows."""
+    from lora_colab import arch
+    from lora_colab.lora.formats import pieces
+    from lora_colab.notebook.synthetic import make_demo_pair
+    assert main(["demo", "--family", family, "-o", str(tmp_path / "demo"), "-q", "--clamp-quantile", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith({"sdxl": "SDXL", "flux": "Flux.1"}[family]) and "0 skipped" in out
+    _, _, planted = make_demo_pair(family, tmp_path / "again")  # the same seeds: the same planted change
+    a = arch.get(family)
+    lora = load_file(str(tmp_path / "demo" / "demo_lora.safetensors"))
+    with open_checkpoint(tmp_path / "demo" / "base.safetensors") as ckpt:
+        targets = a.targets({k: ckpt.shape(k) for k in ckpt.keys()})
+    checked = 0
+    for target in targets:
+        delta = planted.delta(target.key, target.shape).reshape(target.shape[0], -1)
+        for piece in pieces(a, "kohya", target):
+            down, up = lora[piece.module.name + ".lora_down.weight"], lora[piece.module.name + ".lora_up.weight"]
+            alpha = float(lora[piece.module.name + ".alpha"]) / down.shape[0]
+            got = alpha * up.float().flatten(1) @ down.float().flatten(1)
+            want = delta[piece.rows[0]:piece.rows[1]]
+            assert float((got - want).norm() / want.norm()) < 0.05, piece.module.name
+            checked += 1
+    assert checked == len(report_modules(lora))
+
+
+def report_modules(lora):
+    return [k for k in lora if k.endswith(".lora_down.weight")]

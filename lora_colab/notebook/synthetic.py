@@ -194,3 +194,168 @@ def make_zimage_pair(folder, cfg=DEMO_ZIMAGE, rank=8, noise=0.0, delta_scale=0.0
             write_layout(path, zimage_specs(cfg, layout), canonical_of, make, dtype)
             paths.append(path)
     return paths[0], paths[1], planted
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """Flux.1 [dev] transformer dimensions (BFL single-file names); the defaults are a small demo's."""
+
+    dim: int = 192
+    heads: int = 4
+    double: int = 2
+    single: int = 2
+    in_channels: int = 64
+    context: int = 128
+    vector: int = 96
+
+
+def flux_specs(cfg=FluxConfig()):
+    """[(key, shape)] of a Flux.1 [dev] transformer in BFL's single-file layout."""
+    d, hd, mlp = cfg.dim, cfg.dim // cfg.heads, 4 * cfg.dim
+
+    def linear(name, out, inp, bias=True):
+        return [(f"{name}.weight", (out, inp))] + ([(f"{name}.bias", (out,))] if bias else [])
+    specs = (linear("img_in", d, cfg.in_channels) + linear("txt_in", d, cfg.context)
+             + linear("time_in.in_layer", d, 256) + linear("time_in.out_layer", d, d)
+             + linear("vector_in.in_layer", d, cfg.vector) + linear("vector_in.out_layer", d, d)
+             + linear("guidance_in.in_layer", d, 256) + linear("guidance_in.out_layer", d, d))
+    for i in range(cfg.double):
+        for stream in ("img", "txt"):
+            b = f"double_blocks.{i}.{stream}"
+            specs += (linear(f"{b}_mod.lin", 6 * d, d) + linear(f"{b}_attn.qkv", 3 * d, d)
+                      + [(f"{b}_attn.norm.query_norm.scale", (hd,)), (f"{b}_attn.norm.key_norm.scale", (hd,))]
+                      + linear(f"{b}_attn.proj", d, d) + linear(f"{b}_mlp.0", mlp, d) + linear(f"{b}_mlp.2", d, mlp))
+    for i in range(cfg.single):
+        b = f"single_blocks.{i}"
+        specs += (linear(f"{b}.linear1", 3 * d + mlp, d) + linear(f"{b}.linear2", d, d + mlp)
+                  + [(f"{b}.norm.query_norm.scale", (hd,)), (f"{b}.norm.key_norm.scale", (hd,))]
+                  + linear(f"{b}.modulation.lin", 3 * d, d))
+    return specs + linear("final_layer.adaLN_modulation.1", 2 * d, d) + linear("final_layer.linear", cfg.in_channels, d)
+
+
+@dataclass(frozen=True)
+class SDXLConfig:
+    """SDXL dimensions (SGM single-file names: UNet, CLIP-L, OpenCLIP bigG); the defaults are a small demo's
+    (the real model: channels 320, context 2048, depths (0, 2, 10), CLIPs of 768 and 1280 wide)."""
+
+    channels: int = 32
+    depths: tuple = (0, 1, 1)
+    context: int = 64       # CLIP-L width + bigG width
+    clip: int = 32
+    bigg: int = 32
+    clip_layers: int = 2
+    adm: int = 96           # the added-condition input width (pooled bigG + the size embeddings)
+
+
+def sdxl_specs(cfg=SDXLConfig()):
+    """[(key, shape)] of an SDXL single file: the SGM UNet (three levels, two ResNets each, transformers where
+    `depths` says), CLIP-L in HF names and OpenCLIP bigG with its fused in_proj."""
+    c, emb = cfg.channels, 4 * cfg.channels
+    u = "model.diffusion_model."
+    specs = [(u + "time_embed.0.weight", (emb, c)), (u + "time_embed.0.bias", (emb,)),
+             (u + "time_embed.2.weight", (emb, emb)), (u + "time_embed.2.bias", (emb,)),
+             (u + "label_emb.0.0.weight", (emb, cfg.adm)), (u + "label_emb.0.0.bias", (emb,)),
+             (u + "label_emb.0.2.weight", (emb, emb)), (u + "label_emb.0.2.bias", (emb,)),
+             (u + "input_blocks.0.0.weight", (c, 4, 3, 3)), (u + "input_blocks.0.0.bias", (c,))]
+
+    def resnet(name, inp, out):
+        block = [(f"{name}.in_layers.0.weight", (inp,)), (f"{name}.in_layers.0.bias", (inp,)),
+                 (f"{name}.in_layers.2.weight", (out, inp, 3, 3)), (f"{name}.in_layers.2.bias", (out,)),
+                 (f"{name}.emb_layers.1.weight", (out, emb)), (f"{name}.emb_layers.1.bias", (out,)),
+                 (f"{name}.out_layers.0.weight", (out,)), (f"{name}.out_layers.0.bias", (out,)),
+                 (f"{name}.out_layers.3.weight", (out, out, 3, 3)), (f"{name}.out_layers.3.bias", (out,))]
+        return block + ([(f"{name}.skip_connection.weight", (out, inp, 1, 1)), (f"{name}.skip_connection.bias", (out,))]
+                        if inp != out else [])
+
+    def transformer(name, ch, depth):
+        block = [(f"{name}.norm.weight", (ch,)), (f"{name}.norm.bias", (ch,)), (f"{name}.proj_in.weight", (ch, ch)),
+                 (f"{name}.proj_in.bias", (ch,)), (f"{name}.proj_out.weight", (ch, ch)), (f"{name}.proj_out.bias", (ch,))]
+        for j in range(depth):
+            t = f"{name}.transformer_blocks.{j}"
+            for attn, kv in (("attn1", ch), ("attn2", cfg.context)):
+                block += [(f"{t}.{attn}.to_q.weight", (ch, ch)), (f"{t}.{attn}.to_k.weight", (ch, kv)),
+                          (f"{t}.{attn}.to_v.weight", (ch, kv)), (f"{t}.{attn}.to_out.0.weight", (ch, ch)),
+                          (f"{t}.{attn}.to_out.0.bias", (ch,))]
+            block += [(f"{t}.ff.net.0.proj.weight", (8 * ch, ch)), (f"{t}.ff.net.0.proj.bias", (8 * ch,)),
+                      (f"{t}.ff.net.2.weight", (ch, 4 * ch)), (f"{t}.ff.net.2.bias", (ch,))]
+            block += [(f"{t}.norm{n}.{p}", (ch,)) for n in (1, 2, 3) for p in ("weight", "bias")]
+        return block
+
+    widths = [c * m for m in (1, 2, 4)]
+    index, skips, ch = 1, [c], c
+    for level, width in enumerate(widths):
+        for _ in range(2):
+            specs += resnet(f"{u}input_blocks.{index}.0", ch, width)
+            ch = width
+            if cfg.depths[level]:
+                specs += transformer(f"{u}input_blocks.{index}.1", ch, cfg.depths[level])
+            skips.append(ch)
+            index += 1
+        if level < 2:
+            specs += [(f"{u}input_blocks.{index}.0.op.weight", (ch, ch, 3, 3)), (f"{u}input_blocks.{index}.0.op.bias", (ch,))]
+            skips.append(ch)
+            index += 1
+    specs += resnet(f"{u}middle_block.0", ch, ch) + transformer(f"{u}middle_block.1", ch, cfg.depths[-1])
+    specs += resnet(f"{u}middle_block.2", ch, ch)
+    index = 0
+    for level in reversed(range(3)):
+        for slot in range(3):
+            specs += resnet(f"{u}output_blocks.{index}.0", ch + skips.pop(), widths[level])
+            ch = widths[level]
+            sub = 1
+            if cfg.depths[level]:
+                specs += transformer(f"{u}output_blocks.{index}.1", ch, cfg.depths[level])
+                sub = 2
+            if level > 0 and slot == 2:
+                specs += [(f"{u}output_blocks.{index}.{sub}.conv.weight", (ch, ch, 3, 3)),
+                          (f"{u}output_blocks.{index}.{sub}.conv.bias", (ch,))]
+            index += 1
+    specs += [(u + "out.0.weight", (c,)), (u + "out.0.bias", (c,)), (u + "out.2.weight", (4, c, 3, 3)),
+              (u + "out.2.bias", (4,))]
+    te = "conditioner.embedders.0.transformer.text_model."
+    w = cfg.clip
+    specs += [(te + "embeddings.token_embedding.weight", (1000, w)), (te + "embeddings.position_embedding.weight", (77, w))]
+    for i in range(cfg.clip_layers):
+        layer = f"{te}encoder.layers.{i}."
+        specs += [(f"{layer}self_attn.{p}.{x}", (w, w) if x == "weight" else (w,))
+                  for p in ("q_proj", "k_proj", "v_proj", "out_proj") for x in ("weight", "bias")]
+        specs += [(f"{layer}mlp.fc1.weight", (4 * w, w)), (f"{layer}mlp.fc1.bias", (4 * w,)),
+                  (f"{layer}mlp.fc2.weight", (w, 4 * w)), (f"{layer}mlp.fc2.bias", (w,))]
+        specs += [(f"{layer}layer_norm{n}.{x}", (w,)) for n in (1, 2) for x in ("weight", "bias")]
+    specs += [(te + "final_layer_norm.weight", (w,)), (te + "final_layer_norm.bias", (w,))]
+    g, big = "conditioner.embedders.1.model.", cfg.bigg
+    specs += [(g + "token_embedding.weight", (1000, big)), (g + "positional_embedding", (77, big)),
+              (g + "ln_final.weight", (big,)), (g + "ln_final.bias", (big,)), (g + "text_projection", (big, big))]
+    for i in range(cfg.clip_layers):
+        r = f"{g}transformer.resblocks.{i}."
+        specs += [(r + "attn.in_proj_weight", (3 * big, big)), (r + "attn.in_proj_bias", (3 * big,)),
+                  (r + "attn.out_proj.weight", (big, big)), (r + "attn.out_proj.bias", (big,)),
+                  (r + "mlp.c_fc.weight", (4 * big, big)), (r + "mlp.c_fc.bias", (4 * big,)),
+                  (r + "mlp.c_proj.weight", (big, 4 * big)), (r + "mlp.c_proj.bias", (big,))]
+        specs += [(f"{r}ln_{n}.{x}", (big,)) for n in (1, 2) for x in ("weight", "bias")]
+    return specs
+
+
+DEMO_FAMILIES = ("zimage", "sdxl", "flux")
+
+
+def make_demo_pair(family, folder, rank=8, noise=0.0005, seed=0):
+    """A small base/tuned pair of `family` ("zimage", "sdxl", "flux") with a planted rank-`rank` change (+
+    noise) on every weight its LoRA targets: (base path, tuned path, PlantedPair). Z-Image's pair crosses
+    layouts (a diffusers folder and a ComfyUI file); the others are two single files of the real names."""
+    from pathlib import Path
+
+    from ..arch import get
+
+    if family == "zimage":
+        return make_zimage_pair(folder, DEMO_ZIMAGE, rank=rank, noise=noise, seed=seed)
+    specs = {"sdxl": sdxl_specs, "flux": flux_specs}[family]()
+    targets = {t.key for t in get(family).targets(dict(specs))}  # the native single file is the canonical layout
+    planted = PlantedPair(targets.__contains__, rank=rank, noise=noise, seed=seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for role, make in (("base", planted.base), ("tuned", planted.tuned)):
+        paths.append(write_checkpoint(folder / f"{role}.safetensors", specs, make, torch.float16 if family == "sdxl"
+                                      else torch.bfloat16))
+    return paths[0], paths[1], planted
