@@ -111,8 +111,8 @@ def full_disk(base, tuned, work, rank, fill_at, clean, per_layer):
         stopped = run("extract", base, tuned, out, rank, kill_at=-fill_at)
         (disk / "filler").unlink()
         resumed = run("extract", base, tuned, out, rank)
-        time_left = sum(per_layer[fill_at:]) / sum(per_layer)
-        rows = {"disk_bytes": size, "filled_after_layers": fill_at, "said": stopped["said"],
+        time_left = sum(per_layer[fill_at - 1:]) / sum(per_layer)  # the layer being written is lost
+        rows = {"disk_bytes": size, "filled_after_layers": fill_at - 1, "said": stopped["said"],
                 "stopped_run_s": round(stopped["seconds"], 2), "resumed_s": round(resumed["seconds"], 2),
                 "resumed_layers": resumed["resumed"], "time_left_share": round(time_left, 3),
                 "resumed_over_left_share": round(resumed["seconds"] / (clean["seconds"] * time_left), 3),
