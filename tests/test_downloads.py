@@ -131,5 +131,8 @@ def test_a_drive_source_outside_colab_says_drive_is_not_mounted(monkeypatch, tmp
     from lora_colab import open_checkpoint
     from lora_colab.io import locations
     monkeypatch.setattr(locations, "DRIVE_ROOT", str(tmp_path / "no_drive"))
-    with pytest.raises(SourceError, match=r"drive:MyDrive/x\.safetensors: Google Drive is not mounted here"):
+    from lora_colab import LoraColabError
+    with pytest.raises(LoraColabError, match=r"no_drive/MyDrive/x\.safetensors: Google Drive is not mounted here"):
         open_checkpoint("drive:MyDrive/x.safetensors")
+    with pytest.raises(SourceError, match=r"Google Drive is not mounted here"):
+        fetch("drive:MyDrive/x.safetensors", tmp_path / "copies")

@@ -18,7 +18,7 @@ from ..memory import NETWORK
 from .http import HttpStatus, describe_failure
 from .http_file import CLIENT
 from .hub import hub_token as hf_token  # noqa: F401  (the notebook's save step uses it)
-from .locations import DRIVE_ROOT, HubLocation, LocalLocation, UrlLocation, locate
+from .locations import DRIVE_ROOT, HubLocation, LocalLocation, UrlLocation, locate, missing
 
 _CHUNK = 1 << 20
 
@@ -181,7 +181,7 @@ def fetch(source, folder, token=None, allow_patterns=None, progress=True):
         if is_drive(location.path):
             return from_drive(location.path, folder, progress)
         if not location.exists():
-            raise SourceError(f"{location.display}: no such file or folder")
+            raise SourceError(f"{location.display}: {missing(location)}")
         return location.path
     if isinstance(location, UrlLocation):
         path = download_url(location.url, folder, progress=progress, credential=location.credential)

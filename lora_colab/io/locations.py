@@ -227,9 +227,6 @@ def locate(source, token=None, hf_token=None):
         repo, revision = _split_revision("/".join(parts[:2]))
         return HubLocation(HubRepo(repo, revision, hf_token), parts[2] if len(parts) == 3 else "")
     if text.startswith("drive:"):
-        if not os.path.isdir(DRIVE_ROOT):
-            raise SourceError(f"{text}: Google Drive is not mounted here ({DRIVE_ROOT} does not exist): in Colab, run "
-                              f"the cell that mounts Drive first; elsewhere, give the file's own path")
         return LocalLocation(os.path.join(DRIVE_ROOT, text[len("drive:"):].lstrip("/")))
     hit = re.fullmatch(rf"({_REPO}(?:@[\w./-]+)?):(.+)", text)
     if hit and not os.path.exists(text):
@@ -238,6 +235,16 @@ def locate(source, token=None, hf_token=None):
         repo, revision = _split_revision(hit.group(1))
         return HubLocation(HubRepo(repo, revision, hf_token), hit.group(2))
     return LocalLocation(text)
+
+
+def missing(location):
+    """Why a local source is not there: that Google Drive is not mounted, for a path under its mount point
+    where nothing is mounted; else that there is no such file or folder."""
+    path = str(getattr(location, "path", ""))
+    if path.startswith(DRIVE_ROOT) and not os.path.isdir(DRIVE_ROOT):
+        return (f"Google Drive is not mounted here ({DRIVE_ROOT} does not exist): in Colab, run the cell that "
+                f"mounts Drive first; elsewhere, give the file's own path")
+    return "no such file or folder"
 
 
 def url_token():

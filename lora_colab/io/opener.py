@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..errors import CheckpointError, LoraColabError
 from .checkpoint import Checkpoint, SafetensorsFile, ShardedCheckpoint
-from .locations import Location, locate
+from .locations import Location, locate, missing
 from .pickles import PICKLE_SUFFIXES, open_pickle
 
 
@@ -62,7 +62,7 @@ def open_checkpoint(source, token=None):
     if location.is_dir():
         folder, location = location, resolve_folder(location)
     elif not location.exists():
-        raise CheckpointError(location.display, "no such file or folder")
+        raise CheckpointError(location.display, missing(location))
     ckpt = _open_file(location)
     if folder is not None:
         ckpt.diffusers = diffusers_folder(folder, location)
