@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LoraColabError
+from ..errors import LoraColabError, write_fault
 from ..lora import spellings
 from ..lora.spellings.adapter_config import CONFIG_NAME, METADATA_KEY, described, write_metadata
 from ..lora.spellings.peft import WEIGHTS_NAME
@@ -187,6 +187,19 @@ def peft_config(spectra, keep, adapters):
     return json.dumps(described(previous, ranks, dora), indent=2, sort_keys=True)
 
 
+def write_file(out, tensors, metadata, protect=()):
+    """A safetensors file of `tensors` (name, tensor pairs, one at a time) with kohya's hashes, written
+    atomically; returns its size in bytes."""
+    writer = SpillWriter(out, protect=protect)
+    try:
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        writer.finish(metadata, kohya_hashes=True)
+    finally:
+        writer.abort()
+    return Path(out).stat().st_size
+
+
 def write_peft_folder(out, tensors, metadata, config, protect=()):
     """A PEFT `save_pretrained` folder `out` (adapter_model.safetensors and adapter_config.json), written
     beside it under a temporary name and renamed into place whole; returns the weights' size in bytes."""
@@ -195,17 +208,10 @@ def write_peft_folder(out, tensors, metadata, config, protect=()):
         if out.exists() and Path(os.path.expanduser(str(source))).resolve() == out.resolve():
             raise LoraColabError(f"{out}: output folder is one of the inputs; refusing to overwrite it")
     tmp = temporary_name(out, "tmpdir")
-    tmp.mkdir(parents=True)
     try:
-        writer = SpillWriter(tmp / WEIGHTS_NAME)
-        try:
-            for name, tensor in tensors:
-                writer.add(name, tensor)
-            writer.finish(metadata, kohya_hashes=True)
-        finally:
-            writer.abort()
+        tmp.mkdir(parents=True)
+        size = write_file(tmp / WEIGHTS_NAME, tensors, metadata)
         (tmp / CONFIG_NAME).write_text(config)
-        size = (tmp / WEIGHTS_NAME).stat().st_size
         old = temporary_name(out, "old") if out.exists() else None
         if old is not None:
             os.replace(out, old)
@@ -213,6 +219,7 @@ def write_peft_folder(out, tensors, metadata, config, protect=()):
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return size
-    except BaseException:
+    except OSError as exc:
+        raise write_fault(out, exc) from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise

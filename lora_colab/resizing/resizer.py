@@ -30,9 +30,9 @@ from .spectrum import MAX_REBUILT_RANK, decompose, qr_core  # noqa: F401 (qr_cor
 from .journal import decomposed, keep_decomposed, keep_references, open_journal, references
 from ..lowrank.selection import Selection, kohya_rank, subspace_reference  # noqa: F401 (kohya_rank: resizer API)
 from ..lora import spellings
-from ..lora.writer import SpillWriter, require_space
+from ..lora.writer import require_space
 from .output import (adapter_metadata, common_alpha, layer_specs, layer_tensors, peft_config, respell,
-                     write_peft_folder)
+                     write_file, write_peft_folder)
 
 
 def attach_references(spectrum, base):
@@ -537,7 +537,7 @@ def _apply(lora_arg, job, recipe, base, out_dtype, options):
         report.size_bytes = write_peft_folder(out, tensors, metadata_for(keep), peft_config(spectra, keep, job.adapters),
                                               protect=inputs)
     else:
-        report.size_bytes = _write_file(out, tensors, metadata_for(keep), inputs)
+        report.size_bytes = write_file(out, tensors, metadata_for(keep), inputs)
     return report
 
 
@@ -548,17 +548,6 @@ def _tensors(job, keep, recipe, out_dtype, alpha):
     for sp, idx in zip(job.spectra, keep):
         if idx.numel():
             yield from layer_tensors(sp, idx, recipe.rescale, out_dtype, alpha).items()
-
-
-def _write_file(out, tensors, metadata, inputs):
-    writer = SpillWriter(out, protect=inputs)
-    try:
-        for name, tensor in tensors:
-            writer.add(name, tensor)
-        writer.finish(metadata, kohya_hashes=True)
-    finally:
-        writer.abort()
-    return out.stat().st_size
 
 
 def _report_selection(report, selection, recipe):
