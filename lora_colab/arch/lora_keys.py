@@ -34,6 +34,11 @@ class LoraLayer:
     def has_alpha(self):
         return "alpha" in self.tensors
 
+    @property
+    def magnitude_key(self):
+        """The tensor holding the layer's DoRA magnitude (PEFT's, else kohya's `dora_scale`), or None."""
+        return self.tensors.get("magnitude") or self.tensors.get("dora_scale")
+
 
 def is_lora_key(key):
     """True for a tensor name that only a LoRA file holds (factors, alpha, LyCORIS parts)."""

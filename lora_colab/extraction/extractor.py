@@ -15,7 +15,7 @@ from ..errors import Interrupted, LoraColabError, OptionError, WriteFault
 from ..io.hub import pinned_run
 from ..io.locations import file_name
 from ..lora.formats import build_metadata, piece_specs, piece_tensors, pieces
-from ..lora.journal import Journal, identity_of, show, worth_keeping
+from ..lora.journal import Journal, identity_of, resumable_fault, show, worth_keeping
 from ..lora.writer import SpillWriter, planned_size, require_space
 from ..lowrank.device import resolve_device
 from ..lowrank.factor import (BlockedDelta, clamp_outliers, clamped_residual_sq, low_rank, max_abs, norm_sq,
@@ -374,10 +374,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
             raise
         except WriteFault as exc:
             if resume and not writer.shared and writer.done:
-                raise WriteFault(exc.path, f"{exc.reason}; {out.name}.journal keeps {len(writer.done)} finished "
-                                           f"layers of {len(targets)}: run the same command again once there is "
-                                           f"room (or the mount is back) and it resumes from there",
-                                 exc.tensor) from None
+                raise resumable_fault(exc, writer, f"{len(writer.done)} finished layers of {len(targets)}") from None
             if resume and not writer.shared:
                 writer.discard()  # it holds no finished layer
             raise
@@ -406,15 +403,15 @@ def _check_space(out, parts, rank, conv_rank, specs_of, recipe, held):
     """Refuse before reading a layer a run whose journal and output cannot fit on the output's disk: the
     journal holds every factor at its cap (and, with a recipe, each piece's float32 directions), the output
     the same factors again while it is assembled from the journal; `held`: what the journal holds already."""
-    output = scratch = 0
+    specs, scratch = [], 0
     for target_parts in parts.values():
         for piece in target_parts:
             cap = conv_rank if piece.target.kind == "conv" else rank
             k = min(cap, piece.shape[0], math.prod(piece.shape[1:]))
-            output += sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-                          for _, dtype, shape in specs_of(piece, k))
+            specs += specs_of(piece, k)
             if recipe:
                 scratch += (piece.shape[0] + math.prod(piece.shape[1:]) + 1) * k * 4
+    output = planned_size(specs)
     journal = output + scratch
     require_space(out, max(0, journal - held) + output,
                   [("journal", journal - min(held, journal)), ("output while it is assembled", output)])

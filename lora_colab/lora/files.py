@@ -18,7 +18,8 @@ class LoraFile(Closeable):
     ΔW as factors or as a full matrix."""
 
     def __init__(self, source, token=None):
-        self.ckpt = open_checkpoint(source, token)
+        location = locate(source, token)  # once: the file and the config beside it
+        self.ckpt = open_checkpoint(location, token)
         self.path = self.ckpt.path
         self.metadata = dict(self.ckpt.metadata)
         self.layers, self.other_keys = scan_layers(self.ckpt.keys())
@@ -26,7 +27,7 @@ class LoraFile(Closeable):
             self.ckpt.close()
             raise CheckpointError(self.path, "no LoRA layers found (no lora_down/lora_up, lora_A/lora_B, LoHa, "
                                              "LoKr or diff tensors)")
-        self.peft_config = _folder_config(source, token)
+        self.peft_config = _folder_config(location)
         self.adapters = ({"base_model.model": AdapterConfig.from_dict(self.peft_config)}
                          if self.peft_config is not None else read_metadata(self.metadata))
         self.spelling = spellings.detect(self.layers, self.metadata, self.peft_config)
@@ -74,7 +75,7 @@ class LoraFile(Closeable):
         """(magnitude, axis) of a DoRA layer whose change has `rows` output rows, or None: axis "out" (one
         magnitude per output row: PEFT, ai-toolkit, LyCORIS's default) or "in" (per input column:
         OneTrainer's default), told by the tensor's shape as ComfyUI tells it."""
-        key = layer.tensors.get("magnitude") or layer.tensors.get("dora_scale")
+        key = layer.magnitude_key
         if key is None:
             return None
         m = self.read(key)
@@ -149,10 +150,9 @@ class LoraFile(Closeable):
         self.ckpt.close()
 
 
-def _folder_config(source, token):
+def _folder_config(location):
     """A PEFT `adapter_config.json` beside the LoRA's file (a `save_pretrained` folder), or None."""
     try:
-        location = locate(source, token)
         if location.is_dir():
             location = resolve_folder(location)
         config = small_json(location.sibling(CONFIG_NAME))

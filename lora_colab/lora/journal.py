@@ -308,6 +308,14 @@ def show(lines, progress):
             print(line, file=stream, flush=True)
 
 
+def resumable_fault(exc, journal, finished):
+    """A WriteFault `exc` of a run whose `journal` keeps `finished` (e.g. "14 finished layers of 30"): the same
+    line, saying that the same command resumes from there."""
+    return WriteFault(exc.path, f"{exc.reason}; {journal.spill_path.name} keeps {finished}: run the same command "
+                                f"again once there is room (or the mount is back) and it resumes from there",
+                      exc.tensor)
+
+
 def worth_keeping(exc):
     """Whether a run stopped by `exc` keeps its journal: yes for interruptions (Ctrl-C, a lost connection,
     a write the disk or the mount refused, running out of memory), no for bad input or options, which a

@@ -24,7 +24,7 @@ from ..lowrank.device import resolve_device
 from ..memory import fmt_bytes
 from ..progress import progress_bar
 from ..lowrank.recipes import CHECKPOINT_KEYS, parse_recipes
-from ..lora.journal import show, worth_keeping
+from ..lora.journal import resumable_fault, show, worth_keeping
 from .merge import merge_spectra, reweight
 from .spectrum import MAX_REBUILT_RANK, decompose, qr_core  # noqa: F401 (qr_core: part of the resizer API)
 from .journal import decomposed, keep_decomposed, keep_references, open_journal, references
@@ -234,7 +234,7 @@ def _decompose_file(lora, part, weight, device, journal, tick, patches, passthro
     spectra = {}
     if tick is not None:
         tick(total=len(lora.layers))
-    dora = rebuilt = 0
+    dora = 0
     for layer in lora.layers.values():
         if tick is not None:
             tick()
@@ -247,7 +247,6 @@ def _decompose_file(lora, part, weight, device, journal, tick, patches, passthro
             keep_decomposed(journal, part, sp)
         dora += sp.magnitude is not None
         if layer.kind != "lora":
-            rebuilt += 1
             warnings.append(f"{layer.name}: {layer.kind} layer rebuilt and written as a plain LoRA")
         spectra[layer.name] = sp
     if dora:
@@ -373,9 +372,7 @@ def _resize_one(lora_arg, base, recipe_list, options):
     started = time.perf_counter()
     tick = _ticker(options.progress, options.on_layer, lora_arg)
     first = _split_merge(lora_arg)[0][0]
-    held = []
-
-    said = []
+    held, said = [], []  # the journal, once open; what it said at once
 
     def journal_of(opened):
         folder = _output_folder(options.output_folder, first)
@@ -412,9 +409,7 @@ def _resize_one(lora_arg, base, recipe_list, options):
         for journal in held:  # kept where it holds finished steps: the same call resumes from it
             journal.abort() if worth_keeping(exc) and journal.done else journal.discard()
         if isinstance(exc, WriteFault) and held and held[0].done and not held[0].shared:
-            raise WriteFault(exc.path, f"{exc.reason}; {held[0].spill_path.name} keeps {len(held[0].done)} "
-                                       f"finished steps: run the same command again once there is room (or the "
-                                       f"mount is back) and it resumes from there", exc.tensor) from None
+            raise resumable_fault(exc, held[0], f"{len(held[0].done)} finished steps") from None
         if isinstance(exc, KeyboardInterrupt) and held and held[0].done and not held[0].shared:
             raise Interrupted(f"interrupted; {held[0].spill_path.name} keeps {len(held[0].done)} finished steps "
                               f"(decomposed layers, base references): the same command resumes from there "

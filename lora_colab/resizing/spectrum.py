@@ -67,7 +67,7 @@ def decompose(lora, layer, device):
                   layer.has_alpha or layer.kind != "lora", in_scale, tuple(suffixes))
     found = lora.magnitude(layer, u.shape[0])
     if found is not None:
-        key = layer.tensors.get("magnitude") or layer.tensors["dora_scale"]
+        key = layer.magnitude_key
         sp.magnitude, sp.magnitude_axis = found
         sp.magnitude_suffix, sp.magnitude_shape = key[len(layer.name):], tuple(lora.ckpt.shape(key))
     return sp
