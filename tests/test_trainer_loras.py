@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_colab import resize
-from trainer_truth import best, changes, dora, randomize, ranks_in, rel, within_optimum
+from trainer_truth import best, changes, dora, randomize, ranks_in, rel, weights, within_optimum
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -232,7 +232,7 @@ def lycoris_file(request, tmp_path_factory):
     network = kohya.create_network(1.0, 4, 2, None, None, unet, preset=str(root / "preset.toml"), conv_dim=4,
                                    conv_alpha=1, **LYCORIS[request.param])
     paths = kohya_paths(unet, [lora.lora_name for lora in network.unet_loras])
-    plain = weights_of(unet, paths.values())
+    plain = weights(unet, paths.values())
     network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
     std = 0.3 if "loha" in request.param else 0.1  # a Hadamard product of small factors: keep it above rounding
     randomize([p for n, p in network.named_parameters() if "dora_scale" not in n], std=std)
@@ -247,11 +247,6 @@ def lycoris_file(request, tmp_path_factory):
     truth = changes(unet, paths.values(), plain)
     network.save_weights(str(root / "lycoris.safetensors"), torch.float32, {})
     return root / "lycoris.safetensors", base, truth, plain, directional
-
-
-def weights_of(model, paths):
-    from trainer_truth import weights
-    return weights(model, paths)
 
 
 def load_lycoris(path):

@@ -2,10 +2,7 @@
 forward pass applies, read off each patched module by probing it (a Linear with the identity, a convolution
 with one-hot patches), and the same read off the module once a client has loaded a file."""
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 TOL = 2e-4  # ‖client − optimum‖ / ‖change‖ allowed for float32 files (rounding of the factors only)
 
@@ -88,11 +85,6 @@ def ranks_in(tensors, down_suffixes=(".lora_down.weight", ".lora_A.weight", ".lo
     return out
 
 
-def conv_out(module):
-    plain = _plain(module)
-    return isinstance(plain, torch.nn.Conv2d)
-
-
 def within_optimum(got, truth, ranks, tol=TOL):
     """The modules whose change `got` is not the best rank-k approximation of `truth` ({path: (error, k)});
     `ranks`: {path: k kept}. Also asserts every module is present."""
@@ -105,11 +97,5 @@ def within_optimum(got, truth, ranks, tol=TOL):
     return bad
 
 
-def spectrum_loss(delta, k):
-    """‖ΔW − best_k‖ / ‖ΔW‖: what cutting to rank k must lose."""
-    s = torch.linalg.svdvals(delta.double())
-    return math.sqrt(float((s[k:] ** 2).sum()) / float((s ** 2).sum()))
-
-
-__all__ = ["TOL", "best", "changes", "conv_out", "dora", "effective_weight", "randomize", "ranks_in", "rel",
-           "spectrum_loss", "weights", "within_optimum", "F"]
+__all__ = ["TOL", "best", "changes", "dora", "effective_weight", "randomize", "ranks_in", "rel", "weights",
+           "within_optimum"]
