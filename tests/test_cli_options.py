@@ -325,6 +325,9 @@ def test_the_demo_of_each_family_writes_a_lora_of_the_planted_change(tmp_path, c
     assert main(["demo", "--family", family, "-o", str(tmp_path / "demo"), "-q", "--clamp-quantile", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith({"sdxl": "SDXL", "flux": "Flux.1"}[family]) and "0 skipped" in out
+    folder = tmp_path / "demo"
+    assert (f"demo pair: base {folder / 'base.safetensors'} (single file), fine-tune {folder / 'tuned.safetensors'}"
+            in out)
     _, _, planted = make_demo_pair(family, tmp_path / "again")  # the same seeds: the same planted change
     a = arch.get(family)
     lora = load_file(str(tmp_path / "demo" / "demo_lora.safetensors"))
@@ -341,3 +344,10 @@ def test_the_demo_of_each_family_writes_a_lora_of_the_planted_change(tmp_path, c
             assert float((got - want).norm() / want.norm()) < 0.05, piece.module.name
             checked += 1
     assert checked == sum(k.endswith(".lora_down.weight") for k in lora)
+
+
+def test_the_zimage_demo_names_its_diffusers_folder_base(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert f"demo pair: base {tmp_path / 'demo' / 'base'} (diffusers folder)" in out
+    assert f"lora-colab resize {tmp_path / 'demo' / 'base'} " in out

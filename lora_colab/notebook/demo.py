@@ -30,9 +30,9 @@ def run_demo(folder=None, rank=16, progress=True, family="zimage", **options):
 def next_steps(report):
     """Lines telling where the demo's files are and what to try next."""
     lora = Path(report.output)
-    base = Path(report.base)
-    kind = "diffusers folder" if base.is_dir() else "single file"
-    return [f"demo pair: base {base} ({kind}), fine-tune {report.tuned} (single file)",
+    base = lora.parent / "base"  # Z-Image's demo base is a diffusers folder, the other families' a single file
+    base, kind = (base, "diffusers folder") if base.is_dir() else (lora.parent / "base.safetensors", "single file")
+    return [f"demo pair: base {base} ({kind}), fine-tune {lora.parent / 'tuned.safetensors'} (single file)",
             "next:",
             f"  lora-colab inspect {lora}",
             f"  lora-colab resize {base} {lora} -o {lora.parent / 'resized'} -r \"spn_ckpt=1,thr=-1.2\" -v",
