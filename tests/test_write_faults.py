@@ -57,9 +57,12 @@ class FailingDisk:
         return self.real(fd, data, offset)
 
 
-def assert_same_file(path, clean):
+def assert_same_file(path, clean, pair):
+    """The resumed file is the uninterrupted run's, tensor for tensor, and holds the planted change."""
+    from test_resume import assert_reproduces_the_planted_change
     tensors = load_file(str(path))
     assert tensors.keys() == clean[1].keys() and all(torch.equal(tensors[k], clean[1][k]) for k in tensors)
+    assert_reproduces_the_planted_change(pair, path)
 
 
 @pytest.mark.parametrize("name,point", [(n, "middle") for n in ERRNOS] + [("ENOSPC", "first"), ("ENOSPC", "assembly")])
@@ -81,7 +84,7 @@ def test_a_write_fault_keeps_the_journal_and_the_same_command_resumes_to_the_sam
     computed = []
     report = extract(*pair, out, on_layer=computed.append, **OPTIONS)
     assert report.resumed == done and len(computed) == records - done
-    assert_same_file(out, clean)
+    assert_same_file(out, clean, pair)
     assert not journal_path(out).exists()
 
 
@@ -111,7 +114,7 @@ def test_a_mount_that_lies_about_a_write_is_caught_by_the_checksum(pair, clean, 
     monkeypatch.setattr(writer_module.os, "pwrite", real)
     report = extract(*pair, out, **OPTIONS)
     assert report.resumed == 4 and any("checksum does not match" in w for w in report.warnings)
-    assert_same_file(out, clean)
+    assert_same_file(out, clean, pair)
 
 
 def test_a_disk_too_small_is_refused_before_any_work_with_both_figures(pair, tmp_path, monkeypatch):
@@ -166,7 +169,7 @@ def test_a_real_full_disk_mid_run_keeps_the_journal_and_resumes(pair, clean, tmp
     filler.unlink()
     report = extract(*pair, out, **OPTIONS)
     assert report.resumed == 2
-    assert_same_file(out, clean)
+    assert_same_file(out, clean, pair)
 
 
 def test_a_real_small_disk_is_refused_up_front(pair, tmp_path, tmpfs):
