@@ -190,6 +190,11 @@ def test_metadata_says_dynamic_when_ranks_differ():
     assert dyn["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1"}'
 
 
+def test_metadata_date_is_source_date_epoch_where_set(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1796601600")
+    assert build_metadata(arch.get("flux"), "comfy", [4], [4], "x")["modelspec.date"] == "2026-12-07T00:00:00+00:00"
+
+
 # --- reading across layouts, fused parts and quantisation -------------------------------------
 
 def _gaussian(seed):

@@ -3,6 +3,7 @@
 import datetime
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,15 @@ def _number(value):
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+def _now():
+    """The time a file is written, to the second (UTC): SOURCE_DATE_EPOCH's where set, as reproducible builds
+    ask, so the same run writes the same bytes."""
+    fixed = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = (datetime.datetime.fromtimestamp(int(fixed), datetime.timezone.utc) if fixed.isdigit()
+            else datetime.datetime.now(datetime.timezone.utc))
+    return when.replace(microsecond=0).isoformat()
+
+
 def build_metadata(arch, fmt, ranks, alphas, title, conv_ranks=(), conv_alphas=(), comment="", extra=None):
     """kohya/modelspec metadata; `ranks`/`alphas` list every linear module's, `conv_*` every conv's."""
     ranks, alphas = list(ranks), list(alphas)
@@ -125,7 +135,7 @@ def build_metadata(arch, fmt, ranks, alphas, title, conv_ranks=(), conv_alphas=(
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": arch.modelspec_architecture,
         "modelspec.title": title,
-        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.date": _now(),
         "lora_colab.version": __version__,
         "lora_colab.format": resolve_format(arch, fmt),
     }
