@@ -17,7 +17,7 @@ from lora_colab.cli import main
 from lora_colab.configs import ExtractConfig
 from lora_colab.lowrank.recipes import RecipeError
 from lora_colab.notebook.synthetic import ZImageConfig, make_zimage_pair
-from lora_colab.lora.writer import planned_size
+from lora_colab.io.safetensors import planned_size
 
 CFG = ZImageConfig(dim=128, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
 CAP = 12

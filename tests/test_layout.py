@@ -14,7 +14,7 @@ BELOW = {
     "io": set(),
     "arch": {"io"},
     "lora": {"io", "arch"},
-    "lowrank": {"io", "lora"},
+    "lowrank": {"io"},
     "extraction": {"io", "arch", "lora", "lowrank"},
     "resizing": {"io", "arch", "lora", "lowrank"},
     "notebook": {"io", "arch", "lora", "lowrank", "extraction", "resizing", "configs"},

@@ -12,7 +12,7 @@ from lora_colab.cli import main
 from lora_colab.lowrank.recipes import RecipeError, parse_recipes
 from lora_colab.resizing.resizer import _split_merge, kohya_rank, qr_core, resize
 from lora_colab.notebook.synthetic import ZImageConfig, write_checkpoint, zimage_specs
-from lora_colab.lora.writer import planned_size
+from lora_colab.io.safetensors import planned_size
 
 Z = ZImageConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)
 

@@ -16,7 +16,8 @@ from ..io.hub import pinned_run
 from ..io.locations import file_name
 from ..lora.formats import build_metadata, piece_specs, piece_tensors, pieces
 from ..lora.journal import Journal, identity_of, resumable_fault, show, worth_keeping
-from ..lora.writer import SpillWriter, planned_size, require_space
+from ..io.safetensors import planned_size
+from ..lora.writer import SpillWriter, require_space
 from ..lowrank.device import resolve_device
 from ..lowrank.factor import (BlockedDelta, clamp_outliers, clamped_residual_sq, low_rank, max_abs, norm_sq,
                               product_change)

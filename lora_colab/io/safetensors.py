@@ -1,10 +1,11 @@
-"""Parse and validate a safetensors header before any tensor data is read."""
+"""The safetensors container: parse and validate a header before any tensor data is read; lay one out for
+the writers (offsets, header bytes, a planned file's exact size)."""
 
 import json
 import math
 from dataclasses import dataclass
 
-from ..dtypes import ITEMSIZE
+from ..dtypes import ITEMSIZE, from_torch
 from ..errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000
@@ -144,3 +145,59 @@ def _check_coverage(entries, data_start, data_size, path):
         raise CheckpointError(
             path, f"data area is {data_size} bytes but the tensors cover {position} "
             f"(truncated or trailing bytes after tensor {previous!r})")
+
+
+# --- laying one out (the writers' header, a planned file's exact size) ----------------------------
+
+KOHYA_HASH_KEYS = {"sshs_model_hash": 64, "sshs_legacy_hash": 8}
+LEGACY_START, LEGACY_LEN = 0x100000, 0x10000
+
+
+def layout_of(specs, path):
+    """name -> (dtype name, shape, offset, nbytes); wider dtypes first so every tensor stays aligned."""
+    items = []
+    for name, dtype, shape in specs:
+        st_dtype = dtype if isinstance(dtype, str) else from_torch(dtype)
+        if st_dtype not in ITEMSIZE:
+            raise CheckpointError(path, f"unknown dtype {dtype!r}", name)
+        shape = tuple(int(d) for d in shape)
+        items.append((name, st_dtype, shape))
+    names = [name for name, _, _ in items]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise CheckpointError(path, "declared twice", dup)
+    items.sort(key=lambda item: -ITEMSIZE[item[1]])  # stable: keeps the caller's order per width
+    layout, offset = {}, 0
+    for name, st_dtype, shape in items:
+        nbytes = math.prod(shape) * ITEMSIZE[st_dtype]
+        layout[name] = (st_dtype, shape, offset, nbytes)
+        offset += nbytes
+    return layout
+
+
+def header_bytes(layout, metadata, path):
+    header = {}
+    if metadata:
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise CheckpointError(path, f"metadata {key!r} must map a string to a string")
+        header["__metadata__"] = dict(metadata)
+    for name, (st_dtype, shape, offset, nbytes) in layout.items():
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def planned_size(specs, metadata=None, kohya_hashes=False):
+    """Exact size in bytes of the file SpillWriter.finish would write for `specs` and `metadata`."""
+    metadata = dict(metadata or {})
+    layout = layout_of(specs, "<planned>")
+    data = sum(nbytes for _, _, _, nbytes in layout.values())
+    if kohya_hashes:
+        both = {**metadata, **{k: "0" * n for k, n in KOHYA_HASH_KEYS.items()}}
+        data_start = 8 + len(header_bytes(layout, both, "<planned>"))
+        lo = LEGACY_START - data_start
+        metadata["sshs_model_hash"] = "0" * 64
+        if lo >= 0 and data >= lo + LEGACY_LEN:
+            metadata["sshs_legacy_hash"] = "0" * 8
+    return 8 + len(header_bytes(layout, metadata, "<planned>")) + data

@@ -20,7 +20,8 @@ from pathlib import Path
 from ..dtypes import from_torch
 from ..errors import CheckpointError, LoraColabError, SourceError, WriteFault, write_fault
 from ..io.buffers import byte_view
-from .writer import SpillWriter, _pwrite_all, remove_orphans
+from ..io.temporary import remove_orphans
+from .writer import SpillWriter, _pwrite_all
 
 _FILE_MAGIC = b"LCJ1"
 _RECORD_MAGIC = b"LCJR"

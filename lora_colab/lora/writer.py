@@ -2,56 +2,19 @@
 
 import errno
 import hashlib
-import json
 import shutil
-import math
 import os
-import secrets
 from pathlib import Path
 
 import torch
 
-from ..dtypes import ITEMSIZE, from_torch
+from ..dtypes import from_torch
 from ..errors import CheckpointError, WriteFault, write_fault
 from ..io.buffers import byte_view
+from ..io.safetensors import KOHYA_HASH_KEYS, LEGACY_LEN, LEGACY_START, header_bytes, layout_of
+from ..io.temporary import temporary_name
 
 _HAS_PWRITE = hasattr(os, "pwrite")
-
-
-def temporary_name(path, suffix):
-    """`OUT.<pid>-<random>.<suffix>` beside `path`: each run's temporary files are its own, so two runs
-    writing one output never truncate each other's (the last to finish renames a complete file into place)."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(3)}.{suffix}")
-
-
-def remove_orphans(path):
-    """Remove temporary files beside `path` left by runs that died (kill -9, a lost runtime): those whose
-    process is gone; a live run's files are left alone. Returns how many were removed."""
-    path = Path(os.fspath(path))
-    removed = 0
-    for tmp in path.parent.glob(f"{glob_escape(path.name)}.*-*.tmp"):
-        pid = tmp.name[len(path.name) + 1:].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            try:
-                tmp.unlink()
-                removed += 1
-            except OSError:
-                pass
-    return removed
-
-
-def glob_escape(text):
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def _same_file(a, b):
@@ -78,8 +41,8 @@ class SafetensorsWriter:
         for source in protect:
             if source is not None and self.path.exists() and _same_file(self.path, source):
                 raise CheckpointError(self.path, "output path is one of the inputs; refusing to overwrite it")
-        self._layout = _layout(specs, self.path)
-        header = _header_bytes(self._layout, metadata, self.path)
+        self._layout = layout_of(specs, self.path)
+        header = header_bytes(self._layout, metadata, self.path)
         self._data_start = 8 + len(header)
         self._pending = set(self._layout)
         self._file = None
@@ -161,41 +124,6 @@ class SafetensorsWriter:
             self.abort()
 
 
-def _layout(specs, path):
-    """name -> (dtype name, shape, offset, nbytes); wider dtypes first so every tensor stays aligned."""
-    items = []
-    for name, dtype, shape in specs:
-        st_dtype = dtype if isinstance(dtype, str) else from_torch(dtype)
-        if st_dtype not in ITEMSIZE:
-            raise CheckpointError(path, f"unknown dtype {dtype!r}", name)
-        shape = tuple(int(d) for d in shape)
-        items.append((name, st_dtype, shape))
-    names = [name for name, _, _ in items]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise CheckpointError(path, "declared twice", dup)
-    items.sort(key=lambda item: -ITEMSIZE[item[1]])  # stable: keeps the caller's order per width
-    layout, offset = {}, 0
-    for name, st_dtype, shape in items:
-        nbytes = math.prod(shape) * ITEMSIZE[st_dtype]
-        layout[name] = (st_dtype, shape, offset, nbytes)
-        offset += nbytes
-    return layout
-
-
-def _header_bytes(layout, metadata, path):
-    header = {}
-    if metadata:
-        for key, value in metadata.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise CheckpointError(path, f"metadata {key!r} must map a string to a string")
-        header["__metadata__"] = dict(metadata)
-    for name, (st_dtype, shape, offset, nbytes) in layout.items():
-        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return raw + b" " * (-len(raw) % 8)
-
-
 def _fsync_dir(folder):
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -218,8 +146,6 @@ def save_file(tensors, path, metadata=None, protect=()):
     return Path(path)
 
 
-_KOHYA_HASH_KEYS = {"sshs_model_hash": 64, "sshs_legacy_hash": 8}
-_LEGACY_START, _LEGACY_LEN = 0x100000, 0x10000
 _COPY_CHUNK = 16 << 20
 
 
@@ -311,12 +237,12 @@ class SpillWriter:
             done += n
 
     def _hashes(self, specs, metadata):
-        placeholder = {k: "0" * n for k, n in _KOHYA_HASH_KEYS.items()}
-        layout = _layout(specs, self.path)
-        data_start = 8 + len(_header_bytes(layout, {**metadata, **placeholder}, self.path))
+        placeholder = {k: "0" * n for k, n in KOHYA_HASH_KEYS.items()}
+        layout = layout_of(specs, self.path)
+        data_start = 8 + len(header_bytes(layout, {**metadata, **placeholder}, self.path))
         sha = hashlib.sha256()
         legacy = hashlib.sha256()
-        lo, hi = _LEGACY_START - data_start, _LEGACY_START - data_start + _LEGACY_LEN
+        lo, hi = LEGACY_START - data_start, LEGACY_START - data_start + LEGACY_LEN
         position = 0
         for name in layout:
             def feed(chunk, at, base=position):
@@ -358,21 +284,6 @@ def _pwrite_all(f, data, offset):
             written = f.write(view)
         view = view[written:]
         offset += written
-
-
-def planned_size(specs, metadata=None, kohya_hashes=False):
-    """Exact size in bytes of the file SpillWriter.finish would write for `specs` and `metadata`."""
-    metadata = dict(metadata or {})
-    layout = _layout(specs, "<planned>")
-    data = sum(nbytes for _, _, _, nbytes in layout.values())
-    if kohya_hashes:
-        both = {**metadata, **{k: "0" * n for k, n in _KOHYA_HASH_KEYS.items()}}
-        data_start = 8 + len(_header_bytes(layout, both, "<planned>"))
-        lo = _LEGACY_START - data_start
-        metadata["sshs_model_hash"] = "0" * 64
-        if lo >= 0 and data >= lo + _LEGACY_LEN:
-            metadata["sshs_legacy_hash"] = "0" * 8
-    return 8 + len(_header_bytes(layout, metadata, "<planned>")) + data
 
 
 def free_bytes(path):

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ..lora.writer import temporary_name
+from ..io.temporary import temporary_name
 
 
 def cache_dir():

@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..errors import LoraColabError
-from ..lora.writer import planned_size
+from ..io.safetensors import planned_size
 
 _TINY = 1e-30
 

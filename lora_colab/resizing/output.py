@@ -15,7 +15,8 @@ from ..errors import LoraColabError, write_fault
 from ..lora import spellings
 from ..lora.spellings.adapter_config import CONFIG_NAME, METADATA_KEY, described, write_metadata
 from ..lora.spellings.peft import WEIGHTS_NAME
-from ..lora.writer import SpillWriter, temporary_name
+from ..io.temporary import temporary_name
+from ..lora.writer import SpillWriter
 from .merge import merge_spectra
 
 
