@@ -78,11 +78,11 @@ def test_a_bf16_pair_is_factored_from_its_bf16_difference_or_in_float32_alike(tm
     """A bf16 pair takes the bf16 difference and sketch where the CPU's bf16 products are fast (forced here
     both ways): each layer within 1.02x of the optimal residual of the exact difference, and the report's
     relative error is that residual."""
-    import lora_colab.extraction.extractor as extractor_module
+    import lora_colab.extraction.layer as layer_module
     monkeypatch.setenv("LORA_COLAB_BF16_SKETCH", bf16)
     seen = []
-    real = extractor_module.decompose_layer
-    monkeypatch.setattr(extractor_module, "decompose_layer", lambda d, *a: seen.append(d.dtype) or real(d, *a))
+    real = layer_module.decompose_layer
+    monkeypatch.setattr(layer_module, "decompose_layer", lambda d, *a: seen.append(d.dtype) or real(d, *a))
     base, tuned, _ = make_zimage_pair(tmp_path, ZImageConfig(dim=256, n_layers=1, n_refiner_layers=1, n_heads=4,
                                                              cap_feat_dim=32), rank=6, noise=0.002)
     report = extract(base, tuned, tmp_path / "lora.safetensors", rank=8, clamp_quantile=None, dtype="fp32",

@@ -142,9 +142,10 @@ def test_extractor_takes_the_blocked_path_for_big_layers_with_the_same_result(tm
     plain = extractor.extract(base, tuned, tmp_path / "plain.safetensors", rank=8, dtype="fp32", progress=False,
                               device="cpu")  # the blocked path is the CPU one
     built = []
-    real = extractor.BlockedDelta.build
+    from lora_colab.lowrank.factor import BlockedDelta
+    real = BlockedDelta.build
     monkeypatch.setattr(differences, "BLOCKED_BYTES", 0)
-    monkeypatch.setattr(extractor.BlockedDelta, "build", classmethod(lambda cls, *a, **k: built.append(1) or
+    monkeypatch.setattr(BlockedDelta, "build", classmethod(lambda cls, *a, **k: built.append(1) or
                                                                       real(*a, **k)))
     blocked = extractor.extract(base, tuned, tmp_path / "blocked.safetensors", rank=8, dtype="fp32", progress=False,
                                 device="cpu")

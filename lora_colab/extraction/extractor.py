@@ -6,7 +6,6 @@ import time
 import zlib
 from pathlib import Path
 
-import torch
 
 from ..arch import resolve_format
 from ..arch.canonical import nonfinite_error, open_canonical, pair
@@ -19,76 +18,16 @@ from ..lora.journal import Journal, identity_of, resumable_fault, show, worth_ke
 from ..io.safetensors import planned_size
 from ..lora.writer import SpillWriter, require_space
 from ..lowrank.device import resolve_device
-from ..lowrank.factor import (BlockedDelta, clamp_outliers, clamped_residual_sq, low_rank, max_abs, norm_sq,
-                              product_change)
 from ..lowrank.norm_cache import remember_norms
 from ..memory import bound_heap, peak_rss_bytes, purge, vram_bytes
 from ..progress import advance, progress_bar
 from . import bias_diff as diffs
 from .differences import READAHEAD_BYTES, Differences
+from .layer import decompose_layer, factor_layer, finish_layer, layer_max_abs, piece_rows, piece_seed
 from .recipe import RecipeExtraction, parse_extract_recipe
 from .report import ExtractReport, LayerReport, layer_from_dict
 
 _PURGE_BYTES = 32 << 20  # after a difference this large, purge (gc, malloc_trim, CUDA cache); else once a second
-
-
-def _layer_seed(seed, key):
-    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
-
-
-def _choose_rank(s, total_sq, max_rank, energy):
-    if energy is None or total_sq == 0:
-        return max_rank
-    kept = torch.cumsum(s.double() ** 2, 0) / total_sq
-    reached = (kept >= energy).nonzero()
-    return int(reached[0]) + 1 if reached.numel() else max_rank
-
-
-def decompose_layer(delta, rank, niter, oversample, seed):
-    """(flat difference, U, S, V, ‖ΔW‖²) of one difference, its top `rank` directions."""
-    flat = delta.reshape(delta.shape[0], -1)
-    stats = {}
-    u, s, v = low_rank(flat, rank, niter=niter, oversample=oversample, generator_seed=seed, stats=stats)
-    if isinstance(flat, BlockedDelta):
-        total_sq = flat.norm_sq
-    else:
-        total_sq = stats["norm_sq"] if "norm_sq" in stats else norm_sq(flat)
-    return flat, u, s, v, total_sq
-
-
-def finish_layer(u, s, v, total_sq, clamp_quantile, layer, flat=None):
-    """Balanced factors (up, down) of the kept directions U·diag(S)·Vᵀ, clamped; fills `layer`.
-
-    up = U·√S and down = √S·Vᵀ (balanced, for fp16/bf16 headroom); with clamp_quantile, outlier rows of
-    up and columns of down are scaled down (see lowrank.clamp_outliers). With the difference `flat` the
-    clamped error is exact; without it (a recipe chose the directions after the pass) it adds the clamp's
-    change to the truncation error as if they were orthogonal.
-    """
-    r = s.numel()
-    kept_sq = float(s.double().pow(2).sum())
-    root = s.sqrt()
-    up, down = u * root, root[:, None] * v.T
-    layer.rank = r
-    layer.singular_values = [round(float(x), 8) for x in s]
-    layer.diff_norm = math.sqrt(total_sq)
-    layer.energy = min(1.0, kept_sq / total_sq) if total_sq else 1.0
-    res_sq = total_sq - kept_sq  # exact: the SVD's part is an orthogonal projection of the difference
-    if clamp_quantile is not None and clamp_quantile < 1.0 and r:
-        up, down, clamp = clamp_outliers(up, down, clamp_quantile)
-        layer.clipped = clamp.cut_fraction
-        layer.clamp_change = product_change(u * root, root[:, None] * v.T, clamp)
-        if layer.clamp_change:
-            res_sq = (clamped_residual_sq(flat, u, s, v, clamp, total_sq) if flat is not None
-                      else res_sq + layer.clamp_change ** 2 * kept_sq)
-    layer.rel_error = math.sqrt(max(res_sq, 0.0) / total_sq) if total_sq else 0.0
-    return up, down
-
-
-def factor_layer(delta, rank, clamp_quantile, niter, oversample, energy, seed, layer):
-    """Factor one difference: returns (up, down) with up @ down ≈ delta, and fills `layer` (a LayerReport)."""
-    flat, u, s, v, total_sq = decompose_layer(delta, rank, niter, oversample, seed)
-    r = _choose_rank(s, total_sq, s.numel(), energy)
-    return finish_layer(u[:, :r], s[:r], v[:, :r], total_sq, clamp_quantile, layer, flat)
 
 
 def _noise_notes(report, base, tuned, targets):
@@ -309,7 +248,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
             for target, delta in differences:
                 finished, written_before = len(report.layers), len(written)
                 layer_rank = conv_rank if target.kind == "conv" else rank
-                largest = _max_abs(delta)
+                largest = layer_max_abs(delta)
                 error = None
                 if not math.isfinite(largest):
                     error = nonfinite_error(b, t, target.key)
@@ -318,15 +257,15 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                 for piece in parts[target.key]:
                     layer = LayerReport(piece.label, piece.shape)
                     piece_start = time.perf_counter()
-                    part = _rows(delta, piece)
-                    layer.max_abs_diff = largest if piece.whole or error else _max_abs(part)
+                    part = piece_rows(delta, piece)
+                    layer.max_abs_diff = largest if piece.whole or error else layer_max_abs(part)
                     if error is not None:
                         layer.skipped = f"NaN/Inf: {error}"
                     elif layer.max_abs_diff <= min_diff:
                         layer.skipped = f"max |difference| {layer.max_abs_diff:.3g} <= min_diff {min_diff:g}"
                     elif selecting is not None:
                         flat, u, s, v, total_sq = decompose_layer(part, layer_rank, niter, oversample,
-                                                                  _piece_seed(seed, piece))
+                                                                  piece_seed(seed, piece))
                         base_rows = differences.base_weight
                         if base_rows is not None:
                             base_rows = base_rows.rows(*piece.rows)
@@ -335,7 +274,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
                         del flat, u, s, v
                     else:
                         up, down = factor_layer(part, layer_rank, clamp_quantile, niter, oversample, energy,
-                                                _piece_seed(seed, piece), layer)
+                                                piece_seed(seed, piece), layer)
                         a = alpha_of(target, layer.rank)
                         _write_piece(writer, piece, up, down, a, scale, out_dtype)
                         written.append(((layer.rank, a), target))
@@ -425,21 +364,6 @@ def _write_piece(writer, piece, up, down, alpha, scale, dtype):
         writer.add(name, tensor)
 
 
-def _rows(delta, piece):
-    """The piece's rows of a target's difference (a view; a BlockedDelta slice for blocked layers)."""
-    if piece.whole:
-        return delta
-    if isinstance(delta, BlockedDelta):
-        return delta.rows(*piece.rows)
-    return delta.reshape(delta.shape[0], -1)[piece.rows[0]:piece.rows[1]]
-
-
-def _piece_seed(seed, piece):
-    """A piece's sketch seed: the target's (whole pieces), or one of its own for a slice."""
-    key = piece.target.key if piece.whole else f"{piece.target.key}[{piece.rows[0]}:{piece.rows[1]}]"
-    return _layer_seed(seed, key)
-
-
 def _check_size_target(recipe, metadata_of, smallest):
     """Refuse, before any reading, a size= target that not even a LoRA of no layers meets, or that no LoRA
     holding one direction of the smallest module (`smallest`: (specs, metadata) of it) meets."""
@@ -498,11 +422,6 @@ def _write_diffs(base, tuned, targets, writer, dtype, scale, min_diff, report):
             continue
         writer.add(target.name, delta.to(dtype).contiguous())
         report.diffs.append((target.name, target.size, largest))
-
-
-def _max_abs(delta):
-    """max |delta| (nan or inf when the difference is not finite)."""
-    return delta.max_abs if isinstance(delta, BlockedDelta) else max_abs(delta)
 
 
 def _run_identity(base, tuned, targets, options):
