@@ -119,7 +119,7 @@ def w_compute_only(base, tuned, keys, rank, **_):
     from lora_colab import open_checkpoint
     from lora_colab.io.checkpoint import cast
     from lora_colab.extraction.differences import subtract_
-    from lora_colab.extraction.extractor import factor_layer
+    from lora_colab.extraction.layer import factor_layer
     from lora_colab.lowrank.factor import bf16_products_fast
     from lora_colab.extraction.report import LayerReport
     compute = 0.0

@@ -24,7 +24,7 @@ from _common import layout  # noqa: E402
 import torch  # noqa: E402
 
 from lora_colab import arch as registry  # noqa: E402
-from lora_colab.extraction.extractor import factor_layer  # noqa: E402
+from lora_colab.extraction.layer import factor_layer  # noqa: E402
 from lora_colab.lora.formats import pieces  # noqa: E402
 from lora_colab.lowrank.factor import bf16_products_fast  # noqa: E402
 from lora_colab.extraction.report import LayerReport  # noqa: E402

@@ -81,9 +81,9 @@ def test_options_that_cannot_apply_get_a_one_line_notice(demo, tmp_path):
 
 
 def test_output_folder_is_refused_before_reading_anything(demo, tmp_path, capsys, monkeypatch):
-    import lora_colab.extraction.extractor as extractor
+    import lora_colab.extraction.run as run
     base, tuned, _ = demo
-    monkeypatch.setattr(extractor, "open_canonical", lambda *a, **k: pytest.fail("read an input first"))
+    monkeypatch.setattr(run, "open_canonical", lambda *a, **k: pytest.fail("read an input first"))
     assert main(["extract", str(base), str(tuned), "-o", str(tmp_path), "-q"]) == 2
     assert one_error_line(capsys).endswith(f"{tmp_path}: is a folder; the output is a file, e.g. "
                                            f"{tmp_path / 'lora.safetensors'}")

@@ -121,6 +121,20 @@ def test_alpha_and_scale_semantics_and_metadata(tmp_path):
     assert a.output_bytes == (tmp_path / "a.safetensors").stat().st_size
 
 
+def test_arch_reads_both_as_the_family_named_or_says_what_they_are(tmp_path):
+    base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=4, dtype=torch.float32)
+    report = extract(base, tuned, tmp_path / "a.safetensors", rank=4, arch="zimage", dtype="fp32",
+                     clamp_quantile=None, progress=False)
+    architecture, targets, deltas = true_differences(base, tuned)
+    products = lora_products(tmp_path / "a.safetensors", architecture, targets)
+    assert report.architecture.startswith("Z-Image") and products.keys() == deltas.keys()
+    for key, delta in deltas.items():
+        assert float((products[key] - delta).norm() / delta.norm()) < 0.01
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: is Z-Image.*, not Flux\.1"):
+        extract(base, tuned, tmp_path / "b.safetensors", arch="flux", progress=False)
+    assert not (tmp_path / "b.safetensors").exists()
+
+
 def test_energy_picks_per_layer_ranks(tmp_path):
     base, tuned, _ = make_zimage_pair(tmp_path, Z, rank=3, noise=0.0002, dtype=torch.float32)
     report = extract(base, tuned, tmp_path / "e.safetensors", rank=16, energy=0.98, clamp_quantile=None,

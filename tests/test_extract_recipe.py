@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import lora_colab.extraction.differences as differences_module
-import lora_colab.extraction.extractor as extractor_module
+import lora_colab.extraction.run as run_module
 from lora_colab import OptionError, arch, extract
 from lora_colab.arch.canonical import open_canonical
 from lora_colab.cli import main
@@ -171,7 +171,7 @@ def test_a_recipe_rank_under_the_cap_keeps_that_rank(tmp_path, pair):
 ])
 def test_bad_recipes_are_one_line_and_read_nothing(tmp_path, pair, monkeypatch, kwargs, error, message):
     base, tuned, _, _, _ = pair
-    monkeypatch.setattr(extractor_module, "Differences", None)  # reading anything would fail
+    monkeypatch.setattr(run_module, "Differences", None)  # reading anything would fail
     with pytest.raises(error, match=message):
         extract(base, tuned, tmp_path / "x.safetensors", progress=False, device="cpu", **kwargs)
     assert not list(tmp_path.iterdir())
