@@ -132,11 +132,13 @@ def _cmd_demo(args):
 
 
 def _cmd_resize(args):
-    from .resizing.resizer import _split_merge, resize
+    from .resizing.inputs import LoraInput
+    from .resizing.resizer import resize
 
     checkpoint = None if args.checkpoint.lower() == "none" else _local_or_remote(args.checkpoint, args)
-    loras = [",".join(str(_local_or_remote(path, args)) + (f":{weight:g}" if weight != 1.0 else "")
-                      for path, weight in _split_merge(lora)) for lora in args.loras] if args.download else args.loras
+    loras = [LoraInput.parse(lora) for lora in args.loras]
+    if args.download:
+        loras = [lora.with_paths(lambda path: _local_or_remote(path, args)) for lora in loras]
     reports = resize(checkpoint, loras, args.output_folder, args.recipes, dtype=args.dtype,
                      device=args.device, verbose=0, token=args.token, progress=not args.quiet and not args.json,
                      resume=args.resume, restart=args.restart, to=args.to)

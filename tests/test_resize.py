@@ -10,7 +10,8 @@ from safetensors.torch import save_file as st_save_file
 from lora_colab import LoraColabError, arch
 from lora_colab.cli import main
 from lora_colab.lowrank.recipes import RecipeError, parse_recipes
-from lora_colab.resizing.resizer import _split_merge, kohya_rank, qr_core, resize
+from lora_colab.resizing.inputs import LoraInput, LoraSource
+from lora_colab.resizing.resizer import kohya_rank, qr_core, resize
 from lora_colab.notebook.synthetic import ZImageConfig, write_checkpoint, zimage_specs
 from lora_colab.io.safetensors import planned_size
 
@@ -215,9 +216,9 @@ def test_pass_through_dora_and_rebuilt_layers(tmp_path):
 
 
 def test_weighted_merge_and_windows_paths(tmp_path):
-    assert _split_merge(r"C:\loras\a.safetensors:0.7,b.safetensors:0.3") == [
-        (r"C:\loras\a.safetensors", 0.7), ("b.safetensors", 0.3)]
-    assert _split_merge(r"D:\x\a.safetensors") == [(r"D:\x\a.safetensors", 1.0)]
+    assert LoraInput.parse(r"C:\loras\a.safetensors:0.7,b.safetensors:0.3").sources == (
+        LoraSource(r"C:\loras\a.safetensors", 0.7), LoraSource("b.safetensors", 0.3))
+    assert LoraInput.parse(r"D:\x\a.safetensors").sources == (LoraSource(r"D:\x\a.safetensors", 1.0),)
     a, da = zimage_lora(tmp_path, {"layers.0.attention.out.weight": [2.0, 1.0]}, name="a.safetensors")
     b, db = zimage_lora(tmp_path, {"layers.0.attention.out.weight": [3.0, 0.5, 0.1]}, name="b.safetensors")
     report = resize(None, [f"{a}:0.7,{b}:0.3"], tmp_path / "m", "rank=5")[0]

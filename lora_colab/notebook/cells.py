@@ -209,7 +209,7 @@ def prepare_resize_inputs(checkpoint="", loras="", folder=None, download=False, 
     Both empty -> the demo base and a rank-16 LoRA extracted from the demo pair.
     """
     from .demo import run_demo
-    from ..resizing.resizer import _split_merge
+    from ..resizing.inputs import LoraInput
 
     folder = Path(folder or workdir())
     entries = [part.strip() for line in str(loras).splitlines() for part in line.split(";") if part.strip()]
@@ -219,9 +219,8 @@ def prepare_resize_inputs(checkpoint="", loras="", folder=None, download=False, 
         return folder / "resize_demo" / "base", [report.output]
     try:
         base = _prepare(checkpoint, "base", folder, download, token, check=True) if checkpoint else None
-        ready = [",".join(_prepare(path, "LoRA", folder, download, token, check_lora=True)
-                          + (f":{weight:g}" if weight != 1.0 else "") for path, weight in _split_merge(entry))
-                 for entry in entries]
+        ready = [LoraInput.parse(entry).with_paths(
+            lambda path: _prepare(path, "LoRA", folder, download, token, check_lora=True)).text for entry in entries]
     except Exception as exc:  # noqa: BLE001
         failed = _failed(2, exc)
         return failed, [failed]

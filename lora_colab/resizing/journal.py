@@ -8,20 +8,21 @@ import zlib
 import torch
 
 from ..lora.journal import Journal, identity_of
+from .inputs import file_stem
 from .spectrum import Spectrum
 
 _SPECTRUM_FIELDS = ("name", "kind", "out_shape", "old_rank", "has_alpha", "in_scale", "suffixes", "magnitude_axis",
                     "magnitude_suffix", "magnitude_shape")
 
 
-def open_journal(folder, lora_arg, loras, base, stem, restart=False):
-    """The journal of one LoRA argument (`loras`: its open LoraFiles with their merge weights) resized
-    against `base` (BaseReferences or None), at `folder/STEM.resize.journal`."""
+def open_journal(folder, lora, loras, base, restart=False):
+    """The journal of one LoraInput (`loras`: its open LoraFiles with their merge weights) resized against
+    `base` (BaseReferences or None), at `folder/STEM.resize.journal` (a merge's stem: `merged-` and a hash of
+    the argument as given)."""
     identity = {"run": "resize", "version": 2,
                 "loras": [[identity_of(lora.ckpt.sources), weight] for lora, weight in loras],
                 "base": base.identity if base is not None else None}
-    if "," in str(lora_arg):
-        stem = f"merged-{zlib.crc32(str(lora_arg).encode()):08x}"
+    stem = f"merged-{zlib.crc32(lora.text.encode()):08x}" if lora.merged else file_stem(lora.first)
     return Journal(folder / f"{stem}.resize", identity, restart=restart)
 
 

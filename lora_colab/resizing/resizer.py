@@ -4,7 +4,6 @@ the LoRA itself and the base checkpoint, keep what a recipe selects, write one f
 import json
 import math
 import os
-import re
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -18,12 +17,12 @@ from .base_refs import BaseReferences
 from ..dtypes import parse_dtype
 from ..errors import CheckpointError, Interrupted, LoraColabError, OptionError, WriteFault
 from ..io.hub import pinned_run
-from ..io.locations import describe, file_name
 from ..lora.files import LoraFile
 from ..lowrank.device import resolve_device
 from ..memory import fmt_bytes
 from ..progress import progress_bar
 from ..lowrank.recipes import CHECKPOINT_KEYS, parse_recipes
+from .inputs import LoraInput, file_stem
 from ..lora.journal import resumable_fault, show, worth_keeping
 from .merge import merge_spectra, reweight
 from .spectrum import MAX_REBUILT_RANK, decompose, qr_core  # noqa: F401 (qr_core: part of the resizer API)
@@ -65,7 +64,7 @@ class LayerChange:
 
 @dataclass
 class ResizeReport:
-    """One (LoRA, recipe) result."""
+    """One (LoRA, recipe) result; `lora`: its inputs' whole paths with their weights, `name`: their file names."""
 
     lora: str
     recipe: dict
@@ -79,6 +78,7 @@ class ResizeReport:
     warnings: list = field(default_factory=list)
     seconds: float = 0.0
     nothing_kept: bool = False  # the recipe kept no direction of any layer: no file written
+    name: str = ""
 
     @property
     def total_rank(self):
@@ -89,11 +89,11 @@ class ResizeReport:
 
     def summary(self, verbose=1):
         if self.nothing_kept:
-            lines = [f"{_label(self.lora)} [{self.recipe['recipe']}]: the recipe keeps no direction of any layer; "
+            lines = [f"{self.name or self.lora} [{self.recipe['recipe']}]: the recipe keeps no direction of any layer; "
                      f"no file written (lower the threshold or raise the size)"]
             lines.extend(f"  warning: {w}" for w in self.warnings)
             return "\n".join(lines)
-        lines = [f"{_label(self.lora)} [{self.recipe['recipe']}] -> {self.output} ({fmt_bytes(self.size_bytes)})"]
+        lines = [f"{self.name or self.lora} [{self.recipe['recipe']}] -> {self.output} ({fmt_bytes(self.size_bytes)})"]
         if verbose >= 1:
             old = sum(layer.old_rank for layer in self.layers)
             lines.append(f"  total rank {old} -> {self.total_rank}; threshold "
@@ -124,46 +124,11 @@ class ResizeReports(list):
 
 # --- the API -------------------------------------------------------------------------------------
 
-_LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
-
-
-def _split_merge(text):
-    """'a.safetensors:0.7,b.safetensors:0.3' -> [(path, weight)] (drive letters like C:\\ and Hub files
-    `owner/repo:file` are kept); a LoRA file followed by `:` and no number is one line naming the weight."""
-    parts = []
-    for item in str(text).split(","):
-        path, weight = item, 1.0
-        hit = re.fullmatch(r"(.+):([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)", item.strip())
-        if hit:
-            path, weight = hit.group(1), float(hit.group(2))
-        else:
-            head, colon, tail = item.strip().rpartition(":")
-            if colon and head.lower().endswith(_LORA_SUFFIXES) and not os.path.exists(item.strip()):
-                raise OptionError(f"{item.strip()}: {tail!r} is not a merge weight; write a number after the "
-                                  f"colon ({file_name(head)}:0.7) or leave it out")
-        parts.append((path.strip(), weight))
-    return parts
-
-
-def _output_name(lora_path, recipe, spelling, to=None):
+def _output_name(lora, recipe, spelling, to=None):
     """`STEM_RECIPE[_SPELLING].safetensors` (the spelling's name where `to` changed it), or a folder of that
     name for a PEFT folder."""
-    stem = _stem(lora_path) if "," not in str(lora_path) else "merged"
-    name = "_".join(part for part in (stem, recipe.tag(), to.name if to is not None else "") if part)
+    name = "_".join(part for part in (lora.stem, recipe.tag(), to.name if to is not None else "") if part)
     return name if spelling.folder else name + ".safetensors"
-
-
-def _label(lora_arg, full=False):
-    """A LoRA argument as printed: file names (full: whole paths or URLs without their queries) with
-    their merge weights."""
-    name = describe if full else file_name
-    return ",".join(name(path) + (f":{weight:g}" if weight != 1.0 else "") for path, weight in _split_merge(lora_arg))
-
-
-def _stem(source):
-    """A file's name without its suffix, for a path, a URL (no query) or a Hub `owner/repo:file`."""
-    name = file_name(source)
-    return name[:-len(".safetensors")] if name.endswith(".safetensors") else Path(name).stem
 
 
 def _output_folder(output_folder, first_source):
@@ -195,18 +160,17 @@ class Decomposed:
     journal: object = None
 
 
-def _decompose_all(lora_arg, device, base=None, token=None, tick=None, journal_of=None):
-    """The Decomposed of a LoRA argument (one file, or a weighted merge); `journal_of([(LoraFile, weight)])`
+def _decompose_all(lora, device, base=None, token=None, tick=None, journal_of=None):
+    """The Decomposed of a LoraInput (one file, or a weighted merge); `journal_of([(LoraFile, weight)])`
     makes its journal (None: no journal)."""
-    parts = _split_merge(lora_arg)
     loaded, passthrough, warnings = [], {}, []
     patches = {}  # key -> (stored dtype, Σ weight · tensor) of whole-tensor patches (.diff_b, 1-D .diff)
     with ExitStack() as files:
-        opened = [(files.enter_context(LoraFile(path, token)), weight) for path, weight in parts]
+        opened = [(files.enter_context(LoraFile(s.path, token)), s.weight) for s in lora.sources]
         journal = journal_of(opened) if journal_of is not None else None
         first = opened[0][0]
-        for part, (lora, weight) in enumerate(opened):
-            loaded.append((weight, _decompose_file(lora, part, weight, device, journal, tick, patches,
+        for part, (file, weight) in enumerate(opened):
+            loaded.append((weight, _decompose_file(file, part, weight, device, journal, tick, patches,
                                                    passthrough, warnings)))
     passthrough.update({key: total.to(dtype) for key, (dtype, total) in patches.items()})
     if len(loaded) == 1:
@@ -291,12 +255,9 @@ def resize(checkpoint, loras, output_folder=None, recipes="spn_ckpt=1,thr=-1.2",
     (`STEM.resize.journal`), so the same call after an interruption reads nothing it had done (any recipes);
     restart=True: start over.
     """
-    if isinstance(loras, (str, os.PathLike)):
+    if isinstance(loras, (str, os.PathLike, LoraInput)):
         loras = [loras]
-    for lora_arg in loras:
-        for path, weight in _split_merge(lora_arg):
-            if weight == 0:
-                raise OptionError(f"{file_name(path)}:0: a merge weight of 0 adds nothing; leave that LoRA out")
+    loras = [LoraInput.parse(lora) for lora in loras]
     recipe_list = parse_recipes(recipes) if isinstance(recipes, str) else list(recipes)
     if output_folder is not None and Path(output_folder).exists() and not Path(output_folder).is_dir():
         raise OptionError(f"{output_folder}: is a file; the resize output is a folder (one file per LoRA and "
@@ -319,7 +280,7 @@ def _folders_to_make(output_folder, loras):
     first: removed again if nothing lands in them."""
     made = []
     for lora in loras:
-        folder = _output_folder(output_folder, _split_merge(lora)[0][0])
+        folder = _output_folder(output_folder, lora.first)
         while not folder.exists() and folder not in made:
             made.append(folder)
             folder = folder.parent
@@ -333,7 +294,7 @@ def _remove_if_empty(folder):
         pass
 
 
-def _ticker(progress, on_layer, lora_arg):
+def _ticker(progress, on_layer, lora):
     """A function called once per layer: advances a bar (when `progress`) and calls `on_layer`."""
     state = {"bar": None}
 
@@ -341,7 +302,7 @@ def _ticker(progress, on_layer, lora_arg):
         if total is not None:  # (re)start for `total` layers
             if state["bar"] is not None:
                 state["bar"].close()
-            state["bar"] = progress_bar(total, progress, _label(lora_arg))
+            state["bar"] = progress_bar(total, progress, lora.label())
             return
         if state["bar"] is not None:
             state["bar"].update(1)
@@ -359,33 +320,33 @@ def _resize_all(checkpoint, loras, recipe_list, options):
     base = BaseReferences(checkpoint, options.device, options.token) if checkpoint is not None else None
     reports = ResizeReports()
     try:
-        for lora_arg in loras:
-            reports.extend(_resize_one(lora_arg, base, recipe_list, options))
+        for lora in loras:
+            reports.extend(_resize_one(lora, base, recipe_list, options))
     finally:
         if base is not None:
             base.close()
     return reports
 
 
-def _resize_one(lora_arg, base, recipe_list, options):
-    """Every recipe's report for one LoRA argument; its journal is kept on an interruption, removed after."""
+def _resize_one(lora, base, recipe_list, options):
+    """Every recipe's report for one LoraInput; its journal is kept on an interruption, removed after."""
     started = time.perf_counter()
-    tick = _ticker(options.progress, options.on_layer, lora_arg)
-    first = _split_merge(lora_arg)[0][0]
+    tick = _ticker(options.progress, options.on_layer, lora)
+    first = lora.first
     held, said = [], []  # the journal, once open; what it said at once
 
     def journal_of(opened):
         folder = _output_folder(options.output_folder, first)
         if options.resume:
-            held.append(open_journal(folder, lora_arg, opened, base, _stem(first), options.restart))
+            held.append(open_journal(folder, lora, opened, base, options.restart))
             said.extend(_say_resumed(held[0], options.progress))  # at once: resuming, or another run holds it
         kept = held[0]._size if held and not held[0].shared else 0
-        _check_space(opened, recipe_list, folder / _stem(first), kept)
+        _check_space(opened, recipe_list, folder / file_stem(first), kept)
         return held[0] if held else None
     reports = []
     try:
         try:
-            job = _decompose_all(lora_arg, options.device, base, options.token, tick, journal_of)
+            job = _decompose_all(lora, options.device, base, options.token, tick, journal_of)
             job.warnings = said + job.warnings
             _spell_output(job, options.to, base)  # before the references: re-spelled layers are new ones
             if base is not None:
@@ -393,12 +354,12 @@ def _resize_one(lora_arg, base, recipe_list, options):
         finally:
             tick.close()
         if base is not None:
-            note = base_coverage(lora_arg, job.spectra, base, recipe_list, job.metadata)
+            note = base_coverage(lora, job.spectra, base, recipe_list, job.metadata)
             if note:
                 job.warnings.append(note)
         out_dtype = options.dtype or _input_dtype(first, options.token)
         for recipe in recipe_list:
-            report = _apply(lora_arg, job, recipe, base, out_dtype, options)
+            report = _apply(lora, job, recipe, base, out_dtype, options)
             report.warnings = job.warnings + report.warnings
             report.seconds = time.perf_counter() - started
             started = time.perf_counter()
@@ -484,7 +445,7 @@ def _references(spectra, base, journal, recipes, on_layer):
             on_layer()
 
 
-def base_coverage(lora_arg, spectra, base, recipes, metadata):
+def base_coverage(lora, spectra, base, recipes, metadata):
     """A note when some layers patch no weight of the base (their base-relative terms cannot be computed);
     an error naming both architectures when none does."""
     missing = [sp.name for sp in spectra if sp.base is None]
@@ -493,26 +454,25 @@ def base_coverage(lora_arg, spectra, base, recipes, metadata):
         return None
     if len(missing) == len(spectra):
         guess = guess_lora_arch([sp.name for sp in spectra], metadata)
-        raise LoraColabError(f"{_label(lora_arg)}: none of its {len(spectra)} layers patches a weight of the base "
+        raise LoraColabError(f"{lora.label()}: none of its {len(spectra)} layers patches a weight of the base "
                              f"{base.describe()}; the LoRA looks like a {guess} LoRA: give the checkpoint it was "
                              f"trained on")
     return (f"{len(missing)} of {len(spectra)} layers patch no weight of the base {base.describe()} (first: "
             f"{missing[0]}): {', '.join(terms)} could not be computed for them; they are kept unchanged")
 
 
-def _apply(lora_arg, job, recipe, base, out_dtype, options):
+def _apply(lora, job, recipe, base, out_dtype, options):
     spectra = job.spectra
-    inputs = [p for p, _ in _split_merge(lora_arg)]
-    first_path = inputs[0]
-    folder = _output_folder(options.output_folder, first_path)
-    out = folder / _output_name(lora_arg if "," in str(lora_arg) else first_path, recipe, job.spelling, options.to)
+    inputs = [s.path for s in lora.sources]
+    folder = _output_folder(options.output_folder, lora.first)
+    out = folder / _output_name(lora, recipe, job.spelling, options.to)
     pass_specs = [(k, t.dtype, tuple(t.shape)) for k, t in job.passthrough.items()]
-    report = ResizeReport(_label(lora_arg, full=True), recipe.to_dict(), str(out))
+    report = ResizeReport(lora.label(full=True), recipe.to_dict(), str(out), name=lora.label())
 
     def metadata_for(keep):
         ranks = [idx.numel() for idx in keep if idx is not None and idx.numel()]
         meta = adapter_metadata(job.metadata, spectra, keep, job.spelling, job.adapters)
-        return {**_metadata(meta, recipe, spectra, keep, ranks), **merge_metadata(lora_arg)}
+        return {**_metadata(meta, recipe, spectra, keep, ranks), **lora.merge_metadata()}
 
     selection = Selection(spectra, recipe, base, pass_specs, lambda i, k: layer_specs(spectra[i], k, out_dtype),
                           metadata_for)
@@ -590,15 +550,6 @@ def _metadata(metadata, recipe, spectra, keep, ranks):
                                           else "")
     meta["lora_colab.resize_recipe"] = json.dumps(recipe.to_dict())
     return meta
-
-
-def merge_metadata(lora_arg):
-    """{"lora_colab.merge": JSON [[file name, weight], ...]} for a merge (several LoRAs or a weight other than
-    1), else {}: the file says what it was made of."""
-    parts = _split_merge(lora_arg)
-    if len(parts) == 1 and parts[0][1] == 1.0:
-        return {}
-    return {"lora_colab.merge": json.dumps([[file_name(path), weight] for path, weight in parts])}
 
 
 def _say_resumed(journal, progress):
