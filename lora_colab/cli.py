@@ -224,6 +224,15 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"lora-colab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    _add_inspect(commands)
+    _add_extract(commands)
+    _add_demo(commands)
+    _add_resize(commands)
+    _add_convert(commands)
+    return parser
+
+
+def _add_inspect(commands):
     inspect = commands.add_parser(
         "inspect", help="show tensors, dtypes, size, metadata and detected layout of a checkpoint",
         description=f"Summarise {_SOURCES} (reads the headers only).")
@@ -233,6 +242,8 @@ def build_parser():
     inspect.add_argument("--keys", action="store_true", help="also list every tensor: name, dtype, shape")
     inspect.set_defaults(func=_cmd_inspect)
 
+
+def _add_extract(commands):
     ext = commands.add_parser(
         "extract", help="extract a LoRA from a base and a fine-tuned checkpoint",
         description=f"LoRA = low-rank SVD of (tuned - base), one layer at a time, in bounded memory. BASE and "
@@ -245,6 +256,8 @@ def build_parser():
     _add_source_options(ext)
     ext.set_defaults(func=_cmd_extract)
 
+
+def _add_demo(commands):
     demo = commands.add_parser(
         "demo", help="make a small pair of a family you use (Z-Image, SDXL, Flux.1) and extract a LoRA from it",
         description="Writes a small base and fine-tune with a planted low-rank change (Z-Image: a diffusers folder "
@@ -258,6 +271,8 @@ def build_parser():
     _add_extract_options(demo, 16)
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_resize(commands):
     res = commands.add_parser(
         "resize", help="compress LoRAs by scoring their singular values (against the base model too)",
         description="Decompose each LoRA once (QR core, exact, no full matrix), score every singular "
@@ -274,18 +289,15 @@ def build_parser():
                      help="the folder to write into (a folder, not a file: one file per LoRA and recipe, named "
                           "after the recipe); default: each local LoRA's own folder, else the current one")
     res.add_argument("-r", "--recipes", default="spn_ckpt=1,thr=-1.2", help="default: %(default)s")
-    res.add_argument("-t", "--dtype", type=_dtype_value, default=None,
-                     help="output precision: bf16, fp16 (or 16) or fp32 (or 32) (default: the input's)")
+    _add_dtype_option(res)
     _add_spelling_option(res, required=False)
-    res.add_argument("-d", "--device", type=_device_value, default="auto", help="cpu, cuda or auto (default)")
-    res.add_argument("-v", "--verbose", action="count", default=0,
-                     help="-v: totals, threshold, size and score quantiles; -vv: every layer's old -> new rank")
-    res.add_argument("--json", action="store_true", help="print the reports as JSON")
-    res.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_run_options(res, "-v: totals, threshold, size and score quantiles; -vv: every layer's old -> new rank")
     _add_resume_options(res, "STEM.resize.journal beside the outputs")
     _add_source_options(res)
     res.set_defaults(func=_cmd_resize)
 
+
+def _add_convert(commands):
     conv = commands.add_parser(
         "convert", help="rewrite LoRAs in the spelling a client loads (kohya, ComfyUI, diffusers, PEFT)",
         description="Read each LoRA as its trainer wrote it (kohya, LyCORIS, musubi-tuner, OneTrainer, ComfyUI, "
@@ -301,16 +313,24 @@ def build_parser():
     conv.add_argument("-o", "--output-folder", default=None, metavar="FOLDER",
                       help="the folder to write into (STEM_SPELLING.safetensors, a folder for peft); default: "
                            "each local LoRA's own folder, else the current one")
-    conv.add_argument("-t", "--dtype", type=_dtype_value, default=None,
-                      help="output precision: bf16, fp16 (or 16) or fp32 (or 32) (default: the input's)")
-    conv.add_argument("-d", "--device", type=_device_value, default="auto", help="cpu, cuda or auto (default)")
-    conv.add_argument("-v", "--verbose", action="count", default=0, help="-vv: every layer")
-    conv.add_argument("--json", action="store_true", help="print the reports as JSON")
-    conv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_dtype_option(conv)
+    _add_run_options(conv, "-vv: every layer")
     _add_resume_options(conv, "STEM.resize.journal beside the outputs")
     _add_source_options(conv)
     conv.set_defaults(func=_cmd_convert)
-    return parser
+
+
+def _add_dtype_option(p):
+    p.add_argument("-t", "--dtype", type=_dtype_value, default=None,
+                   help="output precision: bf16, fp16 (or 16) or fp32 (or 32) (default: the input's)")
+
+
+def _add_run_options(p, verbose_help):
+    """A resize's or conversion's device, verbosity and output options."""
+    p.add_argument("-d", "--device", type=_device_value, default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 _SPELLINGS = ("kohya", "comfy", "diffusers", "peft")

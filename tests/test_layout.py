@@ -125,3 +125,35 @@ def test_every_room_says_what_it_holds():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc.splitlines()) >= 2 and "import" in doc.lower(), init
+
+
+MAX_LINES, MAX_PARAMS, WRAPPER_BODY = 80, 12, 20
+
+
+def _functions():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path.relative_to(PACKAGE.parent), node
+
+
+def _params(node):
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs] + [x.arg for x in (a.vararg, a.kwarg) if x]
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def _body_lines(node):
+    """Lines of the function's body after its docstring."""
+    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+    return body[-1].end_lineno - body[0].lineno + 1 if body else 0
+
+
+def test_functions_are_short_and_take_few_parameters():
+    """No function over 80 lines; none with more than 12 parameters except thin public wrappers (a public name,
+    at most 20 lines after the docstring, handing the options on)."""
+    long = [f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path, node in _functions() if node.end_lineno - node.lineno + 1 > MAX_LINES]
+    wide = [f"{path}:{node.lineno} {node.name} ({len(_params(node))} parameters)" for path, node in _functions()
+            if len(_params(node)) > MAX_PARAMS and (node.name.startswith("_") or _body_lines(node) > WRAPPER_BODY)]
+    assert not long and not wide, long + wide

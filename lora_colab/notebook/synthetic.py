@@ -250,6 +250,35 @@ class SDXLConfig:
 def sdxl_specs(cfg=SDXLConfig()):
     """[(key, shape)] of an SDXL single file: the SGM UNet (three levels, two ResNets each, transformers where
     `depths` says), CLIP-L in HF names and OpenCLIP bigG with its fused in_proj."""
+    return _sgm_unet_specs(cfg) + _clip_l_specs(cfg) + _bigg_specs(cfg)
+
+
+def _sgm_resnet(name, inp, out, emb):
+    block = [(f"{name}.in_layers.0.weight", (inp,)), (f"{name}.in_layers.0.bias", (inp,)),
+             (f"{name}.in_layers.2.weight", (out, inp, 3, 3)), (f"{name}.in_layers.2.bias", (out,)),
+             (f"{name}.emb_layers.1.weight", (out, emb)), (f"{name}.emb_layers.1.bias", (out,)),
+             (f"{name}.out_layers.0.weight", (out,)), (f"{name}.out_layers.0.bias", (out,)),
+             (f"{name}.out_layers.3.weight", (out, out, 3, 3)), (f"{name}.out_layers.3.bias", (out,))]
+    return block + ([(f"{name}.skip_connection.weight", (out, inp, 1, 1)), (f"{name}.skip_connection.bias", (out,))]
+                    if inp != out else [])
+
+
+def _sgm_transformer(name, ch, depth, context):
+    block = [(f"{name}.norm.weight", (ch,)), (f"{name}.norm.bias", (ch,)), (f"{name}.proj_in.weight", (ch, ch)),
+             (f"{name}.proj_in.bias", (ch,)), (f"{name}.proj_out.weight", (ch, ch)), (f"{name}.proj_out.bias", (ch,))]
+    for j in range(depth):
+        t = f"{name}.transformer_blocks.{j}"
+        for attn, kv in (("attn1", ch), ("attn2", context)):
+            block += [(f"{t}.{attn}.to_q.weight", (ch, ch)), (f"{t}.{attn}.to_k.weight", (ch, kv)),
+                      (f"{t}.{attn}.to_v.weight", (ch, kv)), (f"{t}.{attn}.to_out.0.weight", (ch, ch)),
+                      (f"{t}.{attn}.to_out.0.bias", (ch,))]
+        block += [(f"{t}.ff.net.0.proj.weight", (8 * ch, ch)), (f"{t}.ff.net.0.proj.bias", (8 * ch,)),
+                  (f"{t}.ff.net.2.weight", (ch, 4 * ch)), (f"{t}.ff.net.2.bias", (ch,))]
+        block += [(f"{t}.norm{n}.{p}", (ch,)) for n in (1, 2, 3) for p in ("weight", "bias")]
+    return block
+
+
+def _sgm_unet_specs(cfg):
     c, emb = cfg.channels, 4 * cfg.channels
     u = "model.diffusion_model."
     specs = [(u + "time_embed.0.weight", (emb, c)), (u + "time_embed.0.bias", (emb,)),
@@ -257,64 +286,44 @@ def sdxl_specs(cfg=SDXLConfig()):
              (u + "label_emb.0.0.weight", (emb, cfg.adm)), (u + "label_emb.0.0.bias", (emb,)),
              (u + "label_emb.0.2.weight", (emb, emb)), (u + "label_emb.0.2.bias", (emb,)),
              (u + "input_blocks.0.0.weight", (c, 4, 3, 3)), (u + "input_blocks.0.0.bias", (c,))]
-
-    def resnet(name, inp, out):
-        block = [(f"{name}.in_layers.0.weight", (inp,)), (f"{name}.in_layers.0.bias", (inp,)),
-                 (f"{name}.in_layers.2.weight", (out, inp, 3, 3)), (f"{name}.in_layers.2.bias", (out,)),
-                 (f"{name}.emb_layers.1.weight", (out, emb)), (f"{name}.emb_layers.1.bias", (out,)),
-                 (f"{name}.out_layers.0.weight", (out,)), (f"{name}.out_layers.0.bias", (out,)),
-                 (f"{name}.out_layers.3.weight", (out, out, 3, 3)), (f"{name}.out_layers.3.bias", (out,))]
-        return block + ([(f"{name}.skip_connection.weight", (out, inp, 1, 1)), (f"{name}.skip_connection.bias", (out,))]
-                        if inp != out else [])
-
-    def transformer(name, ch, depth):
-        block = [(f"{name}.norm.weight", (ch,)), (f"{name}.norm.bias", (ch,)), (f"{name}.proj_in.weight", (ch, ch)),
-                 (f"{name}.proj_in.bias", (ch,)), (f"{name}.proj_out.weight", (ch, ch)), (f"{name}.proj_out.bias", (ch,))]
-        for j in range(depth):
-            t = f"{name}.transformer_blocks.{j}"
-            for attn, kv in (("attn1", ch), ("attn2", cfg.context)):
-                block += [(f"{t}.{attn}.to_q.weight", (ch, ch)), (f"{t}.{attn}.to_k.weight", (ch, kv)),
-                          (f"{t}.{attn}.to_v.weight", (ch, kv)), (f"{t}.{attn}.to_out.0.weight", (ch, ch)),
-                          (f"{t}.{attn}.to_out.0.bias", (ch,))]
-            block += [(f"{t}.ff.net.0.proj.weight", (8 * ch, ch)), (f"{t}.ff.net.0.proj.bias", (8 * ch,)),
-                      (f"{t}.ff.net.2.weight", (ch, 4 * ch)), (f"{t}.ff.net.2.bias", (ch,))]
-            block += [(f"{t}.norm{n}.{p}", (ch,)) for n in (1, 2, 3) for p in ("weight", "bias")]
-        return block
-
     widths = [c * m for m in (1, 2, 4)]
     index, skips, ch = 1, [c], c
     for level, width in enumerate(widths):
         for _ in range(2):
-            specs += resnet(f"{u}input_blocks.{index}.0", ch, width)
+            specs += _sgm_resnet(f"{u}input_blocks.{index}.0", ch, width, emb)
             ch = width
             if cfg.depths[level]:
-                specs += transformer(f"{u}input_blocks.{index}.1", ch, cfg.depths[level])
+                specs += _sgm_transformer(f"{u}input_blocks.{index}.1", ch, cfg.depths[level], cfg.context)
             skips.append(ch)
             index += 1
         if level < 2:
             specs += [(f"{u}input_blocks.{index}.0.op.weight", (ch, ch, 3, 3)), (f"{u}input_blocks.{index}.0.op.bias", (ch,))]
             skips.append(ch)
             index += 1
-    specs += resnet(f"{u}middle_block.0", ch, ch) + transformer(f"{u}middle_block.1", ch, cfg.depths[-1])
-    specs += resnet(f"{u}middle_block.2", ch, ch)
+    specs += _sgm_resnet(f"{u}middle_block.0", ch, ch, emb)
+    specs += _sgm_transformer(f"{u}middle_block.1", ch, cfg.depths[-1], cfg.context)
+    specs += _sgm_resnet(f"{u}middle_block.2", ch, ch, emb)
     index = 0
     for level in reversed(range(3)):
         for slot in range(3):
-            specs += resnet(f"{u}output_blocks.{index}.0", ch + skips.pop(), widths[level])
+            specs += _sgm_resnet(f"{u}output_blocks.{index}.0", ch + skips.pop(), widths[level], emb)
             ch = widths[level]
             sub = 1
             if cfg.depths[level]:
-                specs += transformer(f"{u}output_blocks.{index}.1", ch, cfg.depths[level])
+                specs += _sgm_transformer(f"{u}output_blocks.{index}.1", ch, cfg.depths[level], cfg.context)
                 sub = 2
             if level > 0 and slot == 2:
                 specs += [(f"{u}output_blocks.{index}.{sub}.conv.weight", (ch, ch, 3, 3)),
                           (f"{u}output_blocks.{index}.{sub}.conv.bias", (ch,))]
             index += 1
-    specs += [(u + "out.0.weight", (c,)), (u + "out.0.bias", (c,)), (u + "out.2.weight", (4, c, 3, 3)),
-              (u + "out.2.bias", (4,))]
+    return specs + [(u + "out.0.weight", (c,)), (u + "out.0.bias", (c,)), (u + "out.2.weight", (4, c, 3, 3)),
+                    (u + "out.2.bias", (4,))]
+
+
+def _clip_l_specs(cfg):
     te = "conditioner.embedders.0.transformer.text_model."
     w = cfg.clip
-    specs += [(te + "embeddings.token_embedding.weight", (1000, w)), (te + "embeddings.position_embedding.weight", (77, w))]
+    specs = [(te + "embeddings.token_embedding.weight", (1000, w)), (te + "embeddings.position_embedding.weight", (77, w))]
     for i in range(cfg.clip_layers):
         layer = f"{te}encoder.layers.{i}."
         specs += [(f"{layer}self_attn.{p}.{x}", (w, w) if x == "weight" else (w,))
@@ -322,10 +331,13 @@ def sdxl_specs(cfg=SDXLConfig()):
         specs += [(f"{layer}mlp.fc1.weight", (4 * w, w)), (f"{layer}mlp.fc1.bias", (4 * w,)),
                   (f"{layer}mlp.fc2.weight", (w, 4 * w)), (f"{layer}mlp.fc2.bias", (w,))]
         specs += [(f"{layer}layer_norm{n}.{x}", (w,)) for n in (1, 2) for x in ("weight", "bias")]
-    specs += [(te + "final_layer_norm.weight", (w,)), (te + "final_layer_norm.bias", (w,))]
+    return specs + [(te + "final_layer_norm.weight", (w,)), (te + "final_layer_norm.bias", (w,))]
+
+
+def _bigg_specs(cfg):
     g, big = "conditioner.embedders.1.model.", cfg.bigg
-    specs += [(g + "token_embedding.weight", (1000, big)), (g + "positional_embedding", (77, big)),
-              (g + "ln_final.weight", (big,)), (g + "ln_final.bias", (big,)), (g + "text_projection", (big, big))]
+    specs = [(g + "token_embedding.weight", (1000, big)), (g + "positional_embedding", (77, big)),
+             (g + "ln_final.weight", (big,)), (g + "ln_final.bias", (big,)), (g + "text_projection", (big, big))]
     for i in range(cfg.clip_layers):
         r = f"{g}transformer.resblocks.{i}."
         specs += [(r + "attn.in_proj_weight", (3 * big, big)), (r + "attn.in_proj_bias", (3 * big,)),
