@@ -37,8 +37,49 @@ SD3_BASIC = {"context_embedder": "context_embedder", "t_embedder.mlp.0": "time_t
              "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out"}
 
 
+# ComfyUI supported_models.HunyuanVideo.process_unet_state_dict: a checkpoint's keys as its model names them
+HUNYUAN_LOAD_RENAMES = (("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
+                        ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+                        ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."),
+                        ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
+                        ("_mod.linear.", "_mod.lin."), ("_attn_qkv.", "_attn.qkv."), ("mlp.fc1.", "mlp.0."),
+                        ("mlp.fc2.", "mlp.2."), ("_attn_q_norm.weight", "_attn.norm.query_norm.weight"),
+                        ("_attn_k_norm.weight", "_attn.norm.key_norm.weight"),
+                        (".q_norm.weight", ".norm.query_norm.weight"), (".k_norm.weight", ".norm.key_norm.weight"),
+                        ("_attn_proj.", "_attn.proj."), (".modulation.linear.", ".modulation.lin."),
+                        ("_in.mlp.2.", "_in.out_layer."), ("_in.mlp.0.", "_in.in_layer."))
+# comfy/lora.py's diffusion-pipe aliases for HunyuanVideo models, from the model's own keys
+HUNYUAN_LORA_ALIASES = (("_mod.lin.", "_mod.linear."), ("_attn.qkv.", "_attn_qkv."), ("_attn.proj.", "_attn_proj."),
+                        ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), (".modulation.lin.", ".modulation.linear."))
+
+
+def _renamed(key, renames):
+    for old, new in renames:
+        key = key.replace(old, new)
+    return key
+
+
+def _hunyuan_key_map(model_shapes):
+    """HunyuanVideo (1.5): the checkpoint's keys renamed as ComfyUI loads them, the generic rule over those and
+    diffusion-pipe's aliases; each LoRA name -> (the checkpoint's key it patches, None)."""
+    key_map = {}
+    for key in model_shapes:
+        model_key = _renamed(key, HUNYUAN_LOAD_RENAMES)
+        if not model_key.endswith(".weight"):
+            key_map["diffusion_model." + model_key] = (key, None)
+            continue
+        base = model_key[: -len(".weight")]
+        key_map["lora_unet_" + base.replace(".", "_")] = (key, None)
+        key_map["diffusion_model." + base] = (key, None)
+        alias = _renamed(model_key, HUNYUAN_LORA_ALIASES)[: -len(".weight")]
+        key_map["transformer." + alias] = key_map["diffusion_model." + alias] = (key, None)
+    return key_map
+
+
 def unet_key_map(arch, model_shapes):
     """LoRA name -> (model weight key, (start, length) slice or None); `model_shapes` is native key -> shape."""
+    if arch == "hunyuan_video15":
+        return _hunyuan_key_map(model_shapes)
     key_map = {}
     for key in model_shapes:
         if key.endswith(".weight"):

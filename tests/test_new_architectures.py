@@ -92,15 +92,16 @@ def test_full_layouts_detect_and_pair_across_layouts(name):
         assert len(shared) >= len(detected.arch.optional_groups)
 
 
-@pytest.mark.parametrize("name", sorted(FULL))
-def test_comfyui_rules_consume_every_tensor_of_the_default_output(name):
+@pytest.mark.parametrize("name,fmt", [(n, "auto") for n in sorted(FULL)] + [("hunyuan_video15", "kohya")])
+def test_comfyui_rules_consume_every_tensor_of_the_default_output(name, fmt):
     native, _, _, _ = FULL[name]
     detected, shapes = canonical(layout(native))
     a = detected.arch
-    fmt = arch.resolve_format(a, "auto")
+    fmt = arch.resolve_format(a, fmt)
     key_map = unet_key_map(a.name, {k: v for k, v in shapes.items()})
     tensors = 0
-    for target in a.targets(shapes):
+    groups = set(a.optional_groups) if name == "hunyuan_video15" else set()  # its embedders are renamed too
+    for target in a.targets(shapes, groups=groups):
         for module in a.lora_modules(target, fmt):
             assert module.name in key_map, module.name
             weight, piece = key_map[module.name]  # the same weight, and the same rows where it is a slice
@@ -108,6 +109,27 @@ def test_comfyui_rules_consume_every_tensor_of_the_default_output(name):
             assert weight == target.key and piece == rows, (module.name, piece, module.rows)
             tensors += 3 if module.alpha else 2
     assert tensors >= 2 * len(a.targets(shapes))
+
+
+def test_hunyuan_video15_bias_and_norm_patches_name_comfyuis_own_modules():
+    """ComfyUI renames HunyuanVideo 1.5's keys as it loads them (q/k norms, the time and text embedders): each
+    `.diff`/`.diff_b` of the default output names the module its key map knows, for the right weight."""
+    from lora_colab.arch.canonical import CanonicalCheckpoint
+    from lora_colab.extraction import bias_diff
+    from test_arch import KeysOnly
+
+    view = CanonicalCheckpoint(KeysOnly(list(layout("hunyuanvideo1.5-native").items())))
+    a = view.arch
+    key_map = unet_key_map(a.name, view.shapes())
+    found = bias_diff.diff_targets(a, arch.resolve_format(a, "auto"), view, view)
+    names = {t.name for t in found}
+    assert {"diffusion_model.double_blocks.0.img_attn.norm.query_norm.diff",
+            "diffusion_model.time_in.in_layer.diff_b", "diffusion_model.txt_in.c_embedder.in_layer.diff_b",
+            "diffusion_model.txt_in.t_embedder.out_layer.diff_b"} <= names
+    for target in found:
+        module = target.name.rsplit(".", 1)[0]
+        weight = key_map[module][0]
+        assert weight.rsplit(".", 1)[0] == target.key.rsplit(".", 1)[0], (target.name, weight, target.key)
 
 
 # --- tiny models of diffusers' classes ------------------------------------------------------------

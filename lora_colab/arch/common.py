@@ -128,9 +128,19 @@ class NativeArchitecture:
     default_dtype = "bf16"       # factor dtype when the user gives none
     resolution = "1024x1024"     # modelspec.resolution
 
+    comfy_renames = ()  # (old, new): how ComfyUI's loader renames this family's file keys (its own model's paths)
+
     def format_notes(self, fmt, groups):
         """Lines for the report about which clients load `fmt` for this architecture (none by default)."""
         return []
+
+    def comfy_module(self, module):
+        """ComfyUI's own path of canonical module `module`, which its LoRA key map knows: the canonical path,
+        renamed as ComfyUI renames a checkpoint's keys when it loads one (`comfy_renames`, in its order)."""
+        path = module + "."
+        for old, new in self.comfy_renames:
+            path = path.replace(old, new)
+        return path[:-1]
 
     def diff_module(self, module):
         """The model-local module path under which a 1-D tensor of canonical module `module` (its bias or
@@ -185,9 +195,9 @@ class NativeArchitecture:
 
     def lora_modules(self, target, fmt):
         if fmt == "kohya":
-            return [LoraModule(kohya_name("lora_unet", target.module))]
+            return [LoraModule(kohya_name("lora_unet", self.comfy_module(target.module)))]
         if fmt == "comfy":
-            return [LoraModule("diffusion_model." + target.module)]
+            return [LoraModule("diffusion_model." + self.comfy_module(target.module))]
         return self.diffusers_modules(target)
 
     def diffusers_modules(self, target):

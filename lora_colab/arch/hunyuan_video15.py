@@ -54,6 +54,19 @@ class HunyuanVideo15(TableArchitecture):
     # ComfyUI's model is its repackaged file's: `diffusion_model.` + those names loads there. diffusers' loader
     # takes its own PEFT names only (it converts fused img_attn_qkv as HunyuanVideo 1's): the report says so.
     auto_format = "comfy"
+    # ComfyUI's HunyuanVideo15.process_unet_state_dict (supported_models.py): the repackaged file's names become
+    # its model's as it loads them, and its LoRA key map knows only those (plus diffusion-pipe's aliases of some
+    # weights, none of a norm or an embedder, and none for kohya's names)
+    comfy_renames = (("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
+                     ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+                     ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."),
+                     ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
+                     ("_mod.linear.", "_mod.lin."), ("_attn_qkv.", "_attn.qkv."),
+                     ("mlp.fc1.", "mlp.0."), ("mlp.fc2.", "mlp.2."),
+                     ("_attn_q_norm.", "_attn.norm.query_norm."), ("_attn_k_norm.", "_attn.norm.key_norm."),
+                     (".q_norm.", ".norm.query_norm."), (".k_norm.", ".norm.key_norm."),
+                     ("_attn_proj.", "_attn.proj."), (".modulation.linear.", ".modulation.lin."),
+                     ("_in.mlp.2.", "_in.out_layer."), ("_in.mlp.0.", "_in.in_layer."))
     exhaustive_layout_map = True
     swapped_in_diffusers = (_FINAL_MOD,)  # (shift; scale) -> diffusers' (scale; shift)
     comfy_probes = ("double_blocks.0.img_attn_qkv.weight", "byt5_in.fc1.weight")

@@ -145,7 +145,7 @@ class TableArchitecture(NativeArchitecture):
     # -- output names -----------------------------------------------------------------------------
     def lora_modules(self, target, fmt):
         if fmt == "comfy" and self.comfy_peft:
-            return [LoraModule("diffusion_model." + target.module, None, PEFT_SUFFIXES, False)]
+            return [LoraModule("diffusion_model." + self.comfy_module(target.module), None, PEFT_SUFFIXES, False)]
         return super().lora_modules(target, fmt)
 
     def diffusers_modules(self, target):
