@@ -323,3 +323,38 @@ def test_an_unknown_single_file_says_which_clients_load_its_lora(tmp_path):
     note = next(w for w in report.warnings if w.startswith("architecture not recognised"))
     assert "ComfyUI's generic rule loads" in note and "diffusers and kohya's tools do not know it" in note
 
+
+
+@pytest.mark.parametrize("capability,bf16", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_a_gpu_multiplies_in_bf16_only_where_it_has_bf16_units(monkeypatch, capability, bf16):
+    """Colab's T4 (compute capability 7.5) has no bf16 matrix units: its products stay float32, even where
+    the CPU's bf16 choice is forced on; Ampere and later (8.0+) factor a bf16 pair's bf16 difference."""
+    from lora_colab.lowrank.factor import bf16_products_fast
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setenv("LORA_COLAB_BF16_SKETCH", "1")
+    assert bf16_products_fast(torch.device("cuda")) is bf16
+    assert bf16_products_fast("cuda:0") is bf16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0)])
+def test_cuda_extraction_follows_the_gpus_capability_within_bounded_vram(tmp_path, monkeypatch, capability):
+    """On a GPU forced to a T4's capability the factorisation never multiplies in bf16, on one of 8.0 it does
+    (a bf16 pair's bf16 difference); both give the planted change, and the GPU holds about the largest
+    layer's difference and its factors, not the model."""
+    import lora_colab.lowrank.factor as factor
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    calls, real = [], factor.low_rank_bf16
+    monkeypatch.setattr(factor, "low_rank_bf16", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    base, tuned, _ = make_zimage_pair(tmp_path, ZImageConfig(dim=512, n_layers=2, n_refiner_layers=1, n_heads=4,
+                                                             cap_feat_dim=64), rank=4, noise=0.0)
+    torch.cuda.reset_peak_memory_stats()
+    report = extract(base, tuned, tmp_path / "lora.safetensors", rank=8, clamp_quantile=None, dtype="fp32",
+                     device="cuda", progress=False)
+    assert report.device.startswith("cuda") and bool(calls) == (capability >= (8, 0))
+    architecture, targets, deltas = true_differences(base, tuned)
+    products = lora_products(tmp_path / "lora.safetensors", architecture, targets)
+    for key, delta in deltas.items():
+        assert float((products[key] - delta).norm() / delta.norm()) < 0.01, key
+    largest = max(math.prod(t.shape) for t in targets) * 4
+    assert torch.cuda.max_memory_allocated() < 6 * largest + (64 << 20)

@@ -89,11 +89,11 @@ class Differences:
 
     def _difference(self, tuned, base):
         """(tuned − base) on the compute device; `tuned` is a fresh tensor and may be reused. float32, but
-        bf16 for a bf16 pair on a CPU with fast bf16 products: the difference of two close bf16 weights is
-        exact in bf16 (Sterbenz), and low_rank_bf16 factors it at float32 accuracy in half the time."""
-        if (self._device.type == "cpu" and tuned.dtype == base.dtype == torch.bfloat16
-                and bf16_products_fast()):
-            return tuned.sub_(base)
+        bf16 for a bf16 pair where bf16 products are fast (a CPU with bf16 dot products, a GPU of compute
+        capability 8.0 or more; not a T4): the difference of two close bf16 weights is exact in bf16
+        (Sterbenz), and low_rank_bf16 factors it at float32 accuracy in half the time."""
+        if tuned.dtype == base.dtype == torch.bfloat16 and bf16_products_fast(self._device):
+            return tuned.to(self._device).sub_(base.to(self._device))
         delta = cast(tuned.to(self._device), torch.float32)
         del tuned
         subtract_(delta, base.to(self._device))

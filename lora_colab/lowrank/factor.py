@@ -12,7 +12,7 @@ def low_rank(delta, rank, niter=2, oversample=8, generator_seed=0, stats=None):
 
     Randomized (q = rank + oversample, `niter` power iterations) unless the matrix is small enough that the
     exact thin SVD is as cheap; never `full_matrices=True`. A float32 matrix goes through `torch.svd_lowrank`;
-    a bf16 one (and a BlockedDelta, on a CPU whose bf16 products are fast) through `low_rank_bf16`, which
+    a bf16 one (on a GPU, one with bf16 units; a BlockedDelta where bf16 products are fast) through `low_rank_bf16`, which
     puts ‖delta‖² in `stats["norm_sq"]` (a dict, when given) from the pass it makes anyway.
     """
     m, n = delta.shape
@@ -22,12 +22,13 @@ def low_rank(delta, rank, niter=2, oversample=8, generator_seed=0, stats=None):
     if isinstance(delta, BlockedDelta):
         if small:
             delta = delta.data.float()
-        elif delta.device.type == "cpu" and bf16_products_fast():
+        elif bf16_products_fast(delta.device):
             return low_rank_bf16(delta.data, rank, niter, oversample, generator_seed, stats)
         else:
             return low_rank_blocked(delta, rank, niter, oversample, generator_seed)
     if delta.dtype != torch.float32:
-        if not small and delta.dtype == torch.bfloat16:
+        if not small and delta.dtype == torch.bfloat16 and (delta.device.type == "cpu"
+                                                            or bf16_products_fast(delta.device)):
             return low_rank_bf16(delta, rank, niter, oversample, generator_seed, stats)
         delta = delta.float()
     if small:
@@ -43,10 +44,18 @@ def low_rank(delta, rank, niter=2, oversample=8, generator_seed=0, stats=None):
 _BF16_FAST = {}
 
 
-def bf16_products_fast():
-    """Whether this CPU multiplies bf16 matrices clearly faster than float32 ones (AVX-512 BF16, AMX), timed
-    once per process on a sketch-shaped product; LORA_COLAB_BF16_SKETCH=1/0 forces the answer."""
+def bf16_products_fast(device="cpu"):
+    """Whether bf16 matrix products on `device` are clearly faster than float32 ones, so that a bf16 pair is
+    factored from its bf16 difference. A CUDA GPU: compute capability 8.0 or more (bf16 tensor cores, Ampere
+    on); a T4 (7.5, Colab's GPU) has no bf16 units, so its products stay float32, whatever is forced. A CPU:
+    timed once per process on a sketch-shaped product (AVX-512 BF16, AMX); LORA_COLAB_BF16_SKETCH=1/0 forces
+    its answer."""
     import os
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type != "cpu":
+        return False
     forced = os.environ.get("LORA_COLAB_BF16_SKETCH")
     if forced in ("0", "1"):
         return forced == "1"
