@@ -132,6 +132,20 @@ def test_hunyuan_video15_bias_and_norm_patches_name_comfyuis_own_modules():
         assert weight.rsplit(".", 1)[0] == target.key.rsplit(".", 1)[0], (target.name, weight, target.key)
 
 
+@pytest.mark.parametrize("native", ["zimage-single-file", "lumina2-native"])
+def test_no_patch_is_written_for_a_norm_comfyuis_model_has_no_weight_for(native):
+    """Z-Image's and Lumina 2's files hold norm_final.weight, which ComfyUI's model (its final LayerNorm is not
+    elementwise-affine) has no place for: its `.diff` loaded nowhere ("lora key not loaded", bench/comfy_check.py)."""
+    from lora_colab.arch.canonical import CanonicalCheckpoint
+    from lora_colab.extraction import bias_diff
+    from test_arch import KeysOnly
+
+    view = CanonicalCheckpoint(KeysOnly(list(layout(native).items())))
+    names = [t.name for t in bias_diff.diff_targets(view.arch, "comfy", view, view)]
+    assert "norm_final.weight" in view.shapes() and len(names) > 100
+    assert not [name for name in names if "norm_final" in name]
+
+
 # --- tiny models of diffusers' classes ------------------------------------------------------------
 
 TINY = {

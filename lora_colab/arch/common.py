@@ -129,6 +129,7 @@ class NativeArchitecture:
     resolution = "1024x1024"     # modelspec.resolution
 
     comfy_renames = ()  # (old, new): how ComfyUI's loader renames this family's file keys (its own model's paths)
+    unloaded_norms = ()  # 1-D weights of the file that ComfyUI's model has no place for: their patch loads nowhere
 
     def format_notes(self, fmt, groups):
         """Lines for the report about which clients load `fmt` for this architecture (none by default)."""
@@ -144,8 +145,8 @@ class NativeArchitecture:
 
     def diff_module(self, module):
         """The model-local module path under which a 1-D tensor of canonical module `module` (its bias or
-        norm scale) is patched, or None when it is not the diffusion model's."""
-        return module
+        norm scale) is patched, or None when it is not the diffusion model's (or no client has it)."""
+        return None if module in self.unloaded_norms else module
 
     def from_layout(self, native, layout):
         """(canonical key, part index, part count) for a prefix-stripped key of `layout`, or None to skip."""

@@ -19,9 +19,10 @@ class Kandinsky5(TableArchitecture):
     implementation = "https://github.com/kandinskylab/kandinsky-5"
     metadata_tags = ("kandinsky-5", "kandinsky5", "kandinsky_5")
     lora_hint = re.compile(r"visual_transformer_blocks_\d+_(?:self|cross)_attention|text_transformer_blocks_\d+")
-    # ComfyUI maps `diffusion_model.<module>`; diffusers' Kandinsky loader converts nothing (PEFT names only):
-    # no spelling loads in both, and the report says so
-    auto_format = "comfy"
+    # diffusers' Kandinsky loader converts nothing (PEFT names only, `transformer.` + its module names, which are
+    # this file's); ComfyUI's Kandinsky5 model also takes `transformer.` + its own names (comfy/lora.py): the PEFT
+    # spelling loads in both (bench/comfy_check.py, ComfyUI 783545f)
+    auto_format = "diffusers"
     native_probes = ("visual_transformer_blocks.0.self_attention.to_query.weight",
                      "text_transformer_blocks.0.self_attention.to_query.weight")
     default_targets = tuple([f"{_T}.self_attention.{a}" for a in _ATTN]
@@ -41,5 +42,5 @@ class Kandinsky5(TableArchitecture):
     def format_notes(self, fmt, groups):
         if fmt == "diffusers":
             return []
-        return ["diffusers' Kandinsky 5 loader takes only the PEFT spelling: this file loads in ComfyUI; for "
-                "diffusers extract with --format diffusers (no spelling loads in both)"]
+        return ["diffusers' Kandinsky 5 loader takes only the PEFT spelling: this file loads in ComfyUI; the "
+                "default (--format diffusers) loads in both"]

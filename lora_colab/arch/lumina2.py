@@ -14,6 +14,7 @@ class Lumina2(TableArchitecture):
     name = "lumina2"
     diffusers_classes = ("Lumina2Transformer2DModel",)  # the class a diffusers folder of this layout names
     title = "Lumina 2"
+    unloaded_norms = ("norm_final",)  # ComfyUI's final LayerNorm is not elementwise-affine: no weight to patch
     base_model_version = "lumina2"
     modelspec_architecture = "lumina-2/lora"
     implementation = "https://github.com/Alpha-VLLM/Lumina-Image-2.0"

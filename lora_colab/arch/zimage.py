@@ -21,6 +21,7 @@ class ZImage(NativeArchitecture):
     name = "zimage"
     diffusers_classes = ("ZImageTransformer2DModel",)  # the class a diffusers folder of this layout names
     title = "Z-Image"
+    unloaded_norms = ("norm_final",)  # ComfyUI's final LayerNorm is not elementwise-affine: no weight to patch
     auto_format = "kohya"
     base_model_version = "zimage"
     modelspec_architecture = "Z-Image/lora"
