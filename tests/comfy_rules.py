@@ -10,8 +10,18 @@ FLUX_SINGLE = re.compile(r"single_blocks\.(\d+)\.linear1\.weight")
 FLUX_DOUBLE_PLAIN = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
                      "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
                      "ff_context.net.2": "txt_mlp.2", "norm1.linear": "img_mod.lin",
-                     "norm1_context.linear": "txt_mod.lin"}
-FLUX_SINGLE_PLAIN = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+                     "norm1_context.linear": "txt_mod.lin",
+                     # FLUX.2's and LyCORIS' names of the MLPs
+                     "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+                     "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+FLUX_SINGLE_PLAIN = {"proj_out": "linear2", "norm.linear": "modulation.lin",
+                     "attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}  # the last two: FLUX.2's
+# comfy/lora.py: the model classes that also take other spellings of their own keys ("": the bare key,
+# "lycoris_": flattened with underscores); Chroma and FLUX.2 are Flux models there (flux_to_diffusers)
+NATIVE_ALIASES = {"hidream": ("transformer.", "lycoris_"), "qwen_image": ("", "transformer.", "lycoris_"),
+                  "qwen_image_2_1": ("", "transformer.", "lycoris_"), "kandinsky5": ("", "transformer."),
+                  "ernie_image": ("transformer.",), "ltx2": ("",)}
+FLUX_MODELS = ("flux", "chroma", "flux2")
 # flux_to_diffusers' MAP_BASIC (weights): norm_out.linear comes with swap_scale_shift, which ComfyUI applies to the
 # patch, so a LoRA holding diffusers' (scale; shift) rows patches the native (shift; scale) weight rightly
 FLUX_BASIC = {"img_in": "x_embedder", "txt_in": "context_embedder",
@@ -103,7 +113,13 @@ def unet_key_map(arch, model_shapes):
                 for alias in (f"diffusion_model.{name}", f"transformer.{name}", "lycoris_" + name.replace(".", "_"),
                               name):
                     key_map[alias] = target
-    if arch == "flux":
+    for alias in NATIVE_ALIASES.get(arch, ()):
+        for key in model_shapes:
+            if key.endswith(".weight"):
+                base = key[: -len(".weight")]
+                name = "lycoris_" + base.replace(".", "_") if alias == "lycoris_" else alias + base
+                key_map.setdefault(name, (key, None))
+    if arch in FLUX_MODELS:
         for key, shape in model_shapes.items():
             hit = FLUX_DOUBLE_QKV.fullmatch(key)
             if hit:
@@ -161,12 +177,37 @@ def _flux_alias(key_map, diffusers_name, target):
         key_map[alias] = target
 
 
-def clip_key_map(prefix, n_layers):
-    """kohya TE names ComfyUI accepts for an HF-layout CLIP (`lora_te1_...`), -> (layer, module)."""
+def sd_diffusers_aliases(unet_shapes):
+    """comfy/lora.py's names for an SD/SDXL UNet's weights from utils.unet_to_diffusers: `lora_unet_`/`lycoris_` +
+    the flattened diffusers path, and the diffusers path bare or behind `unet.` with attention's `.to_` as the
+    old `.processor.to_` (and `to_out.0` as `to_out`), -> (native key, None)."""
+    from lora_colab.arch import sgm_to_diffusers
+
+    key_map = {}
+    for key in unet_shapes:
+        if not key.endswith(".weight"):
+            continue
+        try:
+            d = sgm_to_diffusers(key[: -len(".weight")])
+        except ValueError:
+            continue
+        for alias in ("lora_unet_", "lycoris_"):
+            key_map[alias + d.replace(".", "_")] = (key, None)
+        old = d.replace(".to_", ".processor.to_")
+        old = old[:-2] if old.endswith(".to_out.0") else old
+        key_map[old] = key_map["unet." + old] = (key, None)
+    return key_map
+
+
+def clip_key_map(prefix, n_layers, diffusers_prefix=None):
+    """kohya TE names ComfyUI accepts for an HF-layout CLIP (`lora_te1_...`) and, with `diffusers_prefix`
+    (`text_encoder.`, `text_encoder_2.`), its diffusers names behind that, -> (layer, module)."""
     key_map = {}
     for layer in range(n_layers):
         for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                        "mlp.fc1", "mlp.fc2"):
             name = f"text_model.encoder.layers.{layer}.{module}"
             key_map[f"{prefix}_{name.replace('.', '_')}"] = (f"{prefix}:{name}", None)
+            if diffusers_prefix:
+                key_map[diffusers_prefix + name] = (f"{prefix}:{name}", None)
     return key_map
