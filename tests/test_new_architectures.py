@@ -450,6 +450,39 @@ def test_extracted_lora_reproduces_the_tuned_layers_through_diffusers(tmp_path, 
         assert gap <= 0.05 * change, (label, gap / change)
 
 
+def test_anima_pipeline_folder_pairs_with_a_native_file_both_ways(tmp_path):
+    """diffusers keeps Anima's DiT as a CosmosTransformer3DModel: its pipeline folder (config.json naming that
+    class, model_index.json naming Anima's pipeline) pairs with a native file either way, and the LoRA gives
+    the tuned layers' outputs through diffusers' own loader."""
+    gen = torch.Generator().manual_seed(1)
+    base_model = tiny("anima")
+    a, base, tuned = planted_pair(base_model, gen)
+    keys = {k: tuple(v.shape) for k, v in base_model.state_dict().items()}
+    base_model.load_state_dict(to_diffusers(a, base, keys))
+    folder = tmp_path / "base"
+    base_model.save_pretrained(folder / "transformer")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "AnimaModularPipeline",
+                                                         "transformer": ["diffusers", "CosmosTransformer3DModel"]}))
+    st_save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp_path / "tuned.safetensors"))
+    st_save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "base_native.safetensors"))
+    tuned_model = tiny("anima")
+    tuned_model.load_state_dict(to_diffusers(a, tuned, keys))
+    want, was = linear_outputs(tuned_model, gen), linear_outputs(tiny("anima"), gen)
+    change = sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5
+    for label in ("folder base", "folder fine-tune"):
+        if label == "folder base":
+            pair_ = (folder, tmp_path / "tuned.safetensors")
+        else:  # the folder holds the fine-tune now, the native file the base
+            tuned_model.save_pretrained(folder / "transformer")
+            pair_ = (tmp_path / "base_native.safetensors", folder)
+        out = tmp_path / f"{label.replace(' ', '_')}.safetensors"
+        report = extract(*pair_, out, rank=4, format="diffusers", progress=False)
+        assert report.architecture.startswith("Anima") and "diffusers" in report.architecture, label
+        got = linear_outputs(load_into("anima", tiny("anima"), tmp_path, out.name), gen)
+        gap = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
+        assert gap <= 0.05 * change, (label, gap / change)
+
+
 # --- resizing LoRAs of these models, in every common spelling ---------------------------------------
 
 def spellings(a, targets):

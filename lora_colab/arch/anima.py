@@ -20,6 +20,9 @@ class Anima(TableArchitecture):
     # diffusers has no class of Anima's own: CosmosTransformer3DModel serves Cosmos-Predict too, so its folders
     # go through the PEFT fallback (which AnimaLoraLoaderMixin takes); this table reads the single files
     diffusers_classes = ("AnimaTransformer (none in diffusers)",)
+    # diffusers keeps Anima's DiT as a CosmosTransformer3DModel (Cosmos Predict 2's class, the same keys): an
+    # Anima pipeline's folder says what it is, a Cosmos one goes to the fallback
+    diffusers_pipelines = ("AnimaPipeline", "AnimaModularPipeline")
     title = "Anima"
     base_model_version = "anima"
     modelspec_architecture = "anima/lora"

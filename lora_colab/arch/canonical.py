@@ -23,7 +23,8 @@ class CanonicalCheckpoint(Closeable):
         detected = arch_registry.detect(keys)
         info = getattr(ckpt, "diffusers", None)
         if info is not None and (detected.arch is arch_registry.GENERIC or (
-                detected.arch.diffusers_classes and info.model_class not in detected.arch.diffusers_classes)):
+                detected.arch.diffusers_classes and info.model_class not in detected.arch.diffusers_classes
+                and info.pipeline_class not in detected.arch.diffusers_pipelines)):
             # a class without a table, or one whose names resemble a family's (HunyuanVideo's are Flux's)
             problem = loader_problem(info)
             if problem:
