@@ -483,6 +483,49 @@ def test_anima_pipeline_folder_pairs_with_a_native_file_both_ways(tmp_path):
         assert gap <= 0.05 * change, (label, gap / change)
 
 
+def _wan_pipeline(folder, experts):
+    """A Wan 2.2 A14B-shaped pipeline folder: `transformer` and `transformer_2` (diffusers models) and its index."""
+    for component, model in zip(("transformer", "transformer_2"), experts):
+        model.save_pretrained(folder / component)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
+                                                         "transformer": ["diffusers", "WanTransformer3DModel"],
+                                                         "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    return folder
+
+
+def test_wan_22_pipeline_folders_give_each_expert_its_lora(tmp_path):
+    """Wan 2.2 A14B's pipeline holds two experts and loads the second's LoRA from a file of its own
+    (`load_into_transformer_2=True`): a pair of pipeline folders gives OUT and OUT_transformer_2, each the change
+    of its own expert through diffusers' loader."""
+    gen = torch.Generator().manual_seed(3)
+    bases, tuneds, wants, changes = [], [], [], []
+    for seed in (0, 1):
+        model = tiny("wan", seed)
+        keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        a, base, tuned = planted_pair(model, gen)
+        model.load_state_dict(to_diffusers(a, base, keys))
+        tuned_model = tiny("wan", seed)
+        tuned_model.load_state_dict(to_diffusers(a, tuned, keys))
+        bases.append(model)
+        tuneds.append(tuned_model)
+    base = _wan_pipeline(tmp_path / "base", bases)
+    tuned = _wan_pipeline(tmp_path / "tuned", tuneds)
+    for model, tuned_model in zip(bases, tuneds):
+        want, was = linear_outputs(tuned_model, gen), linear_outputs(model, gen)
+        wants.append((want, was))
+        changes.append(sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5)
+    report = extract(base, tuned, tmp_path / "lora.safetensors", rank=4, format="diffusers", progress=False)
+    second = report.components["transformer_2"]
+    assert second.output == str(tmp_path / "lora_transformer_2.safetensors") and "transformer_2" in str(report)
+    for name, model_seed, (want, _), change in zip(("lora.safetensors", "lora_transformer_2.safetensors"), (0, 1),
+                                                   wants, changes):
+        got = linear_outputs(load_into("wan", tiny("wan", model_seed), tmp_path, name), gen)
+        gap = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
+        assert gap <= 0.05 * change, (name, gap / change)
+    one = extract(base, tuned / "transformer", tmp_path / "one.safetensors", rank=4, progress=False)
+    assert not one.components and any("transformer_2: only the base's" in w for w in one.warnings)
+
+
 # --- resizing LoRAs of these models, in every common spelling ---------------------------------------
 
 def spellings(a, targets):

@@ -1,6 +1,7 @@
 """LoRA extraction: low-rank SVD of (tuned − base), one layer at a time, in bounded memory. `extract` is the door:
 it checks the options (`options.ExtractOptions`) and the output path, then runs an `run.ExtractionRun`."""
 
+from .components import component_output, paired_components
 from .options import ExtractOptions, check_output_file, with_suffix  # noqa: F401 (check_output_file: the CLI's)
 from .run import ExtractionRun
 
@@ -29,6 +30,10 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
     directions, in the same one pass. resume: keep each finished layer in a journal beside `out` (`OUT.journal`), so
     the same call after an interruption (Ctrl-C, a killed process, a lost runtime) continues where it stopped; a run
     whose inputs or options changed starts over, saying why. restart=True: start over even so.
+
+    A pair of pipeline folders whose pipeline loads some model's LoRA only from a file of its own (Wan 2.2 A14B's
+    low-noise expert, `transformer_2`) also gets `OUT_<component>.safetensors` for it, its report in
+    `report.components`.
     """
     options = ExtractOptions.checked(
         rank=rank, alpha=alpha, clamp_quantile=clamp_quantile, conv_rank=conv_rank, conv_alpha=conv_alpha,
@@ -36,5 +41,12 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
         oversample=oversample, energy=energy, scale=scale, groups=groups, seed=seed, kohya_hashes=kohya_hashes,
         title=title, on_nonfinite=on_nonfinite, bias_diff=bias_diff, recipe=recipe, resume=resume, restart=restart)
     out, renamed = with_suffix(check_output_file(out))
-    return ExtractionRun(base, tuned, out, options, token=token, progress=progress, on_layer=on_layer, arch=arch,
-                         notes=[renamed] if renamed else []).run()
+    run = ExtractionRun(base, tuned, out, options, token=token, progress=progress, on_layer=on_layer, arch=arch,
+                        notes=[renamed] if renamed else [])
+    report = run.run()
+    components, notes = paired_components(*run.folders)
+    report.warnings.extend(notes)
+    for component, (b, t) in components.items():  # each its own file (Wan 2.2 A14B's transformer_2)
+        report.components[component] = ExtractionRun(b, t, component_output(out, component), options, token=token,
+                                                     progress=progress, on_layer=on_layer).run()
+    return report

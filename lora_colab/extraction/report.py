@@ -60,6 +60,7 @@ class ExtractReport:
     directions: tuple = (0, 0)   # (kept, decomposed) directions over all layers, with a recipe
     nothing_selected: bool = False  # the recipe kept no direction: no file written
     resumed: int = 0             # layers taken from an interrupted run's journal (not computed again)
+    components: dict = field(default_factory=dict)  # a pipeline's models that take a LoRA of their own: reports
 
     @property
     def extracted(self):
@@ -129,4 +130,7 @@ class ExtractReport:
                      f"purge {self.purge_seconds:.1f} s); peak RAM {fmt_bytes(self.peak_rss)}"
                      + (f", peak VRAM {fmt_bytes(self.peak_vram)}" if self.peak_vram else ""))
         lines.extend(f"warning: {w}" for w in self.warnings)
+        for component, report in self.components.items():
+            lines.append(f"\n{component} (the pipeline loads its LoRA from a file of its own):")
+            lines.append(str(report))
         return "\n".join(lines)

@@ -36,6 +36,7 @@ class ExtractionRun:
         self.sources, self.out, self.options = (base, tuned), out, options
         self.token, self.progress, self.on_layer, self.arch, self.notes = token, progress, on_layer, arch, list(notes)
         self.written = []  # ((rank, alpha), target) of every piece written
+        self.folders = (None, None)  # the pipeline folders' DiffusersFolder (None: a file), once opened
 
     def run(self):
         started = time.perf_counter()
@@ -45,6 +46,7 @@ class ExtractionRun:
         with pinned_run(), open_canonical(base, self.arch, self.token) as b, \
                 open_canonical(tuned, b.arch.name, self.token) as t:
             self.b, self.t = b, t
+            self.folders = tuple(getattr(view.ckpt, "diffusers", None) for view in (b, t))  # pipeline folders' info
             self.plan()
             self.start_report()
             remaining = self.open_output()
