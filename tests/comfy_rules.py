@@ -22,6 +22,31 @@ NATIVE_ALIASES = {"hidream": ("transformer.", "lycoris_"), "qwen_image": ("", "t
                   "qwen_image_2_1": ("", "transformer.", "lycoris_"), "kandinsky5": ("", "transformer."),
                   "ernie_image": ("transformer.",), "ltx2": ("",)}
 FLUX_MODELS = ("flux", "chroma", "flux2")
+# comfy/utils.py krea2_to_diffusers: diffusers names of Krea 2's native modules, per block and outside blocks
+KREA2_BLOCK = {"attn.to_q": "attn.wq", "attn.to_k": "attn.wk", "attn.to_v": "attn.wv", "attn.to_gate": "attn.gate",
+               "attn.to_out.0": "attn.wo", "attn.to_out": "attn.wo", "ff.gate": "mlp.gate", "ff.up": "mlp.up",
+               "ff.down": "mlp.down"}
+KREA2_BLOCKS = {"transformer_blocks": "blocks", "text_fusion.layerwise_blocks": "txtfusion.layerwise_blocks",
+                "text_fusion.refiner_blocks": "txtfusion.refiner_blocks"}
+KREA2_BASIC = {"img_in": "first", "time_embed.linear_1": "tmlp.0", "time_embed.linear_2": "tmlp.2",
+               "time_mod_proj": "tproj.1", "txt_in.linear_1": "txtmlp.1", "txt_in.linear_2": "txtmlp.3",
+               "text_fusion.projector": "txtfusion.projector", "final_layer.linear": "last.linear"}
+
+
+def _krea2_aliases(key_map, model_shapes):
+    """comfy/lora.py for Krea 2: each diffusers name (bare, `diffusion_model.`, `transformer.`, `lycoris_`) ->
+    its native weight."""
+    names = dict(KREA2_BASIC)
+    for key in model_shapes:
+        hit = re.fullmatch(r"(blocks|txtfusion\.layerwise_blocks|txtfusion\.refiner_blocks)\.(\d+)\..*", key)
+        if hit:
+            d_block = next(d for d, c in KREA2_BLOCKS.items() if c == hit.group(1))
+            names.update({f"{d_block}.{hit.group(2)}.{d}": f"{hit.group(1)}.{hit.group(2)}.{c}"
+                          for d, c in KREA2_BLOCK.items()})
+    for d, c in names.items():
+        if c + ".weight" in model_shapes:
+            for alias in (d, "diffusion_model." + d, "transformer." + d, "lycoris_" + d.replace(".", "_")):
+                key_map[alias] = (c + ".weight", None)
 # flux_to_diffusers' MAP_BASIC (weights): norm_out.linear comes with swap_scale_shift, which ComfyUI applies to the
 # patch, so a LoRA holding diffusers' (scale; shift) rows patches the native (shift; scale) weight rightly
 FLUX_BASIC = {"img_in": "x_embedder", "txt_in": "context_embedder",
@@ -146,6 +171,8 @@ def unet_key_map(arch, model_shapes):
                 _flux_alias(key_map, FLUX_BASIC[key[: -len(".weight")]], (key, None))
     if arch == "sd3":
         _sd3_aliases(key_map, model_shapes)
+    if arch == "krea2":
+        _krea2_aliases(key_map, model_shapes)
     return key_map
 
 
