@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 LAYOUTS = ROOT / "tests" / "layouts"
+from test_arch import KeysOnly  # noqa: E402 (names and shapes only, as the suite reads the layouts)
 
 FAMILIES = {  # family -> its full native layout
     "sdxl": "sdxl-single-file", "flux": "flux1-dev-bfl", "zimage": "zimage-single-file",
@@ -208,7 +209,7 @@ def diff_patches(arch, fmt, shapes, detected, real_keys, gen):
 
     if not bias_diff.policy(arch, fmt)[0]:
         return {}, {}
-    view = CanonicalCheckpoint(_KeysOnly(shapes))
+    view = CanonicalCheckpoint(KeysOnly(list(shapes.items())))
     tensors, truth = {}, {}
     for target in bias_diff.diff_targets(arch, fmt, view, view):
         change = torch.randn(target.size, generator=gen) * 0.01
@@ -217,29 +218,13 @@ def diff_patches(arch, fmt, shapes, detected, real_keys, gen):
     return tensors, truth
 
 
-class _KeysOnly:
-    """A checkpoint of names and shapes only (what the extractor's planning reads)."""
-
-    def __init__(self, shapes):
-        self._shapes, self.path = shapes, "<layout>"
-
-    def keys(self):
-        return list(self._shapes)
-
-    def shape(self, key):
-        return self._shapes[key]
-
-    def st_dtype(self, key):
-        return "BF16"
-
-
 def check(comfy, family, fmt):
     """One row: the family's default targets in spelling `fmt`, loaded by ComfyUI."""
     from lora_colab import arch as arch_registry
     from lora_colab.arch.canonical import CanonicalCheckpoint
 
     shapes = layout(FAMILIES[family])
-    view = CanonicalCheckpoint(_KeysOnly(shapes))
+    view = CanonicalCheckpoint(KeysOnly(list(shapes.items())))
     a = view.arch
     fmt = arch_registry.resolve_format(a, fmt)
     targets = a.targets(view.shapes())
