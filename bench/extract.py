@@ -61,13 +61,14 @@ def target_keys(base):
 
 # --- workers (each runs in its own process) ------------------------------------------------------
 
-def w_ours(base, tuned, out, rank, niter=2, recipe=None, **_):
+def w_ours(base, tuned, out, rank, niter=2, recipe=None, device="cpu", **_):
     from lora_colab.extraction.extractor import extract
-    report = extract(base, tuned, out, rank=rank, progress=False, device="cpu", niter=niter, recipe=recipe)
+    report = extract(base, tuned, out, rank=rank, progress=False, device=device, niter=niter, recipe=recipe)
     return {"layers": len(report.extracted), "read_wait": report.read_wait_seconds,
             "purge": report.purge_seconds, "bytes": report.output_bytes,
             "worst_rel_error": max(layer.rel_error for layer in report.extracted),
-            "bytes_read": report.bytes_read, "ranks": sorted({layer.rank for layer in report.extracted})}
+            "bytes_read": report.bytes_read, "ranks": sorted({layer.rank for layer in report.extracted}),
+            "peak_vram": report.peak_vram}
 
 
 def w_seed(base, tuned, out, rank, keys, **_):
@@ -249,11 +250,13 @@ def full_pair(root, out, args):
     for _ in range(args.full_repeats):
         reads.append(cold_read(fbase, ftuned))
         directs.append(direct_read(fbase, ftuned))
-        full = run("ours", fbase, ftuned, out=out, rank=args.rank)
+        full = run("ours", fbase, ftuned, out=out, rank=args.rank, device=args.device)
         walls.append(full["wall"])
-        buffered.append(run("ours", fbase, ftuned, {"LORA_COLAB_DIRECT_IO": "0"}, out=out, rank=args.rank)["wall"])
-        if args.old:
-            fp32.append(run("ours", fbase, ftuned, {"LORA_COLAB_BF16_SKETCH": "0"}, out=out, rank=args.rank)["wall"])
+        buffered.append(run("ours", fbase, ftuned, {"LORA_COLAB_DIRECT_IO": "0"}, out=out, rank=args.rank,
+                            device=args.device)["wall"])
+        if args.old or args.device != "cpu":  # on a GPU: its float32 path too, the one a T4 takes
+            fp32.append(run("ours", fbase, ftuned, {"LORA_COLAB_BF16_SKETCH": "0", "LORA_COLAB_GPU_BF16": "0"},
+                            out=out, rank=args.rank, device=args.device)["wall"])
 
     def median(values):
         return sorted(values)[len(values) // 2]
@@ -262,7 +265,8 @@ def full_pair(root, out, args):
     print(f"FULL pair 2 x {size / 2:.1f} GB: cold read (cat) {read:.1f} s ({size / read:.2f} GB/s), direct read (dd) "
           f"{direct:.1f} s ({size / direct:.2f} GB/s); ours {wall:.1f} s; "
           f"peak RSS (VmHWM) {mib(full['peak'])} (goal <= 1.0 GB), page cache +{mib(full['cache_growth'])}, "
-          f"{full['layers']} layers, LoRA {full['bytes'] / 1e6:.0f} MB, waited on reads {full['read_wait']:.1f} s")
+          f"{full['layers']} layers, LoRA {full['bytes'] / 1e6:.0f} MB, waited on reads {full['read_wait']:.1f} s"
+          + (f", on {args.device}: peak VRAM {mib(full['peak_vram'])}" if args.device != "cpu" else ""))
     print(f"RATIO ours/cold read: {wall / read:.2f}x (goal <= 1.1); ours/direct read: {wall / direct:.2f}x; "
           f"page-cache reader/ours: {median(buffered) / wall:.2f}x  [runs: {', '.join(f'{w:.1f}' for w in walls)} s; "
           f"page-cache reader {', '.join(f'{w:.1f}' for w in buffered)} s; cat {', '.join(f'{r:.1f}' for r in reads)} s; "
@@ -287,6 +291,8 @@ def main():
     parser.add_argument("--recipe-only", action="store_true", help="only the base-aware recipe's cost against a "
                         "plain extraction")
     parser.add_argument("--recipe", default="spn_ckpt=1,subspace=0.5,size=20", help="the recipe --recipe-only times")
+    parser.add_argument("--device", default="cpu", help="where our runs factor (cpu, cuda); the full pair's run on "
+                                                        "a GPU also times its float32 path (a T4's)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -334,6 +334,8 @@ def test_a_gpu_multiplies_in_bf16_only_where_it_has_bf16_units(monkeypatch, capa
     monkeypatch.setenv("LORA_COLAB_BF16_SKETCH", "1")
     assert bf16_products_fast(torch.device("cuda")) is bf16
     assert bf16_products_fast("cuda:0") is bf16
+    monkeypatch.setenv("LORA_COLAB_GPU_BF16", "0")  # the float32 path on any GPU (what the bench times as a T4's)
+    assert bf16_products_fast("cuda") is False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

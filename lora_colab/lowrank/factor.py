@@ -47,13 +47,13 @@ _BF16_FAST = {}
 def bf16_products_fast(device="cpu"):
     """Whether bf16 matrix products on `device` are clearly faster than float32 ones, so that a bf16 pair is
     factored from its bf16 difference. A CUDA GPU: compute capability 8.0 or more (bf16 tensor cores, Ampere
-    on); a T4 (7.5, Colab's GPU) has no bf16 units, so its products stay float32, whatever is forced. A CPU:
-    timed once per process on a sketch-shaped product (AVX-512 BF16, AMX); LORA_COLAB_BF16_SKETCH=1/0 forces
-    its answer."""
+    on; LORA_COLAB_GPU_BF16=0 turns it off, to time the float32 path a T4 takes); a T4 (7.5, Colab's GPU) has
+    no bf16 units, so its products stay float32, whatever is forced. A CPU: timed once per process on a
+    sketch-shaped product (AVX-512 BF16, AMX); LORA_COLAB_BF16_SKETCH=1/0 forces its answer."""
     import os
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.cuda.get_device_capability(device)[0] >= 8 and os.environ.get("LORA_COLAB_GPU_BF16") != "0"
     if device.type != "cpu":
         return False
     forced = os.environ.get("LORA_COLAB_BF16_SKETCH")
