@@ -301,3 +301,53 @@ def test_sdxl_kohya_lora_with_a_rank_per_layer_loads_in_diffusers_at_full_streng
     got = sd_forward("sdxl", models)
     gaps = {c: gap(got[c], want[c], was[c]) for c in want}
     assert all(g <= GAP for g in gaps.values()), gaps
+
+
+def _clip(seed):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1)
+    return CLIPTextModel(config).eval()
+
+
+def _flux_pipeline_folder(folder, transformer, text_encoder):
+    import json
+    transformer.save_pretrained(folder / "transformer")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                         "transformer": ["diffusers", "FluxTransformer2DModel"],
+                                                         "text_encoder": ["transformers", "CLIPTextModel"]}))
+    return folder
+
+
+def test_a_pipeline_folders_changed_text_encoder_comes_back_through_the_pipelines_loader(tmp_path):
+    """Flux.1 pipeline folders whose CLIP-L was fine-tuned too: the transformer's LoRA in the family's spelling,
+    the text encoder's in the names FluxPipeline.load_lora_weights takes (OUT_text_encoder); through the
+    pipeline's own loader, the encoder's forward pass is the fine-tune's within 2% of its change."""
+    gen = torch.Generator().manual_seed(5)
+    base_te, tuned_te = _clip(0), _clip(0)
+    with torch.no_grad():
+        for name, param in tuned_te.named_parameters():
+            if param.dim() == 2 and ".layers." in name:
+                param += 0.02 * torch.randn(param.shape[0], 2, generator=gen) @ torch.randn(2, param.shape[1],
+                                                                                          generator=gen)
+    transformer = make_transformer("flux")
+    base = _flux_pipeline_folder(tmp_path / "base", transformer, base_te)
+    tuned = _flux_pipeline_folder(tmp_path / "tuned", transformer, tuned_te)  # the transformer did not change
+    report = extract(base, tuned, tmp_path / "lora.safetensors", rank=4, progress=False)
+    te = report.components["text_encoder"]
+    assert te.output == str(tmp_path / "lora_text_encoder.safetensors") and report.identical
+    ids = torch.randint(2, 100, (2, 12), generator=gen)
+    with torch.no_grad():
+        want, was = tuned_te(ids).last_hidden_state, base_te(ids).last_hidden_state
+    pipeline = make_pipeline("FluxPipeline", transformer=make_transformer("flux"), text_encoder=_clip(0))
+    with LoaderWarnings() as warnings:
+        pipeline.load_lora_weights(str(tmp_path), weight_name="lora_text_encoder.safetensors")
+    assert [w for w in warnings.bad if "FluxTransformer2DModel" not in w] == []  # (this file holds no transformer)
+    with torch.no_grad():
+        got = pipeline.text_encoder(ids).last_hidden_state
+    assert float((got - want).norm()) <= 0.02 * float((want - was).norm())
+    alone = extract(base, tuned, tmp_path / "unet_only.safetensors", rank=4, text_encoders=False, progress=False)
+    assert not alone.components

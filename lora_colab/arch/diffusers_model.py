@@ -89,6 +89,9 @@ class DiffusersModel(Generic):
         info = self.info
         loader = (f"{info.pipeline_class}.load_lora_weights" if info.pipeline_class
                   else f"the load_lora_weights of a diffusers pipeline holding a {info.model_class}")
+        if _transformers_model(info):  # a pipeline's text encoder
+            return [f"the pipeline's {self.component} ({info.model_class}): the LoRA uses its own module names behind "
+                    f"{self.prefixes[self.component]}., which {loader} takes (a file of its own)"]
         if fmt != "diffusers":
             return [f"{info.model_class} has no table here and no client is known to load its {fmt} spelling "
                     f"of diffusers' names: --format diffusers (the auto spelling) loads through {loader}"]
@@ -106,6 +109,11 @@ class DiffusersModel(Generic):
                              f"file of its own (load_into_{component}=True); extract it from the {component}/ "
                              f"folders of both pipelines")
         return notes
+
+
+def _transformers_model(info):
+    """Whether the folder holds a transformers model (its config.json names `architectures`, no diffusers class)."""
+    return isinstance(info.config, dict) and "_class_name" not in info.config and "architectures" in info.config
 
 
 def _transformer_name(pipeline_class):
@@ -173,8 +181,8 @@ def _layer_kinds(model_class, config):
 
 
 def _build(model_class, config):
-    if model_class is not None:
-        import diffusers
+    import diffusers
+    if model_class is not None and hasattr(diffusers, model_class):
         return getattr(diffusers, model_class).from_config({k: v for k, v in config.items() if not k.startswith("_")})
     import transformers
     cls = getattr(transformers, config["architectures"][0])
@@ -190,12 +198,14 @@ def loader_problem(info):
     except Exception:  # noqa: BLE001 - not installed (or broken): nothing to ask
         return None
     cls = getattr(diffusers, info.model_class, None)
+    pipeline = getattr(diffusers, info.pipeline_class, None) if info.pipeline_class else None
+    if _transformers_model(info) and info.component in getattr(pipeline, "_lora_loadable_modules", ()):
+        return None  # a transformers model of a pipeline whose loader takes its LoRA (a text encoder)
     if not isinstance(cls, type):
         return (f"its config.json names {info.model_class}, which is no class of diffusers {diffusers.__version__}: "
                 f"give a diffusers model or pipeline folder, or the model's single file")
     if not hasattr(cls, "load_lora_adapter"):
         return f"diffusers cannot load a LoRA into a {info.model_class} (the class has no LoRA loader)"
-    pipeline = getattr(diffusers, info.pipeline_class, None) if info.pipeline_class else None
     if isinstance(pipeline, type) and not issubclass(pipeline, LoraBaseMixin):
         return f"its pipeline {info.pipeline_class} has no LoRA loader: diffusers cannot load a LoRA into it"
     return None

@@ -1,23 +1,25 @@
-"""A pipeline folder's other models: the components its pipeline loads a LoRA into only from a file of their own
-(Wan 2.2 A14B's low-noise expert `transformer_2`: diffusers' `load_lora_weights(..., load_into_transformer_2=True)`;
-ComfyUI loads each expert as a model of its own). A pair of pipeline folders gets one more LoRA per such
-component whose weights both hold."""
+"""A pipeline folder's other models: those its pipeline's LoRA loader takes that the main file does not hold.
+Wan 2.2 A14B's low-noise expert `transformer_2`, which diffusers loads only from a file of its own
+(`load_lora_weights(..., load_into_transformer_2=True)`) and ComfyUI as a model of its own; and the text encoders
+of a family with a table here (Flux.1's CLIP-L, SD3.5's CLIP-L and bigG), whose file names the transformer the
+family's way: each gets a file of its own in the diffusers names its pipeline's loader takes
+(`text_encoder.<module>`, which ComfyUI's CLIP key map also reads). A pair of pipeline folders gets one more
+LoRA per such component both hold (none where the component did not change)."""
 
-from ..arch.diffusers_model import loadable_components, together
+from ..arch.diffusers_model import loadable_components
 
 
-def own_file_components(info):
+def own_file_components(info, included=()):
     """{component: Location} of the models in a pipeline folder (`info`: the DiffusersFolder of the model read
-    from it, None for a file) that take a LoRA file of their own."""
+    from it, None for a file) that its LoRA loader takes, but the main file (holding `included`) does not."""
     if info is None or info.pipeline_folder is None or info.pipeline_class is None:
         return {}
-    shared = set(together(info))
-    return {c: info.pipeline_folder.child(c) for c in loadable_components(info) if c not in shared}
+    return {c: info.pipeline_folder.child(c) for c in loadable_components(info) if c not in included}
 
 
-def paired_components(base_info, tuned_info):
+def paired_components(base_info, tuned_info, included=()):
     """({component: (base Location, tuned Location)} both folders hold, [a line for each only one holds])."""
-    ours, theirs = own_file_components(base_info), own_file_components(tuned_info)
+    ours, theirs = own_file_components(base_info, included), own_file_components(tuned_info, included)
     paired = {c: (ours[c], theirs[c]) for c in ours if c in theirs}
     notes = [f"{c}: only the {'base' if c in ours else 'fine-tune'}'s pipeline folder holds it, so no LoRA is "
              f"made for it (give both as pipeline folders)" for c in sorted(set(ours) ^ set(theirs))]

@@ -1,6 +1,8 @@
 """LoRA extraction: low-rank SVD of (tuned − base), one layer at a time, in bounded memory. `extract` is the door:
 it checks the options (`options.ExtractOptions`) and the output path, then runs an `run.ExtractionRun`."""
 
+from dataclasses import replace
+
 from .components import component_output, paired_components
 from .options import ExtractOptions, check_output_file, with_suffix  # noqa: F401 (check_output_file: the CLI's)
 from .run import ExtractionRun
@@ -32,8 +34,8 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
     whose inputs or options changed starts over, saying why. restart=True: start over even so.
 
     A pair of pipeline folders whose pipeline loads some model's LoRA only from a file of its own (Wan 2.2 A14B's
-    low-noise expert, `transformer_2`) also gets `OUT_<component>.safetensors` for it, its report in
-    `report.components`.
+    low-noise expert, `transformer_2`), or whose text encoders the family's file does not hold (Flux.1's CLIP-L,
+    SD3.5's), also gets `OUT_<component>.safetensors` for each that changed, its report in `report.components`.
     """
     options = ExtractOptions.checked(
         rank=rank, alpha=alpha, clamp_quantile=clamp_quantile, conv_rank=conv_rank, conv_alpha=conv_alpha,
@@ -44,9 +46,12 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
     run = ExtractionRun(base, tuned, out, options, token=token, progress=progress, on_layer=on_layer, arch=arch,
                         notes=[renamed] if renamed else [])
     report = run.run()
-    components, notes = paired_components(*run.folders)
+    components, notes = paired_components(*run.folders, run.included)
+    if not options.text_encoders:
+        components = {c: pair for c, pair in components.items() if not c.startswith("text_encoder")}
     report.warnings.extend(notes)
-    for component, (b, t) in components.items():  # each its own file (Wan 2.2 A14B's transformer_2)
-        report.components[component] = ExtractionRun(b, t, component_output(out, component), options, token=token,
+    spelled = replace(options, format="auto", bias_diff=None)  # the names the pipeline's loader takes
+    for component, (b, t) in components.items():  # each its own file (a text encoder, Wan 2.2's transformer_2)
+        report.components[component] = ExtractionRun(b, t, component_output(out, component), spelled, token=token,
                                                      progress=progress, on_layer=on_layer).run()
     return report

@@ -37,6 +37,7 @@ class ExtractionRun:
         self.token, self.progress, self.on_layer, self.arch, self.notes = token, progress, on_layer, arch, list(notes)
         self.written = []  # ((rank, alpha), target) of every piece written
         self.folders = (None, None)  # the pipeline folders' DiffusersFolder (None: a file), once opened
+        self.included = ()
 
     def run(self):
         started = time.perf_counter()
@@ -47,6 +48,7 @@ class ExtractionRun:
                 open_canonical(tuned, b.arch.name, self.token) as t:
             self.b, self.t = b, t
             self.folders = tuple(getattr(view.ckpt, "diffusers", None) for view in (b, t))  # pipeline folders' info
+            self.included = tuple(getattr(b.arch, "others", ()))  # a pipeline's components in this file too
             self.plan()
             self.start_report()
             remaining = self.open_output()

@@ -151,15 +151,20 @@ class DiffusersFolder:
 
 def diffusers_folder(folder, weights):
     """The DiffusersFolder of a folder opened through `weights` (its resolved file), or None when no
-    `config.json` beside the weights names a class."""
+    `config.json` beside the weights names a class (a diffusers class, or the transformers class of a
+    pipeline's text encoder)."""
     config = small_json(weights.sibling("config.json"))
     model_class = config.get("_class_name") if isinstance(config, dict) else None
-    if not isinstance(model_class, str):
-        return None
     component = posixpath.basename(posixpath.dirname(weights.display.replace("\\", "/").rstrip("/")))
     index = small_json(weights.sibling("../model_index.json"))
     pipeline = index.get("_class_name") if isinstance(index, dict) else None
-    if not isinstance(pipeline, str) or component not in index:
+    in_pipeline = isinstance(pipeline, str) and component in index
+    if not isinstance(model_class, str) and in_pipeline and isinstance(config, dict):
+        names = config.get("architectures")
+        model_class = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
+    if not isinstance(model_class, str):
+        return None
+    if not in_pipeline:
         return DiffusersFolder(model_class, config=config)
     given = folder if folder.display.rstrip("/") != weights.sibling(".").display.rstrip("/") else None
     return DiffusersFolder(model_class, pipeline, component, config, given, index if given else None)
