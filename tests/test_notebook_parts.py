@@ -196,6 +196,20 @@ def test_save_names_drive_folders_as_the_sources_do(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "unmounted").exists()
 
 
+def test_save_takes_a_pipelines_component_files_with_the_main_one(tmp_path):
+    """An extraction of pipeline folders wrote OUT and OUT_text_encoder: saving its report saves both."""
+    from lora_colab.extraction.report import ExtractReport
+    from lora_colab.notebook.cells import save_results
+    files = [tmp_path / name for name in ("lora.safetensors", "lora_text_encoder.safetensors")]
+    for i, path in enumerate(files):
+        path.write_bytes(bytes([i]) * 64)
+    report = ExtractReport("base", "tuned", output=str(files[0]))
+    report.components["text_encoder"] = ExtractReport("base/text_encoder", "tuned/text_encoder", output=str(files[1]))
+    save_results(report, str(tmp_path / "saved"))
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == sorted(p.name for p in files)
+    assert (tmp_path / "saved" / files[1].name).read_bytes() == bytes([1]) * 64
+
+
 def test_the_resize_form_chooses_the_spelling_the_output_is_written_in():
     """The form's "write for" choice reaches resize() as `to` (None: the LoRA's own spelling)."""
     pytest.importorskip("ipywidgets")

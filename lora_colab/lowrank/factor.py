@@ -12,8 +12,8 @@ def low_rank(delta, rank, niter=2, oversample=8, generator_seed=0, stats=None):
 
     Randomized (q = rank + oversample, `niter` power iterations) unless the matrix is small enough that the
     exact thin SVD is as cheap; never `full_matrices=True`. A float32 matrix goes through `torch.svd_lowrank`;
-    a bf16 one (on a GPU, one with bf16 units; a BlockedDelta where bf16 products are fast) through `low_rank_bf16`, which
-    puts ‖delta‖² in `stats["norm_sq"]` (a dict, when given) from the pass it makes anyway.
+    a bf16 one (on a GPU, one with bf16 units; a BlockedDelta where bf16 products are fast) through
+    `low_rank_bf16`, which puts ‖delta‖² in `stats["norm_sq"]` (a dict, when given) from the pass it makes anyway.
     """
     m, n = delta.shape
     rank = min(rank, m, n)

@@ -330,13 +330,19 @@ def _plot_extraction(report, worst):
     plt.show()
 
 
+def _outputs(item):
+    """The files a report wrote (an extraction's own and its pipeline components'), or the path given."""
+    components = getattr(item, "components", {}) or {}
+    return [getattr(item, "output", item)] + [c.output for c in components.values() if c.output]
+
+
 def save_results(paths, drive_folder="", hub_repo="", token=None):
     """save_result for each path (a report, a path, or a list of either): one line per place it went, with a
     download link when it went nowhere else. Returns nothing (the lines say it all)."""
     if _not_ready(paths, needed_by="save") is not None:
         return None
     items = paths if isinstance(paths, (list, tuple)) else [paths]
-    outputs = [getattr(item, "output", item) for item in items]
+    outputs = [output for item in items for output in _outputs(item)]
     if not any(outputs):
         _problem("nothing to save: the run above wrote no file (its report says why)")
         return None
