@@ -27,7 +27,6 @@ import importlib.machinery
 import json
 import logging
 import math
-import os
 import re
 import sys
 import types
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 LAYOUTS = ROOT / "tests" / "layouts"
 from test_arch import KeysOnly  # noqa: E402 (names and shapes only, as the suite reads the layouts)
+from test_diffusers_loading import WarningCatcher  # noqa: E402
 
 FAMILIES = {  # family -> its full native layout
     "sdxl": "sdxl-single-file", "flux": "flux1-dev-bfl", "zimage": "zimage-single-file",
@@ -95,15 +95,15 @@ def import_comfy(folder):
     return comfy
 
 
-class Captured(logging.Handler):
-    """ComfyUI's log lines while a LoRA loads."""
+class Captured(WarningCatcher):
+    """ComfyUI's warnings and errors (`messages`) while it loads or patches: a context manager on the root logger."""
 
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines = []
+    def __enter__(self):
+        logging.getLogger().addHandler(self)
+        return self
 
-    def emit(self, record):
-        self.lines.append(record.getMessage())
+    def __exit__(self, *exc):
+        logging.getLogger().removeHandler(self)
 
 
 def layout(name):
@@ -133,12 +133,10 @@ def comfy_model(comfy, shapes, prefix):
 def load_lora(comfy, patcher, clip, lora):
     """comfy.sd.load_lora_for_models, step for step (the CLIP model's own ModelPatcher takes a patch where the
     key is one of its weights: the same test here); returns (the patched ModelPatcher, the lines it logs)."""
-    log = Captured()
-    logging.getLogger().addHandler(log)
-    try:
+    with Captured() as log:
         if clip is None:
             new, _ = comfy.sd.load_lora_for_models(patcher, None, dict(lora), 1.0, 0.0)
-            return new, log.lines
+            return new, log.messages
         key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
         key_map = comfy.lora.model_lora_keys_clip(clip, key_map)
         loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map)
@@ -147,9 +145,7 @@ def load_lora(comfy, patcher, clip, lora):
         for x in loaded:
             if x not in k and x not in k1:
                 logging.warning("NOT LOADED {}".format(x))
-        return new, log.lines
-    finally:
-        logging.getLogger().removeHandler(log)
+        return new, log.messages
 
 
 REAL_TARGETS, REAL_ELEMENTS = 8, 160 << 20
@@ -201,17 +197,15 @@ def lora_of(arch, fmt, targets, real, gen):
     return tensors, truth
 
 
-def diff_patches(arch, fmt, shapes, detected, real_keys, gen):
+def diff_patches(view, fmt, gen):
     """The `.diff`/`.diff_b` patches the extractor writes in `fmt` (where it writes them by default) for every
-    bias and norm, and {model key: (base, change)} of those checked with numbers."""
-    from lora_colab.arch.canonical import CanonicalCheckpoint
+    bias and norm of the layout's canonical `view`, and {tensor name: (canonical key, change)}."""
     from lora_colab.extraction import bias_diff
 
-    if not bias_diff.policy(arch, fmt)[0]:
+    if not bias_diff.policy(view.arch, fmt)[0]:
         return {}, {}
-    view = CanonicalCheckpoint(KeysOnly(list(shapes.items())))
     tensors, truth = {}, {}
-    for target in bias_diff.diff_targets(arch, fmt, view, view):
+    for target in bias_diff.diff_targets(view.arch, fmt, view, view):
         change = torch.randn(target.size, generator=gen) * 0.01
         tensors[target.name] = change
         truth[target.name] = (target.key, change)
@@ -231,10 +225,9 @@ def check(comfy, family, fmt):
     gen = torch.Generator().manual_seed(0)
     real = {t.key for t in sampled(targets)}
     lora, truth = lora_of(a, fmt, targets, real, gen)
-    patches, diff_truth = diff_patches(a, fmt, shapes, view.detected, real, gen)
+    patches, diff_truth = diff_patches(view, fmt, gen)
     lora.update(patches)
     patcher, clip, model_class = comfy_model(comfy, shapes, view.detected.prefix)
-    model_keys = set(patcher.model.state_dict())
     new, lines = load_lora(comfy, patcher, clip, lora)
     not_loaded = [line for line in lines if line.startswith(("lora key not loaded", "NOT LOADED"))]
     errors, worst, checked = [], 0.0, 0
@@ -243,22 +236,16 @@ def check(comfy, family, fmt):
         if model_key not in new.patches:
             errors.append(f"{key}: not patched")
             continue
-        base = base_weight(target)
-        got = comfy.lora.calculate_weight(new.patches[model_key], base.clone(), model_key)
-        got -= base
-        del base
         change = (up @ down).reshape(target.shape)
-        worst = max(worst, float((got - change).norm() / change.norm()))
+        worst = max(worst, patch_error(comfy, new.patches[model_key], model_key, base_weight(target), change))
         checked += 1
-        del got, change
-    for name, (key, change) in diff_truth.items():
+    for key, change in diff_truth.values():
         model_key = "diffusion_model." + comfy_key(a, key)
         if model_key in new.patches:
-            base = torch.zeros(change.shape)
-            got = comfy.lora.calculate_weight(new.patches[model_key], base, model_key)
-            worst = max(worst, float((got - change).norm() / change.norm()))
+            worst = max(worst, patch_error(comfy, new.patches[model_key], model_key, torch.zeros(change.shape),
+                                           change))
             checked += 1
-    shape_errors = _meta_patch(comfy, new, model_keys, {comfy_key(a, k) for k in truth})
+    shape_errors = _meta_patch(comfy, new, {comfy_key(a, k) for k in truth})
     restated = _restated_agrees(a, fmt, view.shapes(), targets, not_loaded)
     return dict(family=family, spelling=fmt, model=model_class, tensors=len(lora), not_loaded=len(not_loaded),
                 first=not_loaded[:3], checked=checked, worst=worst, errors=errors + shape_errors,
@@ -271,21 +258,23 @@ def comfy_key(arch, key):
     return f"{arch.comfy_module(module)}.{param}"
 
 
-def _meta_patch(comfy, patcher, model_keys, done):
-    """Patch every other weight on the meta device (ComfyUI's own math, shapes only): its shape errors."""
-    errors = []
-    log = Captured()
-    logging.getLogger().addHandler(log)
-    try:
-        state = patcher.model.state_dict()
+def patch_error(comfy, patches, key, base, change):
+    """‖ComfyUI's patch of `base` − base − change‖ / ‖change‖ (`calculate_weight`, ComfyUI's own arithmetic)."""
+    got = comfy.lora.calculate_weight(patches, base.clone(), key)
+    got -= base  # in place: the largest checked weights are hundreds of MB
+    got -= change
+    return float(got.norm() / change.norm())
+
+
+def _meta_patch(comfy, patcher, done):
+    """Patch every other weight on the meta device (ComfyUI's own math, shapes only): its shape errors; `done`:
+    ComfyUI's keys of the weights checked with numbers."""
+    state = patcher.model.state_dict()
+    with Captured() as log:
         for key, patches in patcher.patches.items():
-            if key.removeprefix("diffusion_model.") in done:  # (ComfyUI's keys of the checked ones)
-                continue
-            comfy.lora.calculate_weight(patches, state[key].float(), key)
-    finally:
-        logging.getLogger().removeHandler(log)
-    errors += [line for line in log.lines if "ERROR" in line or "SHAPE" in line.upper()]
-    return errors[:3]
+            if key.removeprefix("diffusion_model.") not in done:
+                comfy.lora.calculate_weight(patches, state[key].float(), key)
+    return [line for line in log.messages if "ERROR" in line or "SHAPE" in line.upper()][:3]
 
 
 def _restated_agrees(arch, fmt, shapes, targets, not_loaded):
