@@ -351,3 +351,8 @@ def test_a_pipeline_folders_changed_text_encoder_comes_back_through_the_pipeline
     assert float((got - want).norm()) <= 0.02 * float((want - was).norm())
     alone = extract(base, tuned, tmp_path / "unet_only.safetensors", rank=4, text_encoders=False, progress=False)
     assert not alone.components
+    for text_encoders in (True, False):  # a fine-tune given as its transformer alone: said only where asked for
+        one = extract(base, tuned / "transformer", tmp_path / f"one_{text_encoders}.safetensors", rank=4,
+                      text_encoders=text_encoders, progress=False)
+        said = [w for w in one.warnings if w.startswith("text_encoder: only the base's pipeline folder holds it")]
+        assert not one.components and len(said) == int(text_encoders)

@@ -9,17 +9,19 @@ LoRA per such component both hold (none where the component did not change)."""
 from ..arch.diffusers_model import loadable_components
 
 
-def own_file_components(info, included=()):
+def own_file_components(info, included=(), text_encoders=True):
     """{component: Location} of the models in a pipeline folder (`info`: the DiffusersFolder of the model read
-    from it, None for a file) that its LoRA loader takes, but the main file (holding `included`) does not."""
+    from it, None for a file) that its LoRA loader takes, but the main file (holding `included`) does not; the
+    text encoders only with `text_encoders`."""
     if info is None or info.pipeline_folder is None or info.pipeline_class is None:
         return {}
-    return {c: info.pipeline_folder.child(c) for c in loadable_components(info) if c not in included}
+    return {c: info.pipeline_folder.child(c) for c in loadable_components(info)
+            if c not in included and (text_encoders or not c.startswith("text_encoder"))}
 
 
-def paired_components(base_info, tuned_info, included=()):
+def paired_components(base_info, tuned_info, included=(), text_encoders=True):
     """({component: (base Location, tuned Location)} both folders hold, [a line for each only one holds])."""
-    ours, theirs = own_file_components(base_info, included), own_file_components(tuned_info, included)
+    ours, theirs = (own_file_components(info, included, text_encoders) for info in (base_info, tuned_info))
     paired = {c: (ours[c], theirs[c]) for c in ours if c in theirs}
     notes = [f"{c}: only the {'base' if c in ours else 'fine-tune'}'s pipeline folder holds it, so no LoRA is "
              f"made for it (give both as pipeline folders)" for c in sorted(set(ours) ^ set(theirs))]

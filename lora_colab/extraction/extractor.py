@@ -46,9 +46,7 @@ def extract(base, tuned, out, rank=None, alpha=None, clamp_quantile=0.99, conv_r
     run = ExtractionRun(base, tuned, out, options, token=token, progress=progress, on_layer=on_layer, arch=arch,
                         notes=[renamed] if renamed else [])
     report = run.run()
-    components, notes = paired_components(*run.folders, run.included)
-    if not options.text_encoders:
-        components = {c: pair for c, pair in components.items() if not c.startswith("text_encoder")}
+    components, notes = paired_components(*run.folders, run.included, options.text_encoders)
     report.warnings.extend(notes)
     spelled = replace(options, format="auto", bias_diff=None)  # the names the pipeline's loader takes
     for component, (b, t) in components.items():  # each its own file (a text encoder, Wan 2.2's transformer_2)

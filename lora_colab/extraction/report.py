@@ -131,6 +131,6 @@ class ExtractReport:
                      + (f", peak VRAM {fmt_bytes(self.peak_vram)}" if self.peak_vram else ""))
         lines.extend(f"warning: {w}" for w in self.warnings)
         for component, report in self.components.items():
-            lines.append(f"\n{component} (the pipeline loads its LoRA from a file of its own):")
+            lines.append(f"\n{component} (its LoRA in a file of its own):")
             lines.append(str(report))
         return "\n".join(lines)
