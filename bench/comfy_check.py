@@ -48,6 +48,7 @@ FAMILIES = {  # family -> its full native layout
     "hidream": "hidream-i1-native", "lumina2": "lumina2-native", "ernie_image": "ernie-image-native",
     "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers", "anima": "anima-native",
     "minimax_h3": "minimax-h3-native", "hunyuan_video15": "hunyuanvideo1.5-native",
+    "ltx2@2.5": "ltx2.5-native",
 }
 SPELLINGS = ("comfy", "kohya", "diffusers")
 RANK, ALPHA = 4, 1.0
@@ -110,13 +111,18 @@ def layout(name):
     return {k: tuple(s) for k, s, _ in json.loads((LAYOUTS / f"{name}.json").read_text())["tensors"]}
 
 
-def comfy_model(comfy, shapes, prefix):
+def layout_metadata(name):
+    """The file's metadata where the layout gives it (LTX-2.5's `config`, which ComfyUI reads its flags from)."""
+    return json.loads((LAYOUTS / f"{name}.json").read_text()).get("metadata")
+
+
+def comfy_model(comfy, shapes, prefix, metadata=None):
     """ComfyUI's model of a full layout (its keys under `prefix`) on the meta device in a ModelPatcher, and the
     model's class name."""
     sd = {"model.diffusion_model." + k[len(prefix):]: torch.empty(s, device="meta", dtype=torch.bfloat16)
           for k, s in shapes.items() if k.startswith(prefix)}
     prefix = "model.diffusion_model."  # where ComfyUI finds a full checkpoint's model
-    config = comfy.model_detection.model_config_from_unet(sd, prefix)
+    config = comfy.model_detection.model_config_from_unet(sd, prefix, metadata=metadata)
     if config is None:
         raise RuntimeError("ComfyUI does not detect this layout as a model it knows")
     unet = config.process_unet_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
@@ -227,7 +233,7 @@ def check(comfy, family, fmt):
     lora, truth = lora_of(a, fmt, targets, real, gen)
     patches, diff_truth = diff_patches(view, fmt, gen)
     lora.update(patches)
-    patcher, clip, model_class = comfy_model(comfy, shapes, view.detected.prefix)
+    patcher, clip, model_class = comfy_model(comfy, shapes, view.detected.prefix, layout_metadata(FAMILIES[family]))
     new, lines = load_lora(comfy, patcher, clip, lora)
     not_loaded = [line for line in lines if line.startswith(("lora key not loaded", "NOT LOADED"))]
     errors, worst, checked = [], 0.0, 0

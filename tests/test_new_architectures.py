@@ -42,10 +42,13 @@ FULL = {
     "minimax_h3": ("minimax-h3-native", "minimax-h3-diffusers", 208, 58),
     "hunyuan_video15": ("hunyuanvideo1.5-native", "hunyuanvideo1.5-diffusers", 440, 124),
 }
-EXTRA = {"wan": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
-         "flux2": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 9),
-         "flux3": ("flux3-distilled-native", "flux3-distilled-diffusers", 258, 15),
-         "sd3": ("sd3.5-medium-native", "sd3.5-medium-diffusers", 215, 31)}
+# other releases of a family: "family@release" -> (as FULL)
+EXTRA = {"wan@ti2v-5b": ("wan2.2-ti2v-5b-native", "wan2.2-ti2v-5b-diffusers", 300, 6),
+         "flux2@klein-9b": ("flux2-klein-9b-native", "flux2-klein-9b-diffusers", 112, 9),
+         "flux3@distilled": ("flux3-distilled-native", "flux3-distilled-diffusers", 258, 15),
+         "sd3@medium": ("sd3.5-medium-native", "sd3.5-medium-diffusers", 215, 31),
+         "ltx2@2.5": ("ltx2.5-native", "ltx2.5-diffusers", 1344, 316)}
+LAYOUT_OF = {**FULL, **EXTRA}
 
 
 def layout(name):
@@ -69,10 +72,10 @@ def canonical(shapes_or_tensors, prefix_ok=True):
     return detected, out
 
 
-@pytest.mark.parametrize("name", sorted(FULL) + [f"{k}-extra" for k in EXTRA])
+@pytest.mark.parametrize("name", sorted(LAYOUT_OF))
 def test_full_layouts_detect_and_pair_across_layouts(name):
-    key = name.removesuffix("-extra")
-    native_name, diffusers_name, n_default, n_optional = (EXTRA if name.endswith("-extra") else FULL)[key]
+    key = name.partition("@")[0]
+    native_name, diffusers_name, n_default, n_optional = LAYOUT_OF[name]
     native = layout(native_name)
     detected, shapes = canonical(native)
     assert detected.arch.name == key
@@ -92,9 +95,10 @@ def test_full_layouts_detect_and_pair_across_layouts(name):
         assert len(shared) >= len(detected.arch.optional_groups)
 
 
-@pytest.mark.parametrize("name,fmt", [(n, "auto") for n in sorted(FULL)] + [("hunyuan_video15", "kohya")])
+@pytest.mark.parametrize("name,fmt", [(n, "auto") for n in sorted(FULL) + ["ltx2@2.5"]]
+                         + [("hunyuan_video15", "kohya")])
 def test_comfyui_rules_consume_every_tensor_of_the_default_output(name, fmt):
-    native, _, _, _ = FULL[name]
+    native, _, _, _ = LAYOUT_OF[name]
     detected, shapes = canonical(layout(native))
     a = detected.arch
     fmt = arch.resolve_format(a, fmt)
@@ -841,3 +845,49 @@ def test_hunyuan_video15_tencent_fine_tune_of_a_comfyui_base(tmp_path):
     got = linear_outputs(load_into("hunyuan_video15", tiny("hunyuan_video15"), tmp_path, "lora.safetensors"), gen)
     gap = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
     assert gap <= 0.02 * change, gap / change
+
+
+LTX25 = dict(gated_attn=True, cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True,
+             use_prompt_embeddings=False, perturbed_attn=True, ff_bias=False, use_prompt_adaln_single=True)
+
+
+@pytest.mark.parametrize("fmt", ["auto", "diffusers"])
+def test_ltx25_gates_and_prompt_adaln_extract_and_load_through_diffusers(tmp_path, fmt):
+    """LTX-2.5 (LTX-2.3+'s gated attention, cross-attention adaLN and prompt adaLN, no video FF biases): a
+    planted change on the default targets, the gates and the prompt adaLN, extracted from a native file against
+    a diffusers folder, gives the tuned layers' outputs through LTX2Pipeline's own loader."""
+    cls, _, kwargs = TINY["ltx2"]
+    torch.manual_seed(0)
+    base_model = getattr(diffusers, cls)(**kwargs, **LTX25).eval()
+    gen = torch.Generator().manual_seed(1)
+    detected, base = canonical({k: v.detach().clone() for k, v in base_model.state_dict().items()})
+    a, shapes = detected.arch, {k: tuple(v.shape) for k, v in base.items()}
+    assert a.name == "ltx2" and "prompt_adaln_single.linear.weight" in base
+    groups = {"gates", "modulation"}
+    targets = a.targets(shapes, groups=groups)
+    assert {t.group for t in targets} == {"", "gates", "modulation"}
+    assert "prompt_adaln_single.linear" in {t.module for t in targets}
+    tuned = dict(base)
+    for t in targets:
+        d = torch.randn(t.shape[0], 2, generator=gen) @ torch.randn(2, t.shape[1], generator=gen)
+        tuned[t.key] = base[t.key] + d * (0.05 * base[t.key].std() / d.std())
+    keys = {k: tuple(v.shape) for k, v in base_model.state_dict().items()}
+    (tmp_path / "base" / "transformer").mkdir(parents=True)
+    st_save_file(to_diffusers(a, base, keys), str(tmp_path / "base" / "transformer" /
+                                                 "diffusion_pytorch_model.safetensors"))
+    st_save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp_path / "tuned.safetensors"))
+    tuned_model = getattr(diffusers, cls)(**kwargs, **LTX25).eval()
+    tuned_model.load_state_dict(to_diffusers(a, tuned, keys))
+    want, was = linear_outputs(tuned_model, gen), linear_outputs(base_model, gen)
+    change = sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5
+    out = tmp_path / "lora.safetensors"
+    report = extract(tmp_path / "base", tmp_path / "tuned.safetensors", out, rank=4, format=fmt, groups=groups,
+                     progress=False)
+    assert len(report.extracted) == len(targets)
+    torch.manual_seed(0)
+    model = load_into("ltx2", getattr(diffusers, cls)(**kwargs, **LTX25).eval(), tmp_path, out.name)
+    got = linear_outputs(model, gen)
+    gate = [k for k in want if k.endswith("to_gate_logits")]
+    assert gate and all(not torch.allclose(want[k], was[k]) for k in gate)
+    gap = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
+    assert gap <= 0.05 * change, gap / change

@@ -1,5 +1,7 @@
-"""LTX-2: Lightricks' single file (video and audio streams, every key under model.diffusion_model.) and
-diffusers layout (same block names; embedders renamed)."""
+"""LTX-2 (2.0 to 2.5): Lightricks' single file (video and audio streams, every key under model.diffusion_model.)
+and diffusers layout (same block names; embedders renamed). LTX-2.3 and later add gated attention
+(`to_gate_logits`), cross-attention adaLN and the prompt adaLN (`prompt_adaln_single`, diffusers `prompt_adaln`);
+their LoRA targets are LTX-2's."""
 
 import re
 
@@ -11,7 +13,8 @@ _ADALN = {"adaln_single": "time_embed", "audio_adaln_single": "audio_time_embed"
           "av_ca_video_scale_shift_adaln_single": "av_cross_attn_video_scale_shift",
           "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
           "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
-          "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate"}
+          "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate",
+          "prompt_adaln_single": "prompt_adaln", "audio_prompt_adaln_single": "audio_prompt_adaln"}  # LTX-2.3+
 _TIME = ("emb.timestep_embedder.linear_1", "emb.timestep_embedder.linear_2")  # each adaln_single's time MLP
 _ADALN_LINEARS = ("linear",) + _TIME
 
@@ -42,4 +45,6 @@ class LTX2(TableArchitecture):
                        "caption_projection.linear_2", "audio_caption_projection.linear_1",
                        "audio_caption_projection.linear_2"] + [f"{n}.{m}" for n in _ADALN for m in _TIME]),
         "final": ("proj_out and audio_proj_out", ["proj_out", "audio_proj_out"]),
+        "gates": ("LTX-2.3+: each attention's per-head gate (to_gate_logits)",
+                  [f"{_B}.{a}.to_gate_logits" for a in _ATTENTIONS]),
     }

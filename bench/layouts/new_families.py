@@ -1,0 +1,188 @@
+"""Full layouts (key, shape, dtype) of the families added after ../shared/layouts was made, written to
+tests/layouts like the shared ones: the diffusers layout is the `state_dict()` of diffusers 0.42.1's class
+built on the meta device with the release's config; the native layout is derived from it and checked.
+
+    python bench/layouts/new_families.py [--write] [--comfyui DIR]
+
+Checks (each prints ok or the keys that differ):
+- conv: the native layout (meta tensors) through diffusers' own single-file converter gives exactly the
+  diffusers class's keys and shapes (Cosmos Predict 2.5, Wan-Animate 2).
+- orig: the native layout equals the `state_dict()` of ComfyUI's own model built on meta with the release's
+  config (LTX-2.5: ComfyUI's LTXAV with the flags the release's `config` metadata carries; needs --comfyui
+  and ComfyUI's venv, see bench/comfy_check.py; ACE-Step 1.5: ComfyUI's AceStepConditionGenerationModel).
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "tests" / "layouts"
+
+# LTX-2.5 22B: the flags its DiT's `config` metadata sets (LTX-2.3 added gated attention, cross-attention
+# adaLN and the prompt adaLN; 2.4 dropped the video FF biases; the caption projection moved into the text
+# encoder); the rest are the LTX-2 class defaults (48 layers, 4096/2048 wide)
+LTX25_COMFY = dict(apply_gated_attention=True, caption_proj_before_connector=True, caption_projection_first_linear=False,
+                   cross_attention_adaln=True, ff_bias=False, audio_ff_bias=True, use_prompt_adaln_single=True,
+                   use_keyframes_abs_pos_embedding=True)
+LTX25_DIFFUSERS = dict(gated_attn=True, cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True,
+                       use_prompt_embeddings=False, perturbed_attn=True, ff_bias=False, audio_ff_bias=True,
+                       use_prompt_adaln_single=True, use_keyframes_abs_pos_embedding=True, rope_type="split")
+# diffusers' scripts/convert_cosmos_to_diffusers.py "Cosmos-2.5-Predict-Base-2B"
+COSMOS25_2B = dict(in_channels=17, out_channels=16, num_attention_heads=16, attention_head_dim=128, num_layers=28,
+                   mlp_ratio=4.0, text_embed_dim=1024, adaln_lora_dim=256, max_size=(128, 240, 240),
+                   patch_size=(1, 2, 2), rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=True,
+                   extra_pos_embed_type=None, use_crossattn_projection=True, crossattn_proj_in_channels=100352,
+                   encoder_hidden_states_channels=1024)
+
+
+def meta_state(cls_name, **config):
+    import diffusers
+    with torch.device("meta"):
+        model = getattr(diffusers, cls_name)(**config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def renamed(shapes, renames, prefix=""):
+    """`shapes` with each key's substrings renamed in turn (first match of each pair), under `prefix`."""
+    out = {}
+    for key, shape in shapes.items():
+        for old, new in renames:
+            key = re.sub(old, new, key)
+        out[prefix + key] = shape
+    return out
+
+
+def compare(label, got, want):
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    shapes = sorted(k for k in set(got) & set(want) if tuple(got[k]) != tuple(want[k]))
+    ok = not (missing or extra or shapes)
+    print(f"{label}: {'ok' if ok else 'DIFFERS'}" + ("" if ok else f" missing {missing[:5]} extra {extra[:5]} "
+                                                                 f"shape {shapes[:5]}"))
+    return ok
+
+
+def through_converter(name, native):
+    from diffusers.loaders import single_file_utils
+    meta = {k: torch.empty(s, device="meta") for k, s in native.items()}
+    return {k: tuple(v.shape) for k, v in getattr(single_file_utils, name)(meta).items()}
+
+
+# --- the families -----------------------------------------------------------------------------------------
+
+LTX25_NATIVE_NAMES = [(r"^proj_in\.", "patchify_proj."), (r"^audio_proj_in\.", "audio_patchify_proj."),
+                      (r"^time_embed\.", "adaln_single."), (r"^audio_time_embed\.", "audio_adaln_single."),
+                      (r"^prompt_adaln\.", "prompt_adaln_single."),
+                      (r"^audio_prompt_adaln\.", "audio_prompt_adaln_single."),
+                      (r"^av_cross_attn_video_scale_shift\.", "av_ca_video_scale_shift_adaln_single."),
+                      (r"^av_cross_attn_video_a2v_gate\.", "av_ca_a2v_gate_adaln_single."),
+                      (r"^av_cross_attn_audio_scale_shift\.", "av_ca_audio_scale_shift_adaln_single."),
+                      (r"^av_cross_attn_audio_v2a_gate\.", "av_ca_v2a_gate_adaln_single."),
+                      (r"video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
+                      (r"audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
+                      (r"\.norm_q\.", ".q_norm."), (r"\.norm_k\.", ".k_norm.")]
+
+
+def ltx25(comfyui):
+    diffusers = meta_state("LTX2VideoTransformer3DModel", **LTX25_DIFFUSERS)
+    dit = renamed(diffusers, LTX25_NATIVE_NAMES)
+    if not comfyui:
+        print("ltx2.5 orig: skipped (no --comfyui); the native layout needs ComfyUI's model for its connectors")
+        return None
+    comfy = comfy_ltxav(comfyui)
+    # ComfyUI's model also holds the two text connectors the release's DiT file carries (diffusers keeps them
+    # in its text encoder's connectors); diffusers keeps a perturbed-attention flag only
+    ok = compare("ltx2.5 orig (DiT keys)", {k: v for k, v in comfy.items() if "_embeddings_connector." not in k}, dit)
+    native = {"model.diffusion_model." + k: v for k, v in comfy.items()}
+    description = ("LTX-2.5 22B DiT as Lightricks ships it (every key under model.diffusion_model.; the two text "
+                   "connectors included; `config` metadata with the 2.3+ flags, given here as metadata): the "
+                   "state_dict of ComfyUI's LTXAV (783545f) built with those flags. Against LTX-2: gated attention "
+                   "(`to_gate_logits` in every attention), cross-attention adaLN (9-row scale_shift_table), "
+                   "prompt_adaln_single / audio_prompt_adaln_single and their per-block prompt_scale_shift_table, "
+                   "keyframes_abs_pos_embedding; no caption_projection (in the text encoder) and no video FF biases")
+    return ok, {"ltx2.5-native": (native, description, {"config": json.dumps({"transformer": LTX25_COMFY})}),
+                "ltx2.5-diffusers": (diffusers, "LTX-2.5 in diffusers' LTX2VideoTransformer3DModel with the 2.3+ flags "
+                                     f"({LTX25_DIFFUSERS}); LTX25ModularPipeline loads it", None)}
+
+
+def comfy_ltxav(comfyui):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from comfy_check import import_comfy
+    import_comfy(comfyui)
+    import comfy.ops
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+    with torch.device("meta"):
+        model = LTXAVModel(**LTX25_COMFY, device=torch.device("meta"), dtype=torch.bfloat16,
+                           operations=comfy.ops.disable_weight_init)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+COSMOS_NATIVE_NAMES = [(r"^transformer_blocks\.", "blocks."), (r"\.attn1\.", ".self_attn."),
+                       (r"\.attn2\.", ".cross_attn."), (r"\.to_q\.", ".q_proj."), (r"\.to_k\.", ".k_proj."),
+                       (r"\.to_v\.", ".v_proj."), (r"\.to_out\.0\.", ".output_proj."), (r"\.norm_q\.", ".q_norm."),
+                       (r"\.norm_k\.", ".k_norm."), (r"\.norm1\.linear_", ".adaln_modulation_self_attn."),
+                       (r"\.norm2\.linear_", ".adaln_modulation_cross_attn."),
+                       (r"\.norm3\.linear_", ".adaln_modulation_mlp."), (r"\.ff\.net\.0\.proj\.", ".mlp.layer1."),
+                       (r"\.ff\.net\.2\.", ".mlp.layer2."), (r"^patch_embed\.proj\.", "x_embedder.proj.1."),
+                       (r"^time_embed\.t_embedder\.", "t_embedder.1."), (r"^time_embed\.norm\.", "t_embedding_norm."),
+                       (r"^norm_out\.linear_", "final_layer.adaln_modulation."), (r"^proj_out\.", "final_layer.linear.")]
+
+
+def cosmos25():
+    diffusers = meta_state("CosmosTransformer3DModel", **COSMOS25_2B)
+    native = renamed(diffusers, COSMOS_NATIVE_NAMES, "net.")
+    ok = compare("cosmos-predict2.5 conv", through_converter("convert_cosmos_transformer_checkpoint_to_diffusers",
+                                                             native), diffusers)
+    return ok, {"cosmos-predict2.5-2b-native": (native, "Cosmos Predict 2.5 2B DiT as NVIDIA ships it (net. prefix, "
+                                                "Cosmos-Predict2 MiniTrainDIT names) with the Qwen2.5-VL "
+                                                "crossattn_proj (100352 -> 1024)", None),
+                "cosmos-predict2.5-2b-diffusers": (diffusers, "Cosmos Predict 2.5 2B in diffusers' "
+                                                   f"CosmosTransformer3DModel ({COSMOS25_2B})", None)}
+
+
+WAN_ANIMATE2_NATIVE_NAMES = [(r"^blocks\.(\d+)\.", r"blocks.\1.block."), (r"\.to_q\.", ".q."), (r"\.to_k\.", ".k."),
+                             (r"\.to_v\.", ".v."), (r"\.to_out\.0\.", ".o."), (r"\.add_k_proj\.", ".k_img."),
+                             (r"\.add_v_proj\.", ".v_img."), (r"\.norm_added_k\.", ".norm_k_img.")]
+
+
+def wan_animate2():
+    diffusers = meta_state("WanAnimate2Transformer3DModel")
+    native = renamed(diffusers, WAN_ANIMATE2_NATIVE_NAMES)
+    ok = compare("wan-animate-2 conv", through_converter("convert_wan_animate_2_transformer_to_diffusers", native),
+                 diffusers)
+    return ok, {"wan-animate2-native": (native, "Wan-Animate 2 (14B) as released: every block wrapped in an in-context "
+                                        "module (blocks.N.block.*), Wan's native attention names", None),
+                "wan-animate2-diffusers": (diffusers, "Wan-Animate 2 in diffusers' WanAnimate2Transformer3DModel "
+                                           "(class defaults): Wan's native names except the attention's "
+                                           "(self_attn.to_q, cross_attn.add_k_proj)", None)}
+
+
+def write(name, shapes, description, metadata, dtype="BF16"):
+    doc = {"name": name, "description": description,
+           "parameters": sum(torch.Size(s).numel() for s in shapes.values()),
+           "tensors": [[k, list(s), dtype] for k, s in shapes.items()]}
+    if metadata:
+        doc["metadata"] = metadata
+    (OUT / f"{name}.json").write_text(json.dumps(doc) + "\n")
+    print(f"wrote tests/layouts/{name}.json: {len(shapes)} tensors, {doc['parameters']:,} parameters")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="write the layouts that pass their check")
+    parser.add_argument("--comfyui", type=Path, help="a ComfyUI checkout (for the orig checks)")
+    args = parser.parse_args()
+    results = [cosmos25(), wan_animate2(), ltx25(args.comfyui)]
+    for ok, layouts in filter(None, results):
+        for name, (shapes, description, metadata) in layouts.items():
+            if args.write and ok:
+                write(name, shapes, description, metadata)
+    return 0 if all(r is None or r[0] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
