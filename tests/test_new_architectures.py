@@ -39,6 +39,7 @@ FULL = {
     "ideogram4": ("ideogram4-native", "ideogram4-diffusers", 170, 41),
     "kandinsky5": ("kandinsky5-diffusers", None, 512, 59),
     "anima": ("anima-native", "anima-diffusers", 280, 235),
+    "cosmos_predict2_5": ("cosmos-predict2.5-2b-native", "cosmos-predict2.5-2b-diffusers", 280, 175),
     "minimax_h3": ("minimax-h3-native", "minimax-h3-diffusers", 208, 58),
     "hunyuan_video15": ("hunyuanvideo1.5-native", "hunyuanvideo1.5-diffusers", 440, 124),
 }
@@ -95,8 +96,9 @@ def test_full_layouts_detect_and_pair_across_layouts(name):
         assert len(shared) >= len(detected.arch.optional_groups)
 
 
-@pytest.mark.parametrize("name,fmt", [(n, "auto") for n in sorted(FULL) + ["ltx2@2.5"]]
-                         + [("hunyuan_video15", "kohya")])
+# Cosmos Predict 2.5's auto spelling is diffusers' (ComfyUI has no model of it): its comfy spelling is checked
+@pytest.mark.parametrize("name,fmt", [(n, "auto") for n in sorted(FULL) + ["ltx2@2.5"] if n != "cosmos_predict2_5"]
+                         + [("hunyuan_video15", "kohya"), ("cosmos_predict2_5", "comfy")])
 def test_comfyui_rules_consume_every_tensor_of_the_default_output(name, fmt):
     native, _, _, _ = LAYOUT_OF[name]
     detected, shapes = canonical(layout(native))
@@ -209,6 +211,12 @@ TINY = {
                    mlp_ratio=2.0, text_embed_dim=32, adaln_lora_dim=8, max_size=(4, 16, 16), patch_size=(1, 2, 2),
                    concat_padding_mask=False, extra_pos_embed_type=None, crossattn_proj_in_channels=32,
                    encoder_hidden_states_channels=32)),
+    "cosmos_predict2_5": ("CosmosTransformer3DModel", "Cosmos2_5_PredictBasePipeline",
+                          dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16,
+                               num_layers=2, mlp_ratio=2.0, text_embed_dim=32, adaln_lora_dim=8, max_size=(4, 16, 16),
+                               patch_size=(1, 2, 2), concat_padding_mask=False, extra_pos_embed_type=None,
+                               use_crossattn_projection=True, crossattn_proj_in_channels=48,
+                               encoder_hidden_states_channels=32)),
     "minimax_h3": ("MiniMaxH3Transformer3DModel", "MiniMaxH3ModularPipeline",
                    dict(num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=2,
                         num_refiner_layers=1, ffn_dim=48, in_channels=4, audio_in_channels=8, text_dim=16,
@@ -326,7 +334,8 @@ CONVERTERS = {"sd3": "convert_sd3_transformer_checkpoint_to_diffusers",
               "qwen_image_2_1": "convert_qwen_image21_transformer_checkpoint_to_diffusers",
               "krea2": "convert_krea2_transformer_checkpoint_to_diffusers",
               "minimax_h3": "convert_minimax_h3_transformer_checkpoint_to_diffusers",
-              "anima": "convert_cosmos_transformer_checkpoint_to_diffusers"}
+              "anima": "convert_cosmos_transformer_checkpoint_to_diffusers",
+              "cosmos_predict2_5": "convert_cosmos_transformer_checkpoint_to_diffusers"}
 
 
 def sd3_unmapped(model, state):

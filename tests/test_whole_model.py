@@ -20,7 +20,8 @@ from whole_model import (PLANTED_RANK, LoaderWarnings, canonical_of, comfy_apply
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-FAMILIES = ["flux", "chroma", "zimage", "qwen_image", "qwen_image_2_1", "wan", "flux2", "krea2", "ltx2", "flux3", "sd3", "hidream", "lumina2", "ernie_image", "ideogram4", "kandinsky5", "anima", "minimax_h3", "hunyuan_video15"]
+FAMILIES = ["flux", "chroma", "zimage", "qwen_image", "qwen_image_2_1", "wan", "flux2", "krea2", "ltx2", "flux3", "sd3", "hidream", "lumina2", "ernie_image", "ideogram4", "kandinsky5", "anima", "cosmos_predict2_5", "minimax_h3",
+            "hunyuan_video15"]
 FORMATS = ["kohya", "comfy", "diffusers"]
 GAP = 0.02
 

@@ -86,6 +86,8 @@ def transformer_inputs(name, seed=0):
     if name == "anima":
         # (the tiny model concatenates no padding mask: diffusers resizes it with torchvision, not a dependency)
         return dict(hidden_states=r(1, 16, 1, 8, 8), timestep=torch.tensor([0.5]), encoder_hidden_states=r(1, 8, 32))
+    if name == "cosmos_predict2_5":  # the text features before crossattn_proj (Qwen2.5-VL's, 48 wide here)
+        return dict(hidden_states=r(1, 16, 1, 8, 8), timestep=torch.tensor([0.5]), encoder_hidden_states=r(1, 8, 48))
     if name == "kandinsky5":
         return dict(hidden_states=r(1, 1, 8, 8, 4), encoder_hidden_states=r(1, 8, 16), timestep=torch.tensor([600.0]),
                     pooled_projections=r(1, 8), visual_rope_pos=[torch.arange(1), torch.arange(4), torch.arange(4)],
@@ -168,6 +170,11 @@ class _Processor:
         return [[0, 1, 2]]
 
 
+# pipelines whose constructor needs real side models (Cosmos 2.5's: a safety checker package, its VAE's config):
+# built bare, holding only the given models, which is all `load_lora_weights` reads
+BARE_PIPELINES = ("Cosmos2_5_PredictBasePipeline",)
+
+
 def make_pipeline(pipeline_name, **components):
     """A diffusers pipeline holding only the given models (the others None): what `load_lora_weights` needs."""
     import diffusers
@@ -177,6 +184,11 @@ def make_pipeline(pipeline_name, **components):
         pipeline.update_components(**components)
         return pipeline
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if pipeline_name in BARE_PIPELINES:
+        pipeline = cls.__new__(cls)
+        diffusers.DiffusionPipeline.__init__(pipeline)
+        pipeline.register_modules(**{**{p.name: None for p in params}, **components})
+        return pipeline
     required = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
     given = {name: None for name in required}
     if "processor" in given:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..errors import OptionError
 from .anima import Anima
 from .chroma import Chroma
+from .cosmos import CosmosPredict25
 from .common import MODEL_PREFIXES, LoraModule, Target
 from .ernie_image import ErnieImage
 from .flux import Flux
@@ -28,10 +29,11 @@ from .wan import Wan
 from .zimage import ZImage
 
 # Detection order matters where layouts share names: FLUX.2 and Chroma reuse Flux.1's block names, Lumina 2
-# and Ideogram 4 Z-Image's, HunyuanVideo 1.5's diffusers names SD3's.
+# and Ideogram 4 Z-Image's, HunyuanVideo 1.5's diffusers names SD3's, Cosmos Predict 2.5 Anima's DiT.
 ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), Ideogram4(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
                                                QwenImage(), Wan(), Krea2(), LTX2(), HunyuanVideo15(), SD3(), HiDream(),
-                                               ErnieImage(), Kandinsky5(), Anima(), MiniMaxH3())}
+                                               ErnieImage(), Kandinsky5(), CosmosPredict25(), Anima(),
+                                               MiniMaxH3())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
 
