@@ -39,6 +39,7 @@ FULL = {
     "ideogram4": ("ideogram4-native", "ideogram4-diffusers", 170, 41),
     "kandinsky5": ("kandinsky5-diffusers", None, 512, 59),
     "anima": ("anima-native", "anima-diffusers", 280, 235),
+    "wan_animate2": ("wan-animate2-native", "wan-animate2-diffusers", 480, 8),
     "cosmos_predict2_5": ("cosmos-predict2.5-2b-native", "cosmos-predict2.5-2b-diffusers", 280, 175),
     "minimax_h3": ("minimax-h3-native", "minimax-h3-diffusers", 208, 58),
     "hunyuan_video15": ("hunyuanvideo1.5-native", "hunyuanvideo1.5-diffusers", 440, 124),
@@ -96,9 +97,13 @@ def test_full_layouts_detect_and_pair_across_layouts(name):
         assert len(shared) >= len(detected.arch.optional_groups)
 
 
-# Cosmos Predict 2.5's auto spelling is diffusers' (ComfyUI has no model of it): its comfy spelling is checked
-@pytest.mark.parametrize("name,fmt", [(n, "auto") for n in sorted(FULL) + ["ltx2@2.5"] if n != "cosmos_predict2_5"]
-                         + [("hunyuan_video15", "kohya"), ("cosmos_predict2_5", "comfy")])
+# families whose auto spelling is diffusers' because ComfyUI has no model of them: their comfy spelling (the
+# names ComfyUI's key map gives their native keys) is checked
+NOT_IN_COMFYUI = ("cosmos_predict2_5", "wan_animate2")
+
+
+@pytest.mark.parametrize("name,fmt", [(n, "auto") for n in sorted(FULL) + ["ltx2@2.5"] if n not in NOT_IN_COMFYUI]
+                         + [("hunyuan_video15", "kohya")] + [(n, "comfy") for n in NOT_IN_COMFYUI])
 def test_comfyui_rules_consume_every_tensor_of_the_default_output(name, fmt):
     native, _, _, _ = LAYOUT_OF[name]
     detected, shapes = canonical(layout(native))
@@ -164,6 +169,9 @@ TINY = {
     "wan": ("WanTransformer3DModel", "WanPipeline",
             dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
                  freq_dim=32, ffn_dim=64, num_layers=2)),
+    "wan_animate2": ("WanAnimate2Transformer3DModel", "WanAnimate2ModularPipeline",
+                     dict(num_heads=2, dim=32, in_dim=4, out_dim=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                          num_layers=2)),
     "flux2": ("Flux2Transformer2DModel", "Flux2Pipeline",
               dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                    joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4))),
@@ -335,7 +343,8 @@ CONVERTERS = {"sd3": "convert_sd3_transformer_checkpoint_to_diffusers",
               "krea2": "convert_krea2_transformer_checkpoint_to_diffusers",
               "minimax_h3": "convert_minimax_h3_transformer_checkpoint_to_diffusers",
               "anima": "convert_cosmos_transformer_checkpoint_to_diffusers",
-              "cosmos_predict2_5": "convert_cosmos_transformer_checkpoint_to_diffusers"}
+              "cosmos_predict2_5": "convert_cosmos_transformer_checkpoint_to_diffusers",
+              "wan_animate2": "convert_wan_animate_2_transformer_to_diffusers"}
 
 
 def sd3_unmapped(model, state):

@@ -26,12 +26,13 @@ from .qwen_image import QwenImage, QwenImage21
 from .sd3 import SD3
 from .stable_diffusion import SD15, SDXL, sgm_to_diffusers
 from .wan import Wan
+from .wan_animate2 import WanAnimate2
 from .zimage import ZImage
 
 # Detection order matters where layouts share names: FLUX.2 and Chroma reuse Flux.1's block names, Lumina 2
 # and Ideogram 4 Z-Image's, HunyuanVideo 1.5's diffusers names SD3's, Cosmos Predict 2.5 Anima's DiT.
 ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), Ideogram4(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
-                                               QwenImage(), Wan(), Krea2(), LTX2(), HunyuanVideo15(), SD3(), HiDream(),
+                                               QwenImage(), Wan(), WanAnimate2(), Krea2(), LTX2(), HunyuanVideo15(), SD3(), HiDream(),
                                                ErnieImage(), Kandinsky5(), CosmosPredict25(), Anima(),
                                                MiniMaxH3())}
 GENERIC = Generic()
