@@ -49,7 +49,7 @@ FAMILIES = {  # family -> its full native layout
     "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers", "anima": "anima-native",
     "minimax_h3": "minimax-h3-native", "hunyuan_video15": "hunyuanvideo1.5-native",
     "ltx2@2.5": "ltx2.5-native", "cosmos_predict2_5": "cosmos-predict2.5-2b-native",
-    "wan_animate2": "wan-animate2-native",
+    "wan_animate2": "wan-animate2-native", "ace_step15": "ace-step1.5-native",
 }
 SPELLINGS = ("comfy", "kohya", "diffusers")
 RANK, ALPHA = 4, 1.0
@@ -117,6 +117,16 @@ def layout_metadata(name):
     return json.loads((LAYOUTS / f"{name}.json").read_text()).get("metadata")
 
 
+def meta_model(config, unet):
+    """ComfyUI's model of `config` with its parameters on the meta device (ACE-Step 1.5's quantizer computes with
+    its buffers as it is built: there only the parameters go to meta)."""
+    if type(config).__name__ != "ACEStep15":
+        return config.get_model(unet, "", device=torch.device("meta"))
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        return config.get_model(unet, "")
+
+
 def comfy_model(comfy, shapes, prefix, metadata=None):
     """ComfyUI's model of a full layout (its keys under `prefix`) on the meta device in a ModelPatcher, and the
     model's class name."""
@@ -127,7 +137,7 @@ def comfy_model(comfy, shapes, prefix, metadata=None):
     if config is None:
         raise RuntimeError("ComfyUI does not detect this layout as a model it knows")
     unet = config.process_unet_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-    model = config.get_model(unet, "", device=torch.device("meta"))
+    model = meta_model(config, unet)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                                offload_device=torch.device("cpu"))
     clip = None

@@ -173,7 +173,19 @@ def unet_key_map(arch, model_shapes):
         _sd3_aliases(key_map, model_shapes)
     if arch == "krea2":
         _krea2_aliases(key_map, model_shapes)
+    if arch == "ace_step15":
+        _ace_step15_aliases(key_map, model_shapes)
     return key_map
+
+
+def _ace_step15_aliases(key_map, model_shapes):
+    """comfy/lora.py for ACEStep15: `base_model.model.` + the decoder's own names (its trainer's LoRAs) and
+    `lycoris_` + them flattened -> the decoder's weight."""
+    for key in model_shapes:
+        if key.startswith("decoder.") and key.endswith(".weight"):
+            name = key[len("decoder."):-len(".weight")]
+            key_map["base_model.model." + name] = (key, None)
+            key_map["lycoris_" + name.replace(".", "_")] = (key, None)
 
 
 def _sd3_aliases(key_map, model_shapes):

@@ -21,7 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 FAMILIES = ["flux", "chroma", "zimage", "qwen_image", "qwen_image_2_1", "wan", "flux2", "krea2", "ltx2", "flux3", "sd3", "hidream", "lumina2", "ernie_image", "ideogram4", "kandinsky5", "anima", "cosmos_predict2_5", "minimax_h3",
-            "hunyuan_video15"]
+            "hunyuan_video15", "ace_step15"]
 FORMATS = ["kohya", "comfy", "diffusers"]
 GAP = 0.02
 

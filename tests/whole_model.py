@@ -88,6 +88,9 @@ def transformer_inputs(name, seed=0):
         return dict(hidden_states=r(1, 16, 1, 8, 8), timestep=torch.tensor([0.5]), encoder_hidden_states=r(1, 8, 32))
     if name == "cosmos_predict2_5":  # the text features before crossattn_proj (Qwen2.5-VL's, 48 wide here)
         return dict(hidden_states=r(1, 16, 1, 8, 8), timestep=torch.tensor([0.5]), encoder_hidden_states=r(1, 8, 48))
+    if name == "ace_step15":  # 8 latent frames (4 acoustic channels) after 8 of context, 6 condition tokens
+        return dict(hidden_states=r(1, 8, 4), context_latents=r(1, 8, 4), timestep=torch.tensor([0.6]),
+                    timestep_r=torch.tensor([0.6]), encoder_hidden_states=r(1, 6, 32))
     if name == "kandinsky5":
         return dict(hidden_states=r(1, 1, 8, 8, 4), encoder_hidden_states=r(1, 8, 16), timestep=torch.tensor([600.0]),
                     pooled_projections=r(1, 8), visual_rope_pos=[torch.arange(1), torch.arange(4), torch.arange(4)],

@@ -1,6 +1,7 @@
 """Full layouts (key, shape, dtype) of the families added after ../shared/layouts was made, written to
 tests/layouts like the shared ones: the diffusers layout is the `state_dict()` of diffusers 0.42.1's class
-built on the meta device with the release's config; the native layout is derived from it and checked.
+built on the meta device with the release's config; the native layout is derived from it (or is ComfyUI's own
+model's) and checked.
 
     python bench/layouts/new_families.py [--write] [--comfyui DIR]
 
@@ -9,7 +10,8 @@ Checks (each prints ok or the keys that differ):
   diffusers class's keys and shapes (Cosmos Predict 2.5, Wan-Animate 2).
 - orig: the native layout equals the `state_dict()` of ComfyUI's own model built on meta with the release's
   config (LTX-2.5: ComfyUI's LTXAV with the flags the release's `config` metadata carries; needs --comfyui
-  and ComfyUI's venv, see bench/comfy_check.py; ACE-Step 1.5: ComfyUI's AceStepConditionGenerationModel).
+  and ComfyUI's venv, see bench/comfy_check.py; ACE-Step 1.5: ComfyUI's AceStepConditionGenerationModel, whose
+  decoder, renamed as diffusers' LoRA converter renames attention, is diffusers' AceStepTransformer1DModel).
 """
 
 import argparse
@@ -161,6 +163,41 @@ def wan_animate2():
                                            "(self_attn.to_q, cross_attn.add_k_proj)", None)}
 
 
+ACE_DIFFUSERS_NAMES = [(r"^decoder\.", ""), (r"\.q_proj\.", ".to_q."), (r"\.k_proj\.", ".to_k."),
+                      (r"\.v_proj\.", ".to_v."), (r"\.o_proj\.", ".to_out.0."), (r"\.q_norm\.", ".norm_q."),
+                      (r"\.k_norm\.", ".norm_k."), (r"^proj_in\.1\.", "proj_in_conv."),
+                      (r"^proj_out\.1\.", "proj_out_conv.")]
+
+
+def ace_step15(comfyui):
+    diffusers = meta_state("AceStepTransformer1DModel")
+    if not comfyui:
+        print("ace-step-1.5 orig: skipped (no --comfyui)")
+        return None
+    native = comfy_ace_step15(comfyui)
+    decoder = renamed({k: v for k, v in native.items() if k.startswith("decoder.")}, ACE_DIFFUSERS_NAMES)
+    ok = compare("ace-step-1.5 orig (decoder = diffusers' class)", decoder, diffusers)
+    return ok, {"ace-step1.5-native": (native, "ACE-Step 1.5 (2B DiT) as released and as ComfyUI's single file holds "
+                                       "it: the state_dict of ComfyUI's AceStepConditionGenerationModel (783545f) "
+                                       "with its defaults: decoder.* (the DiT), encoder.* (lyric and timbre "
+                                       "encoders), tokenizer.*, detokenizer.*, null_condition_emb", None),
+                "ace-step1.5-diffusers": (diffusers, "ACE-Step 1.5 in diffusers' AceStepTransformer1DModel (class "
+                                          "defaults): the decoder alone, attention to_q/to_out.0, norm_q, "
+                                          "proj_in_conv/proj_out_conv", None)}
+
+
+def comfy_ace_step15(comfyui):
+    from accelerate import init_empty_weights
+    sys.path.insert(0, str(ROOT / "bench"))
+    from comfy_check import import_comfy
+    import_comfy(comfyui)
+    import comfy.ops
+    from comfy.ldm.ace.ace_step15 import AceStepConditionGenerationModel
+    with init_empty_weights():  # (its quantizer computes with buffers at construction: parameters only on meta)
+        model = AceStepConditionGenerationModel(dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def write(name, shapes, description, metadata, dtype="BF16"):
     doc = {"name": name, "description": description,
            "parameters": sum(torch.Size(s).numel() for s in shapes.values()),
@@ -176,7 +213,7 @@ def main():
     parser.add_argument("--write", action="store_true", help="write the layouts that pass their check")
     parser.add_argument("--comfyui", type=Path, help="a ComfyUI checkout (for the orig checks)")
     args = parser.parse_args()
-    results = [cosmos25(), wan_animate2(), ltx25(args.comfyui)]
+    results = [cosmos25(), wan_animate2(), ltx25(args.comfyui), ace_step15(args.comfyui)]
     for ok, layouts in filter(None, results):
         for name, (shapes, description, metadata) in layouts.items():
             if args.write and ok:

@@ -5,6 +5,7 @@ family modules import nothing but each other and errors; `canonical` reads throu
 from dataclasses import dataclass
 
 from ..errors import OptionError
+from .ace_step15 import AceStep15
 from .anima import Anima
 from .chroma import Chroma
 from .cosmos import CosmosPredict25
@@ -34,7 +35,7 @@ from .zimage import ZImage
 ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), Ideogram4(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
                                                QwenImage(), Wan(), WanAnimate2(), Krea2(), LTX2(), HunyuanVideo15(), SD3(), HiDream(),
                                                ErnieImage(), Kandinsky5(), CosmosPredict25(), Anima(),
-                                               MiniMaxH3())}
+                                               MiniMaxH3(), AceStep15())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
 
