@@ -49,7 +49,7 @@ FAMILIES = {  # family -> its full native layout
     "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers", "anima": "anima-native",
     "minimax_h3": "minimax-h3-native", "hunyuan_video15": "hunyuanvideo1.5-native",
     "ltx2@2.5": "ltx2.5-native", "cosmos_predict2_5": "cosmos-predict2.5-2b-native",
-    "wan_animate2": "wan-animate2-native", "ace_step15": "ace-step1.5-native",
+    "wan_animate2": "wan-animate2-native", "ace_step15": "ace-step1.5-native", "hidream_o1": "hidream-o1-native",
 }
 SPELLINGS = ("comfy", "kohya", "diffusers")
 RANK, ALPHA = 4, 1.0

@@ -14,6 +14,7 @@ from safetensors.torch import save_file as st_save_file
 
 from lora_colab import arch, extract
 from lora_colab.arch.common import row_index
+from lora_colab.errors import OptionError
 from lora_colab.lora.formats import module_tensors, pieces
 
 from comfy_rules import unet_key_map
@@ -41,6 +42,7 @@ FULL = {
     "anima": ("anima-native", "anima-diffusers", 280, 235),
     "wan_animate2": ("wan-animate2-native", "wan-animate2-diffusers", 480, 8),
     "ace_step15": ("ace-step1.5-native", "ace-step1.5-diffusers", 264, 7),
+    "hidream_o1": ("hidream-o1-native", None, 252, 115),  # no diffusers class
     "cosmos_predict2_5": ("cosmos-predict2.5-2b-native", "cosmos-predict2.5-2b-diffusers", 280, 175),
     "minimax_h3": ("minimax-h3-native", "minimax-h3-diffusers", 208, 58),
     "hunyuan_video15": ("hunyuanvideo1.5-native", "hunyuanvideo1.5-diffusers", 440, 124),
@@ -913,3 +915,54 @@ def test_ltx25_gates_and_prompt_adaln_extract_and_load_through_diffusers(tmp_pat
     assert gate and all(not torch.allclose(want[k], was[k]) for k in gate)
     gap = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
     assert gap <= 0.05 * change, gap / change
+
+
+# HiDream-O1 at a small width: every dimension of the real layout scaled down, two language-model layers and one
+# vision block kept (names and structure as ComfyUI's model holds them)
+O1_WIDTHS = {4096: 32, 1024: 8, 12288: 64, 128: 16, 1152: 24, 3456: 72, 4304: 40, 4608: 96, 3072: 48, 256: 16,
+             151936: 64, 2304: 16, 16: 4}
+
+
+def tiny_hidream_o1(gen):
+    keep = re.compile(r"language_model\.layers\.[01]\.|visual\.blocks\.0\.|(?!language_model\.layers|visual\.blocks)")
+    return {k: torch.randn([O1_WIDTHS.get(d, d) for d in s], generator=gen) * 0.02
+            for k, s in layout("hidream-o1-native").items() if keep.match(k)}
+
+
+@pytest.mark.parametrize("fmt", ["auto", "kohya"])
+def test_hidream_o1_extracts_what_comfyuis_rules_patch_back(tmp_path, fmt):
+    """HiDream-O1 (no diffusers class): a planted change on every target of every group, extracted from native
+    files (ComfyUI's names under its checkpoint prefix), patched back by ComfyUI's key map and LoRA arithmetic
+    (restated), gives the tuned weights; the diffusers spelling is one line before any output."""
+    from whole_model import comfy_apply
+    gen = torch.Generator().manual_seed(3)
+    base = tiny_hidream_o1(gen)
+    a = arch.detect(set(base)).arch
+    assert a.name == "hidream_o1"
+    targets = a.targets({k: tuple(v.shape) for k, v in base.items()}, groups=set(a.optional_groups))
+    assert len(targets) == 2 * 7 + 4 + 1 + 4 + 2
+    tuned = dict(base)
+    for t in targets:
+        tuned[t.key] = base[t.key] + 0.01 * torch.randn(t.shape[0], 2, generator=gen) @ torch.randn(2, t.shape[1],
+                                                                                                   generator=gen)
+    prefixed = "model.diffusion_model."
+    st_save_file({prefixed + k: v for k, v in base.items()}, str(tmp_path / "base.safetensors"))
+    st_save_file({prefixed + k: v.contiguous() for k, v in tuned.items()}, str(tmp_path / "tuned.safetensors"))
+    out = tmp_path / "lora.safetensors"
+    extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", out, rank=2, format=fmt,
+            groups=set(a.optional_groups), clamp_quantile=None, dtype="float32", progress=False)
+    patched = comfy_apply(out, unet_key_map(a.name, {k: tuple(v.shape) for k, v in base.items()}), base)
+    for t in targets:
+        change = tuned[t.key] - base[t.key]
+        assert (patched[t.key] - tuned[t.key]).norm() <= 1e-3 * change.norm(), t.key
+    # resized against the base's own layers (spn_ckpt), every module at the rank it holds: the same weights again
+    from lora_colab.resizing.resizer import resize
+    report = resize(tmp_path / "base.safetensors", [out], tmp_path / "resized", "spn_ckpt=1,thr=-20", progress=False)[0]
+    assert not [w for w in report.warnings if "patch no weight" in w]
+    resized = next((tmp_path / "resized").glob("*.safetensors"))
+    again = comfy_apply(resized, unet_key_map(a.name, {k: tuple(v.shape) for k, v in base.items()}), base)
+    assert all((again[t.key] - tuned[t.key]).norm() <= 1e-2 * (tuned[t.key] - base[t.key]).norm() for t in targets)
+    with pytest.raises(OptionError, match="no diffusers model"):
+        extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "d.safetensors", rank=2,
+                format="diffusers", progress=False)
+    assert not (tmp_path / "d.safetensors").exists()

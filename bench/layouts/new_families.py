@@ -174,7 +174,7 @@ def ace_step15(comfyui):
     if not comfyui:
         print("ace-step-1.5 orig: skipped (no --comfyui)")
         return None
-    native = comfy_ace_step15(comfyui)
+    native = comfy_module_state(comfyui, "comfy.ldm.ace.ace_step15", "AceStepConditionGenerationModel")
     decoder = renamed({k: v for k, v in native.items() if k.startswith("decoder.")}, ACE_DIFFUSERS_NAMES)
     ok = compare("ace-step-1.5 orig (decoder = diffusers' class)", decoder, diffusers)
     return ok, {"ace-step1.5-native": (native, "ACE-Step 1.5 (2B DiT) as released and as ComfyUI's single file holds "
@@ -186,15 +186,35 @@ def ace_step15(comfyui):
                                           "proj_in_conv/proj_out_conv", None)}
 
 
-def comfy_ace_step15(comfyui):
+def hidream_o1(comfyui):
+    if not comfyui:
+        print("hidream-o1: skipped (no --comfyui): its layout is ComfyUI's model's (diffusers has no class of it)")
+        return None
+    native = comfy_module_state(comfyui, "comfy.ldm.hidream_o1.model", "HiDreamO1Transformer")
+    # what ComfyUI's detection and HiDreamO1 config take from a file of these names
+    import comfy.model_detection
+    sd = {"model.diffusion_model." + k: torch.empty(s, device="meta") for k, s in native.items()}
+    found = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    ok = type(found).__name__ == "HiDreamO1"
+    print(f"hidream-o1 orig (ComfyUI detects its own model's names as HiDreamO1): {'ok' if ok else found}")
+    return ok, {"hidream-o1-native": (native, "HiDream-O1-Image (8B: Qwen3-VL-8B's language model and vision tower, "
+                                      "32x32 pixel patch embedder, timestep embedder, final layer) in ComfyUI's "
+                                      "single-file names: the state_dict of ComfyUI's HiDreamO1Transformer "
+                                      "(783545f), which its loader fills from the file after dropping the unused "
+                                      "deepstack mergers. No diffusers class", None)}
+
+
+def comfy_module_state(comfyui, module, cls):
+    """{key: shape} of a ComfyUI model class built with its defaults, parameters on meta."""
+    import importlib
     from accelerate import init_empty_weights
     sys.path.insert(0, str(ROOT / "bench"))
     from comfy_check import import_comfy
     import_comfy(comfyui)
     import comfy.ops
-    from comfy.ldm.ace.ace_step15 import AceStepConditionGenerationModel
-    with init_empty_weights():  # (its quantizer computes with buffers at construction: parameters only on meta)
-        model = AceStepConditionGenerationModel(dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+    with init_empty_weights():
+        model = getattr(importlib.import_module(module), cls)(dtype=torch.bfloat16,
+                                                              operations=comfy.ops.disable_weight_init)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -213,7 +233,8 @@ def main():
     parser.add_argument("--write", action="store_true", help="write the layouts that pass their check")
     parser.add_argument("--comfyui", type=Path, help="a ComfyUI checkout (for the orig checks)")
     args = parser.parse_args()
-    results = [cosmos25(), wan_animate2(), ltx25(args.comfyui), ace_step15(args.comfyui)]
+    results = [cosmos25(), wan_animate2(), ltx25(args.comfyui), ace_step15(args.comfyui),
+               hidream_o1(args.comfyui)]
     for ok, layouts in filter(None, results):
         for name, (shapes, description, metadata) in layouts.items():
             if args.write and ok:

@@ -16,6 +16,7 @@ from .flux2 import Flux2
 from .flux3 import Flux3
 from .generic import Generic
 from .hidream import HiDream
+from .hidream_o1 import HiDreamO1
 from .hunyuan_video15 import HunyuanVideo15
 from .ideogram4 import Ideogram4
 from .kandinsky5 import Kandinsky5
@@ -35,7 +36,7 @@ from .zimage import ZImage
 ARCHITECTURES = {arch.name: arch for arch in (SDXL(), SD15(), Lumina2(), Ideogram4(), ZImage(), Flux3(), Flux2(), Chroma(), Flux(), QwenImage21(),
                                                QwenImage(), Wan(), WanAnimate2(), Krea2(), LTX2(), HunyuanVideo15(), SD3(), HiDream(),
                                                ErnieImage(), Kandinsky5(), CosmosPredict25(), Anima(),
-                                               MiniMaxH3(), AceStep15())}
+                                               MiniMaxH3(), AceStep15(), HiDreamO1())}
 GENERIC = Generic()
 FORMATS = ("auto", "kohya", "comfy", "diffusers")
 
@@ -100,6 +101,9 @@ def resolve_format(arch, fmt):
     fmt = FORMAT_ALIASES.get(fmt, fmt)
     if fmt not in FORMATS:
         raise OptionError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)} (peft = diffusers)")
+    if fmt == "diffusers" and not getattr(arch, "diffusers_model", True):
+        raise OptionError(f"{arch.title} has no diffusers model to load a LoRA into: use --format comfy or kohya, "
+                          f"which ComfyUI loads")
     return arch.auto_format if fmt == "auto" else fmt
 
 

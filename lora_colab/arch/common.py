@@ -126,6 +126,7 @@ class NativeArchitecture:
     exhaustive_layout_map = False  # every diffusers key maps to its native name (not only the targets')
     diffusers_classes = ()       # diffusers classes of this family: a folder naming another goes to the fallback
     diffusers_pipelines = ()     # pipelines whose folders hold this family under another family's class name
+    diffusers_model = True       # diffusers has a model of this family (its PEFT spelling has a client)
     default_dtype = "bf16"       # factor dtype when the user gives none
     resolution = "1024x1024"     # modelspec.resolution
 
