@@ -34,9 +34,14 @@ PAIRS = {
     "hidream": ("hidream-i1-diffusers", "hidream-i1-native", 1),
     "minimax_h3": ("minimax-h3-diffusers", "minimax-h3-native", 1),
     "hunyuan_video15": ("hunyuanvideo1.5-diffusers", "hunyuanvideo1.5-native", 1),
+    "ltx2": ("ltx2.5-diffusers", "ltx2.5-native", 1),  # LTX-2.5: gated attention, prompt adaLN
+    "cosmos_predict2_5": ("cosmos-predict2.5-2b-diffusers", "cosmos-predict2.5-2b-native", 1),
+    "wan_animate2": ("wan-animate2-diffusers", "wan-animate2-native", 1),
+    "ace_step15": ("ace-step1.5-diffusers", "ace-step1.5-native", 1),
+    "hidream_o1": ("hidream-o1-native", "hidream-o1-native", 1),  # (no diffusers layout; its 1.2 GB token table)
 }
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|"
-                    r"mode_blocks|txt_mode_blocks|content_mode_blocks|double_stream_blocks|single_stream_blocks|refiner_blocks)(?:\.image_cond|\.image)?\.(\d+)\.")
+                    r"mode_blocks|txt_mode_blocks|content_mode_blocks|double_stream_blocks|single_stream_blocks|refiner_blocks|layers)(?:\.image_cond|\.image)?\.(\d+)\.")
 
 
 def subset(name, blocks):

@@ -35,7 +35,9 @@ LAYOUTS = {"sdxl": "sdxl-single-file", "flux": "flux1-dev-bfl", "chroma": "chrom
            "krea2": "krea2-native", "ltx2": "ltx2-native", "flux3": "flux3-native", "sd3": "sd3.5-medium-native",
            "hidream": "hidream-i1-native", "lumina2": "lumina2-native", "ernie_image": "ernie-image-native",
            "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers", "anima": "anima-native",
-           "minimax_h3": "minimax-h3-native", "hunyuan_video15": "hunyuanvideo1.5-native"}
+           "minimax_h3": "minimax-h3-native", "hunyuan_video15": "hunyuanvideo1.5-native",
+           "cosmos_predict2_5": "cosmos-predict2.5-2b-native", "wan_animate2": "wan-animate2-native",
+           "ace_step15": "ace-step1.5-native", "hidream_o1": "hidream-o1-native"}
 FORMATS = ("kohya", "comfy", "diffusers")
 
 
@@ -117,8 +119,9 @@ def measure(a, targets, rank):
     """{format: worst ratio}, {format: worst ratio of the fused path}, and the seconds of the per-module and
     of the fused path over the split targets."""
     gen = torch.Generator().manual_seed(0)
-    worst = {fmt: 1.0 for fmt in FORMATS}
-    fused_worst = {fmt: 1.0 for fmt in FORMATS}
+    formats = [fmt for fmt in FORMATS if fmt != "diffusers" or a.diffusers_model]  # (HiDream-O1: no diffusers)
+    worst = {fmt: 1.0 for fmt in formats}
+    fused_worst = {fmt: 1.0 for fmt in formats}
     per_module_s = fused_s = 0.0
     for target in targets:
         delta, difference = planted(target, gen)
@@ -131,16 +134,16 @@ def measure(a, targets, rank):
                 up, down, took = factor(difference[rows[0]:rows[1]], rank, target.module)
                 done[rows] = (best, residual(part, up, down) / best if best else 1.0, took)
             return done[rows]
-        for fmt in FORMATS:
+        for fmt in formats:
             for piece in pieces(a, fmt, target):
                 worst[fmt] = max(worst[fmt], result(piece.rows)[1])
-        split = [p for p in pieces(a, "diffusers", target) if not p.whole]
+        split = [p for p in pieces(a, "diffusers", target) if not p.whole] if a.diffusers_model else []
         if not split:
             continue
         up, down, took = factor(difference, rank, target.module)  # the fused path: one decomposition, rows split
         fused_s += took
         per_module_s += sum(result(p.rows)[2] for p in split)
-        for fmt in FORMATS:
+        for fmt in formats:
             for piece in pieces(a, fmt, target):
                 if not piece.whole:
                     best = result(piece.rows)[0]
@@ -167,7 +170,8 @@ def main():
         worst, fused, per_module_s, fused_s = measure(a, chosen, args.rank)
         overall = max(overall, *worst.values())
         split = any(t.splits for t in chosen)
-        print(f"{name:16s}{len(chosen):8d}" + "".join(f"{worst[f]:11.4f}" for f in FORMATS)
+        print(f"{name:16s}{len(chosen):8d}" + "".join(f"{worst[f]:11.4f}" if f in worst else f"{'-':>11s}"
+                                                      for f in FORMATS)
               + (f"{fused['diffusers']:24.4f}{per_module_s / fused_s:22.2f}x" if split and fused_s else
                  f"{'(no split module)':>24s}{'-':>23s}"), flush=True)
     print(f"WORST written module over every architecture and format: {overall:.4f} (goal <= 1.01)")

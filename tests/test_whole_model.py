@@ -357,3 +357,59 @@ def test_a_pipeline_folders_changed_text_encoder_comes_back_through_the_pipeline
                       text_encoders=text_encoders, progress=False)
         said = [w for w in one.warnings if w.startswith("text_encoder: only the base's pipeline folder holds it")]
         assert not one.components and len(said) == int(text_encoders)
+
+
+def _clip_with_projection(seed):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, projection_dim=16)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def _tuned_copy(model, gen):
+    import copy
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if param.dim() == 2 and ".layers." in name:
+                param += 0.02 * torch.randn(param.shape[0], 2, generator=gen) @ torch.randn(2, param.shape[1],
+                                                                                          generator=gen)
+    return tuned
+
+
+def test_sd35_pipeline_folders_changed_clip_encoders_come_back_through_the_pipelines_loader(tmp_path):
+    """SD3.5 pipeline folders whose CLIP-L and bigG (CLIPTextModelWithProjection both) were fine-tuned with the
+    transformer: the transformer's LoRA and one file per encoder; through StableDiffusion3Pipeline's own
+    load_lora_weights, each encoder's forward pass (hidden states and projected embeds) is the fine-tune's."""
+    import json
+    gen = torch.Generator().manual_seed(6)
+    encoders = {"text_encoder": _clip_with_projection(1), "text_encoder_2": _clip_with_projection(2)}
+    tuned_encoders = {c: _tuned_copy(m, gen) for c, m in encoders.items()}
+    transformer = make_transformer("sd3")
+    for role, models in (("base", encoders), ("tuned", tuned_encoders)):
+        folder = tmp_path / role
+        transformer.save_pretrained(folder / "transformer")
+        index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}
+        for component, model in models.items():
+            model.save_pretrained(folder / component)
+            index[component] = ["transformers", "CLIPTextModelWithProjection"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+    report = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "lora.safetensors", rank=4, progress=False)
+    assert sorted(report.components) == ["text_encoder", "text_encoder_2"]
+    pipeline = make_pipeline("StableDiffusion3Pipeline", transformer=make_transformer("sd3"),
+                             text_encoder=_clip_with_projection(1), text_encoder_2=_clip_with_projection(2))
+    for component in encoders:
+        with LoaderWarnings() as warnings:
+            pipeline.load_lora_weights(str(tmp_path), weight_name=f"lora_{component}.safetensors")
+        # (each file holds one component: the loader says the others found none)
+        assert [w for w in warnings.bad if not w.startswith("No LoRA keys associated")] == []
+    ids = torch.randint(2, 100, (2, 12), generator=gen)
+    for component, base_model in encoders.items():
+        with torch.no_grad():
+            want, was, got = (m(ids) for m in (tuned_encoders[component], base_model, getattr(pipeline, component)))
+        for field in ("last_hidden_state", "text_embeds"):
+            change = float((getattr(want, field) - getattr(was, field)).norm())
+            assert change > 0 and float((getattr(got, field) - getattr(want, field)).norm()) <= 0.02 * change, \
+                (component, field)
