@@ -17,8 +17,8 @@ _ADAPTER = "llm_adapter.blocks.{i}"
 
 class Anima(TableArchitecture):
     name = "anima"
-    # diffusers has no class of Anima's own: CosmosTransformer3DModel serves Cosmos-Predict too, so its folders
-    # go through the PEFT fallback (which AnimaLoraLoaderMixin takes); this table reads the single files
+    # diffusers has no class of Anima's own: CosmosTransformer3DModel serves Cosmos Predict too (2.5 has a table of
+    # its own, arch/cosmos.py; Predict 2's folders go through the PEFT fallback); this table reads the single files
     diffusers_classes = ("AnimaTransformer (none in diffusers)",)
     # diffusers keeps Anima's DiT as a CosmosTransformer3DModel (Cosmos Predict 2's class, the same keys): an
     # Anima pipeline's folder says what it is, a Cosmos one goes to the fallback
