@@ -15,6 +15,7 @@ from .flux import Flux
 from .flux2 import Flux2
 from .flux3 import Flux3
 from .generic import Generic
+from .guess import guess_family
 from .hidream import HiDream
 from .hidream_o1 import HiDreamO1
 from .hunyuan_video15 import HunyuanVideo15
@@ -65,21 +66,8 @@ def detect(keys):
 
 
 def guess_lora_arch(names, metadata=None):
-    """Title of the architecture a LoRA was made for, from its metadata or its module names ("unknown").
-
-    Module names are compared flattened (`.` as `_`, prefixes kept), against each architecture's
-    `lora_hint` pattern; metadata (`modelspec.architecture`, `ss_base_model_version`) wins when it names one.
-    """
-    metadata = metadata or {}
-    said = " ".join(str(metadata.get(k, "")) for k in ("modelspec.architecture", "ss_base_model_version")).lower()
-    for arch in ARCHITECTURES.values():
-        if said.strip() and any(tag in said for tag in arch.metadata_tags):
-            return arch.title
-    flat = [name.replace(".", "_") for name in names]
-    counts = {arch.title: sum(bool(arch.lora_hint.search(name)) for name in flat)
-              for arch in ARCHITECTURES.values()}
-    best = max(counts, key=counts.get) if counts else None
-    return best if best and counts[best] else "unknown"
+    """Title of the architecture a LoRA was made for, from its metadata or its module names ("unknown")."""
+    return guess_family(ARCHITECTURES.values(), names, metadata)
 
 
 def get(name):
