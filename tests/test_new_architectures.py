@@ -966,3 +966,31 @@ def test_hidream_o1_extracts_what_comfyuis_rules_patch_back(tmp_path, fmt):
         extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "d.safetensors", rank=2,
                 format="diffusers", progress=False)
     assert not (tmp_path / "d.safetensors").exists()
+
+
+# families whose LoRA names some spelling shares with another family's (Anima's DiT is Cosmos Predict 2's, FLUX.2
+# and Chroma keep Flux.1's block names, Ideogram 4 Z-Image's, SD3.5's diffusers names are Flux.1's): the guess
+# names each of them
+SAME_NAMES = {"anima", "cosmos_predict2_5", "chroma", "flux2", "ideogram4", "sd3"}
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_a_loras_family_is_guessed_from_its_names_in_every_spelling(name):
+    """Without metadata, a LoRA of the default targets in each spelling is guessed as its family (as one of the
+    families whose names it shares, where names are shared)."""
+    detected, shapes = canonical(layout(FULL[name][0]))
+    a = detected.arch
+    for fmt in ("kohya", "comfy", "diffusers") if a.diffusers_model else ("kohya", "comfy"):
+        names = [m.name for t in a.targets(shapes) for m in a.lora_modules(t, fmt)]
+        guess = arch.guess_lora_arch(names)
+        assert guess == a.title or (name in SAME_NAMES and a.title in guess.split(" / ")), (fmt, guess)
+
+
+@pytest.mark.parametrize("metadata,title", [
+    ({"modelspec.architecture": "wan-animate-2/lora", "ss_base_model_version": "wan_animate2"}, "Wan-Animate 2"),
+    ({"modelspec.architecture": "hidream-o1/lora", "ss_base_model_version": "hidream_o1"}, "HiDream-O1"),
+    ({"ss_base_model_version": "wan_t2v_14b"}, "Wan"), ({"modelspec.architecture": "qwen-image-2.1/lora"},
+                                                         "Qwen-Image 2.1")])
+def test_metadata_names_the_family_by_its_longest_tag(metadata, title):
+    """`wan_animate2` holds Wan's tag `wan_` and `hidream_o1` HiDream-I1's `hidream`: the longest tag decides."""
+    assert arch.guess_lora_arch(["x"], metadata) == title

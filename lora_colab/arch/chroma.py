@@ -19,7 +19,7 @@ class Chroma(Flux):
     modelspec_architecture = "chroma/lora"
     implementation = "https://huggingface.co/lodestones/Chroma1-HD"
     metadata_tags = ("chroma",)
-    lora_hint = re.compile(r"distilled_guidance_layer")
+    lora_hint = re.compile(Flux.lora_hint.pattern + r"|distilled_guidance_layer")  # (Flux.1's names, but these)
     optional_groups = {"approximator": "distilled_guidance_layer (in_proj, its layers, out_proj)",
                        "embedders": "img_in and txt_in", "final": "final_layer.linear"}
     kohya_dropped_groups = set()  # (not measured for Chroma's converter: the report claims nothing)

@@ -76,7 +76,10 @@ class Flux(NativeArchitecture):
     base_model_version = "flux1"
     modelspec_architecture = "flux-1-dev/lora"
     implementation = "https://github.com/black-forest-labs/flux"
-    lora_hint = re.compile(r"(?:^|_)(?:double_blocks_\d+_(?:img|txt)_|single_blocks_\d+_linear)|single_transformer_blocks_\d+_(?:proj_mlp|attn_to_q)")
+    lora_hint = re.compile(r"(?:^|_)(?:double_blocks_\d+_(?:img|txt)_|single_blocks_\d+_linear)"
+                           r"|single_transformer_blocks_\d+_(?:proj_mlp|proj_out|attn_to_[qkv])"
+                           r"|(?:^|_)transformer_blocks_\d+_(?:attn_(?:to_[qkv]|add_[qkv]_proj|to_out_0|to_add_out)|"
+                           r"ff(?:_context)?_net_(?:0_proj|2))$")
     metadata_tags = ("flux-1", "flux1", "flux.1")
     optional_groups = {"modulation": "img_mod/txt_mod/modulation linears",
                        "embedders": "img_in, txt_in and the time, vector and guidance embedders",

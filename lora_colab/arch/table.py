@@ -142,6 +142,17 @@ class TableArchitecture(NativeArchitecture):
                         if rule.to_diffusers(module) is not None))
         return [name for _, name in parts] or [module]
 
+    def template_names(self, field):
+        """Every module name a LoRA of this family may hold, in every spelling, with `field` standing for each
+        block index: the native templates of every group, their kohya, comfy and diffusers names."""
+        names = set()
+        for template in self.default_targets + tuple(t for _, templates in self.optional.values() for t in templates):
+            module = re.sub(r"\{\w+\}", field, template)
+            target = Target(module + ".weight", module, (3, 3), splits=self._splits(module, (3, 3)))
+            names.add(module)
+            names.update(m.name for fmt in ("kohya", "comfy", "diffusers") for m in self.lora_modules(target, fmt))
+        return names
+
     # -- output names -----------------------------------------------------------------------------
     def lora_modules(self, target, fmt):
         if fmt == "comfy" and self.comfy_peft:
