@@ -2,7 +2,8 @@
 
     git clone <a ComfyUI snapshot> /somewhere/ComfyUI          # e.g. yzkee/ComfyUI at 783545f; never committed here
     pip install comfy-aimdo==0.4.13 comfy-kitchen==0.2.31 einops torchsde scipy psutil sentencepiece pyyaml \
-        simpleeval blake3                                      # what comfy.sd imports (in a venv of its own)
+        simpleeval blake3 accelerate                           # what comfy.sd imports (in a venv of its own);
+                                                               # accelerate builds ACE-Step 1.5's model
     python bench/comfy_check.py --comfyui /somewhere/ComfyUI [--family hunyuan_video15] [--spelling kohya]
 
 For each family its full native layout (tests/layouts, the real names and shapes) is detected by ComfyUI
