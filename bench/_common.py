@@ -8,8 +8,31 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ROOT / "tests" / "layouts"
 
 
+# family -> the full layout of its native file in tests/layouts (the one each bench reads for the family)
+NATIVE_LAYOUTS = {
+    "sdxl": "sdxl-single-file", "flux": "flux1-dev-bfl", "chroma": "chroma1-hd-native", "zimage": "zimage-single-file",
+    "qwen_image": "qwen-image-diffusers", "qwen_image_2_1": "qwen-image-2.1-native", "wan": "wan2.2-t2v-a14b-native",
+    "flux2": "flux2-dev-native", "krea2": "krea2-native", "ltx2": "ltx2-native", "flux3": "flux3-native",
+    "sd3": "sd3.5-large-native", "hidream": "hidream-i1-native", "lumina2": "lumina2-native",
+    "ernie_image": "ernie-image-native", "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers",
+    "anima": "anima-native", "minimax_h3": "minimax-h3-native", "hunyuan_video15": "hunyuanvideo1.5-native",
+    "cosmos_predict2_5": "cosmos-predict2.5-2b-native", "wan_animate2": "wan-animate2-native",
+    "ace_step15": "ace-step1.5-native", "hidream_o1": "hidream-o1-native",
+}
+
+
+def _document(name):
+    return json.loads((LAYOUTS / f"{name}.json").read_text())
+
+
 def layout(name):
-    return [tuple(t) for t in json.loads((LAYOUTS / f"{name}.json").read_text())["tensors"]]
+    """[(key, shape, dtype)] of a layout in tests/layouts."""
+    return [tuple(t) for t in _document(name)["tensors"]]
+
+
+def layout_metadata(name):
+    """The file's metadata where the layout gives it (LTX-2.5's `config`, which ComfyUI reads its flags from)."""
+    return _document(name).get("metadata")
 
 
 def proc_status(field):

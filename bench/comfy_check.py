@@ -37,21 +37,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-LAYOUTS = ROOT / "tests" / "layouts"
 from test_arch import KeysOnly  # noqa: E402 (names and shapes only, as the suite reads the layouts)
 from test_diffusers_loading import WarningCatcher  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import NATIVE_LAYOUTS, layout, layout_metadata  # noqa: E402
 
-FAMILIES = {  # family -> its full native layout
-    "sdxl": "sdxl-single-file", "flux": "flux1-dev-bfl", "zimage": "zimage-single-file",
-    "qwen_image": "qwen-image-diffusers", "qwen_image_2_1": "qwen-image-2.1-native",
-    "wan": "wan2.2-t2v-a14b-native", "flux2": "flux2-dev-native", "chroma": "chroma1-hd-native",
-    "krea2": "krea2-native", "ltx2": "ltx2-native", "flux3": "flux3-native", "sd3": "sd3.5-large-native",
-    "hidream": "hidream-i1-native", "lumina2": "lumina2-native", "ernie_image": "ernie-image-native",
-    "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers", "anima": "anima-native",
-    "minimax_h3": "minimax-h3-native", "hunyuan_video15": "hunyuanvideo1.5-native",
-    "ltx2@2.5": "ltx2.5-native", "cosmos_predict2_5": "cosmos-predict2.5-2b-native",
-    "wan_animate2": "wan-animate2-native", "ace_step15": "ace-step1.5-native", "hidream_o1": "hidream-o1-native",
-}
+FAMILIES = {**NATIVE_LAYOUTS, "ltx2@2.5": "ltx2.5-native"}  # family (or family@release) -> its native layout
 SPELLINGS = ("comfy", "kohya", "diffusers")
 RANK, ALPHA = 4, 1.0
 
@@ -107,15 +98,6 @@ class Captured(WarningCatcher):
 
     def __exit__(self, *exc):
         logging.getLogger().removeHandler(self)
-
-
-def layout(name):
-    return {k: tuple(s) for k, s, _ in json.loads((LAYOUTS / f"{name}.json").read_text())["tensors"]}
-
-
-def layout_metadata(name):
-    """The file's metadata where the layout gives it (LTX-2.5's `config`, which ComfyUI reads its flags from)."""
-    return json.loads((LAYOUTS / f"{name}.json").read_text()).get("metadata")
 
 
 def meta_model(config, unet):
@@ -235,7 +217,7 @@ def check(comfy, family, fmt):
     from lora_colab import arch as arch_registry
     from lora_colab.arch.canonical import CanonicalCheckpoint
 
-    shapes = layout(FAMILIES[family])
+    shapes = {k: tuple(s) for k, s, _ in layout(FAMILIES[family])}
     view = CanonicalCheckpoint(KeysOnly(list(shapes.items())))
     a = view.arch
     fmt = arch_registry.resolve_format(a, fmt)

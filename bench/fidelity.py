@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import layout  # noqa: E402
+from _common import NATIVE_LAYOUTS, layout  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -29,15 +29,8 @@ from lora_colab.lora.formats import pieces  # noqa: E402
 from lora_colab.lowrank.factor import bf16_products_fast  # noqa: E402
 from lora_colab.extraction.report import LayerReport  # noqa: E402
 
-LAYOUTS = {"sdxl": "sdxl-single-file", "flux": "flux1-dev-bfl", "chroma": "chroma1-hd-native",
-           "zimage": "zimage-single-file", "qwen_image": "qwen-image-diffusers",
-           "qwen_image_2_1": "qwen-image-2.1-native", "wan": "wan2.2-t2v-a14b-native", "flux2": "flux2-dev-native",
-           "krea2": "krea2-native", "ltx2": "ltx2-native", "flux3": "flux3-native", "sd3": "sd3.5-medium-native",
-           "hidream": "hidream-i1-native", "lumina2": "lumina2-native", "ernie_image": "ernie-image-native",
-           "ideogram4": "ideogram4-native", "kandinsky5": "kandinsky5-diffusers", "anima": "anima-native",
-           "minimax_h3": "minimax-h3-native", "hunyuan_video15": "hunyuanvideo1.5-native",
-           "cosmos_predict2_5": "cosmos-predict2.5-2b-native", "wan_animate2": "wan-animate2-native",
-           "ace_step15": "ace-step1.5-native", "hidream_o1": "hidream-o1-native"}
+# SD3.5 Medium here (its attn2 blocks too); the other benches read Large
+LAYOUTS = {**NATIVE_LAYOUTS, "sd3": "sd3.5-medium-native"}
 FORMATS = ("kohya", "comfy", "diffusers")
 
 
