@@ -95,7 +95,7 @@ def ltx25(comfyui):
     if not comfyui:
         print("ltx2.5 orig: skipped (no --comfyui); the native layout needs ComfyUI's model for its connectors")
         return None
-    comfy = comfy_ltxav(comfyui)
+    comfy = comfy_module_state(comfyui, "comfy.ldm.lightricks.av_model", "LTXAVModel", **LTX25_COMFY)
     # ComfyUI's model also holds the two text connectors the release's DiT file carries (diffusers keeps them
     # in its text encoder's connectors); diffusers keeps a perturbed-attention flag only
     ok = compare("ltx2.5 orig (DiT keys)", {k: v for k, v in comfy.items() if "_embeddings_connector." not in k}, dit)
@@ -109,18 +109,6 @@ def ltx25(comfyui):
     return ok, {"ltx2.5-native": (native, description, {"config": json.dumps({"transformer": LTX25_COMFY})}),
                 "ltx2.5-diffusers": (diffusers, "LTX-2.5 in diffusers' LTX2VideoTransformer3DModel with the 2.3+ flags "
                                      f"({LTX25_DIFFUSERS}); LTX25ModularPipeline loads it", None)}
-
-
-def comfy_ltxav(comfyui):
-    sys.path.insert(0, str(ROOT / "bench"))
-    from comfy_check import import_comfy
-    import_comfy(comfyui)
-    import comfy.ops
-    from comfy.ldm.lightricks.av_model import LTXAVModel
-    with torch.device("meta"):
-        model = LTXAVModel(**LTX25_COMFY, device=torch.device("meta"), dtype=torch.bfloat16,
-                           operations=comfy.ops.disable_weight_init)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 COSMOS_NATIVE_NAMES = [(r"^transformer_blocks\.", "blocks."), (r"\.attn1\.", ".self_attn."),
@@ -204,8 +192,8 @@ def hidream_o1(comfyui):
                                       "deepstack mergers. No diffusers class", None)}
 
 
-def comfy_module_state(comfyui, module, cls):
-    """{key: shape} of a ComfyUI model class built with its defaults, parameters on meta."""
+def comfy_module_state(comfyui, module, cls, **config):
+    """{key: shape} of a ComfyUI model class built with `config` over its defaults, parameters on meta."""
     import importlib
     from accelerate import init_empty_weights
     sys.path.insert(0, str(ROOT / "bench"))
@@ -213,7 +201,7 @@ def comfy_module_state(comfyui, module, cls):
     import_comfy(comfyui)
     import comfy.ops
     with init_empty_weights():
-        model = getattr(importlib.import_module(module), cls)(dtype=torch.bfloat16,
+        model = getattr(importlib.import_module(module), cls)(**config, dtype=torch.bfloat16,
                                                               operations=comfy.ops.disable_weight_init)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
