@@ -408,11 +408,12 @@ def test_qwen_image_2_1_auto_is_comfyui_spelling_and_the_report_says_so(tmp_path
 
 # --- extraction end to end ---------------------------------------------------------------------
 
-def planted_pair(model, gen, rank=3, scale=0.05):
-    """Canonical base tensors of a model and a tuned copy with a low-rank change on every default target."""
+def planted_pair(model, gen, rank=3, scale=0.05, groups=frozenset()):
+    """Canonical base tensors of a model and a tuned copy with a low-rank change on every default target (and
+    every target of the optional `groups`)."""
     detected, base = canonical({k: v.detach().clone() for k, v in model.state_dict().items()})
     tuned = dict(base)
-    for t in detected.arch.targets({k: tuple(v.shape) for k, v in base.items()}):
+    for t in detected.arch.targets({k: tuple(v.shape) for k, v in base.items()}, groups=groups):
         d = torch.randn(t.shape[0], rank, generator=gen) @ torch.randn(rank, t.shape[1], generator=gen)
         tuned[t.key] = base[t.key] + d * (scale * base[t.key].std() / d.std())
     return detected.arch, base, tuned
@@ -884,17 +885,12 @@ def test_ltx25_gates_and_prompt_adaln_extract_and_load_through_diffusers(tmp_pat
     torch.manual_seed(0)
     base_model = getattr(diffusers, cls)(**kwargs, **LTX25).eval()
     gen = torch.Generator().manual_seed(1)
-    detected, base = canonical({k: v.detach().clone() for k, v in base_model.state_dict().items()})
-    a, shapes = detected.arch, {k: tuple(v.shape) for k, v in base.items()}
-    assert a.name == "ltx2" and "prompt_adaln_single.linear.weight" in base
     groups = {"gates", "modulation"}
-    targets = a.targets(shapes, groups=groups)
+    a, base, tuned = planted_pair(base_model, gen, rank=2, groups=groups)
+    assert a.name == "ltx2" and "prompt_adaln_single.linear.weight" in base
+    targets = a.targets({k: tuple(v.shape) for k, v in base.items()}, groups=groups)
     assert {t.group for t in targets} == {"", "gates", "modulation"}
     assert "prompt_adaln_single.linear" in {t.module for t in targets}
-    tuned = dict(base)
-    for t in targets:
-        d = torch.randn(t.shape[0], 2, generator=gen) @ torch.randn(2, t.shape[1], generator=gen)
-        tuned[t.key] = base[t.key] + d * (0.05 * base[t.key].std() / d.std())
     keys = {k: tuple(v.shape) for k, v in base_model.state_dict().items()}
     (tmp_path / "base" / "transformer").mkdir(parents=True)
     st_save_file(to_diffusers(a, base, keys), str(tmp_path / "base" / "transformer" /
@@ -951,7 +947,8 @@ def test_hidream_o1_extracts_what_comfyuis_rules_patch_back(tmp_path, fmt):
     out = tmp_path / "lora.safetensors"
     extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", out, rank=2, format=fmt,
             groups=set(a.optional_groups), clamp_quantile=None, dtype="float32", progress=False)
-    patched = comfy_apply(out, unet_key_map(a.name, {k: tuple(v.shape) for k, v in base.items()}), base)
+    key_map = unet_key_map(a.name, {k: tuple(v.shape) for k, v in base.items()})
+    patched = comfy_apply(out, key_map, base)
     for t in targets:
         change = tuned[t.key] - base[t.key]
         assert (patched[t.key] - tuned[t.key]).norm() <= 1e-3 * change.norm(), t.key
@@ -960,7 +957,7 @@ def test_hidream_o1_extracts_what_comfyuis_rules_patch_back(tmp_path, fmt):
     report = resize(tmp_path / "base.safetensors", [out], tmp_path / "resized", "spn_ckpt=1,thr=-20", progress=False)[0]
     assert not [w for w in report.warnings if "patch no weight" in w]
     resized = next((tmp_path / "resized").glob("*.safetensors"))
-    again = comfy_apply(resized, unet_key_map(a.name, {k: tuple(v.shape) for k, v in base.items()}), base)
+    again = comfy_apply(resized, key_map, base)
     assert all((again[t.key] - tuned[t.key]).norm() <= 1e-2 * (tuned[t.key] - base[t.key]).norm() for t in targets)
     with pytest.raises(OptionError, match="no diffusers model"):
         extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "d.safetensors", rank=2,

@@ -313,6 +313,17 @@ def _clip(seed):
     return CLIPTextModel(config).eval()
 
 
+def _tuned_copy(model, gen):
+    import copy
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if param.dim() == 2 and ".layers." in name:
+                param += 0.02 * torch.randn(param.shape[0], 2, generator=gen) @ torch.randn(2, param.shape[1],
+                                                                                          generator=gen)
+    return tuned
+
+
 def _flux_pipeline_folder(folder, transformer, text_encoder):
     import json
     transformer.save_pretrained(folder / "transformer")
@@ -328,12 +339,8 @@ def test_a_pipeline_folders_changed_text_encoder_comes_back_through_the_pipeline
     the text encoder's in the names FluxPipeline.load_lora_weights takes (OUT_text_encoder); through the
     pipeline's own loader, the encoder's forward pass is the fine-tune's within 2% of its change."""
     gen = torch.Generator().manual_seed(5)
-    base_te, tuned_te = _clip(0), _clip(0)
-    with torch.no_grad():
-        for name, param in tuned_te.named_parameters():
-            if param.dim() == 2 and ".layers." in name:
-                param += 0.02 * torch.randn(param.shape[0], 2, generator=gen) @ torch.randn(2, param.shape[1],
-                                                                                          generator=gen)
+    base_te = _clip(0)
+    tuned_te = _tuned_copy(base_te, gen)
     transformer = make_transformer("flux")
     base = _flux_pipeline_folder(tmp_path / "base", transformer, base_te)
     tuned = _flux_pipeline_folder(tmp_path / "tuned", transformer, tuned_te)  # the transformer did not change
@@ -366,17 +373,6 @@ def _clip_with_projection(seed):
                             vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
                             pad_token_id=1, projection_dim=16)
     return CLIPTextModelWithProjection(config).eval()
-
-
-def _tuned_copy(model, gen):
-    import copy
-    tuned = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in tuned.named_parameters():
-            if param.dim() == 2 and ".layers." in name:
-                param += 0.02 * torch.randn(param.shape[0], 2, generator=gen) @ torch.randn(2, param.shape[1],
-                                                                                          generator=gen)
-    return tuned
 
 
 def test_sd35_pipeline_folders_changed_clip_encoders_come_back_through_the_pipelines_loader(tmp_path):
