@@ -89,7 +89,7 @@ def resolve_format(arch, fmt):
     fmt = FORMAT_ALIASES.get(fmt, fmt)
     if fmt not in FORMATS:
         raise OptionError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)} (peft = diffusers)")
-    if fmt == "diffusers" and not getattr(arch, "diffusers_model", True):
+    if fmt == "diffusers" and not arch.diffusers_model:
         raise OptionError(f"{arch.title} has no diffusers model to load a LoRA into: use --format comfy or kohya, "
                           f"which ComfyUI loads")
     return arch.auto_format if fmt == "auto" else fmt

@@ -34,10 +34,7 @@ class AceStep15(TableArchitecture):
                         "condition_embedder.weight")
     rules = tuple([Rule(f"{_L}.{a}.{n}", f"{_D}.{a}.{d}") for a in ("self_attn", "cross_attn")
                    for n, d in _ATTN.items()]
-                  + [Rule("decoder.proj_in.1", "proj_in_conv"), Rule("decoder.proj_out.1", "proj_out_conv")]
-                  + [Rule(f"decoder.{m}", m) for m in ("condition_embedder",)
-                     + tuple(f"{t}.{p}" for t in _TIME for p in ("linear_1", "linear_2", "time_proj"))]
-                  + [Rule(f"{_L}.mlp.{p}", f"{_D}.mlp.{p}") for p in ("gate_proj", "up_proj", "down_proj")])
+                  + [Rule("decoder.proj_in.1", "proj_in_conv"), Rule("decoder.proj_out.1", "proj_out_conv")])
     default_targets = tuple([f"{_L}.{a}.{n}" for a in ("self_attn", "cross_attn")
                              for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
                             + [f"{_L}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")])
@@ -53,6 +50,9 @@ class AceStep15(TableArchitecture):
             return native, 0, 1
         key, part, parts = self.by_rules(self.rules, native)
         return (key if key != native else _DECODER + native), part, parts  # the rest: the decoder's own names
+
+    def _diffusers_parts(self, module):
+        return [part.removeprefix(_DECODER) for part in super()._diffusers_parts(module)]  # (renamed or not)
 
     def lora_modules(self, target, fmt):
         if fmt == "comfy" and target.module.startswith(_DECODER):
